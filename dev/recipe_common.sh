@@ -1,0 +1,40 @@
+# Shared body of speedrun.sh and run1000.sh (8-GPU recipes). Expects DEPTH, SHARDS, DEVICE_BATCH.
+run_recipe() {
+  local profile=baseline extra=()
+  while [ $# -gt 0 ]; do
+    case "$1" in
+      --profile) profile="$2"; shift ;;
+      --profile=*) profile="${1#*=}" ;;
+      --mc) profile=mc ;;
+      --) shift; extra=("$@"); break ;;
+      *) echo "unknown option $1 (--profile baseline|mc, or -- then base_train flags)" >&2; exit 2 ;;
+    esac
+    shift
+  done
+  if [ "$profile" != baseline ]; then
+    echo "--profile $profile is not available yet: the MegaContext trainer has not landed (use --profile baseline)" >&2
+    exit 2
+  fi
+  [ -f .mc_env ] && source .mc_env
+  export WANDB_RUN=${WANDB_RUN:-dummy}
+  export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+  export OMP_NUM_THREADS=1
+  local nproc=${NPROC:-8}
+  ./mc_setup --gpu
+  local PY=.venv/bin/python
+  # Tokenizer shards first (8 ≈ 2B chars), the rest downloads while the tokenizer trains.
+  $PY -m nanochat.dataset -n 8
+  $PY -m nanochat.dataset -n "$SHARDS" > "$NANOCHAT_BASE_DIR/dataset_download.log" 2>&1 &
+  local download_pid=$!
+  $PY -m nanochat.report reset
+  $PY -m scripts.tok_train --source=fineweb --vocab_size=65536 --max_chars=2000000000
+  $PY -m scripts.tok_eval --source=fineweb
+  wait "$download_pid" || { echo "shard download failed: see $NANOCHAT_BASE_DIR/dataset_download.log" >&2; exit 1; }
+  .venv/bin/torchrun --standalone --nproc_per_node="$nproc" -m scripts.base_train \
+    --depth="$DEPTH" --device_batch_size="$DEVICE_BATCH" --source=fineweb --run="$WANDB_RUN" --resume=auto \
+    --eval_every=128M --sample_every=1B --save_every=1B --core_metric_every=2B "${extra[@]}"
+  .venv/bin/torchrun --standalone --nproc_per_node="$nproc" -m scripts.base_loss --source=fineweb --device_batch_size="$DEVICE_BATCH"
+  .venv/bin/torchrun --standalone --nproc_per_node="$nproc" -m scripts.base_eval --bundle=official
+  $PY -m nanochat.report generate
+  echo "done — report at ./report.md"
+}

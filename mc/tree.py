@@ -1,0 +1,133 @@
+"""
+MegaContextTree: the whole history at every level of detail, as batched tensors.
+
+    LOD0  [B, T, C]    token embeddings (kept only when cache_lod0=True)
+    LOD1  [B, n1, C]   n1 = floor(T / bs): one gist per complete block of bs tokens
+    LOD2  [B, n2, C]   n2 = floor(n1 / bs): one gist per bs LOD1 gists (bs**2 = 1024 tokens)
+    ...                up to max_lod; entry j of level l covers tokens [j * bs**l, (j+1) * bs**l)
+
+A partial last block (T not a multiple of bs) has no gist until it completes: its token embeddings
+wait in `tail` (always kept, at most bs - 1 rows), and its tokens stay raw in any working context.
+
+Building is batched: every complete block of every sample goes through GistNet in ONE call per level
+([B * n_new, bs, C] -> [B * n_new, C]), with gradients (training builds the tree from wte(x) each
+step). `build(lod0)` is `append(lod0)` on an empty tree.
+
+append(embeddings [B, t, C]) grows the histories (inference, usually B = 1): new tokens join the tail,
+each block that completes is gisted once, each group of bs new LOD1 gists makes a LOD2 gist, and so
+on. Old gists are never recomputed. Without autograd, levels live in buffers whose capacity doubles
+(amortised O(new rows) per append); with autograd they are concatenated so gradients flow.
+
+cache_lod0=False (seed 004 C): LOD0 is not stored (only the < bs tail rows needed to finish the next
+block). Raw tokens of a working context then come from re-embedding their ids with wte, which is
+cheaper than keeping C floats per token: pass them as levels[0] to build_working_context.
+"""
+
+import torch
+
+
+class MegaContextTree:
+    def __init__(self, gistnet, block_size: int = 32, max_lod: int = 2, cache_lod0: bool = True):
+        if block_size < 2:
+            raise ValueError(f"--mc_block_size={block_size} must be >= 2")
+        if max_lod < 1:
+            raise ValueError(f"--mc_max_lod={max_lod} must be >= 1")
+        self.gistnet = gistnet
+        self.block_size = block_size
+        self.max_lod = max_lod
+        self.cache_lod0 = cache_lod0
+        self.num_tokens = 0  # history length T (tokens appended so far)
+        self.batch_size = None
+        self._buf = [None] * (max_lod + 1)  # level tensors, possibly with spare capacity
+        self._len = [0] * (max_lod + 1)  # rows in use per level
+        self.tail = None  # [B, num_tokens % bs, C] LOD0 of the incomplete last block
+
+    @classmethod
+    def build(cls, lod0: torch.Tensor, gistnet, block_size: int = 32, max_lod: int = 2,
+              cache_lod0: bool = True) -> "MegaContextTree":
+        """Tree over a batch of histories lod0 [B, T, C] (T need not be a multiple of block_size)."""
+        tree = cls(gistnet, block_size, max_lod, cache_lod0)
+        tree.append(lod0)
+        return tree
+
+    # ------------------------------------------------------------------ reading
+    def level(self, level: int) -> torch.Tensor:
+        """[B, n_level, C]. LOD0 raises if it is not cached."""
+        if not 0 <= level <= self.max_lod:
+            raise ValueError(f"level must be in [0, {self.max_lod}], got {level}")
+        if level == 0 and not self.cache_lod0:
+            raise ValueError("LOD0 is not cached (--mc_cache_lod0=0); re-embed the token ids with wte instead")
+        buf = self._buf[level]
+        if buf is None:
+            if self.tail is None:
+                raise ValueError("the tree is empty; build() or append() first")
+            return self.tail[:, :0]  # no complete unit at this level yet: [B, 0, C]
+        return buf[:, : self._len[level]]
+
+    @property
+    def levels(self) -> list:
+        """[LOD0 or None (not cached), LOD1, ..., LOD max_lod] — the `levels` of build_working_context."""
+        return [self.level(level) if (level > 0 or self.cache_lod0) else None for level in range(self.max_lod + 1)]
+
+    def num_entries(self, level: int) -> int:
+        return self.num_tokens if level == 0 else self._len[level]
+
+    def span_starts(self, level: int, device=None) -> torch.Tensor:
+        """long [n_level]: first token of each entry of this level (j * bs**level)."""
+        return torch.arange(self.num_entries(level), device=device) * self.block_size ** level
+
+    # ------------------------------------------------------------------ writing
+    def append(self, embeddings: torch.Tensor) -> list[int]:
+        """Add tokens [B, t, C] to every history. Returns the number of new entries per level."""
+        if embeddings.ndim != 3:
+            raise ValueError(f"append expects [B, t, C] embeddings, got shape {tuple(embeddings.shape)}")
+        B, t, C = embeddings.shape
+        if self.batch_size is None:
+            self.batch_size = B
+            self.tail = embeddings[:, :0]
+        elif B != self.batch_size:
+            raise ValueError(f"this tree holds {self.batch_size} histories; got embeddings for {B}")
+        new = [0] * (self.max_lod + 1)
+        if t == 0:
+            return new
+        bs = self.block_size
+        if self.cache_lod0:
+            self._push(0, embeddings)
+        new[0] = t
+        self.num_tokens += t
+        # LOD1: the tail plus the new tokens, cut into complete blocks
+        pending = torch.cat([self.tail, embeddings.to(self.tail.dtype)], 1) if self.tail.size(1) else embeddings
+        n = pending.size(1) // bs
+        self.tail = pending[:, n * bs:].clone()  # clone: do not keep the caller's whole tensor alive
+        if n:
+            blocks = pending[:, : n * bs].reshape(B * n, bs, C)
+            self._push(1, self.gistnet(blocks).view(B, n, C))
+            new[1] = n
+        # LOD l >= 2: groups of bs complete level-(l-1) gists not yet summarised
+        for level in range(2, self.max_lod + 1):
+            done, below = self._len[level], self._len[level - 1]
+            n = below // bs - done
+            if n <= 0:
+                break
+            group = self._buf[level - 1][:, done * bs: (done + n) * bs].reshape(B * n, bs, C)
+            self._push(level, self.gistnet(group).view(B, n, C))
+            new[level] = n
+        return new
+
+    def _push(self, level: int, rows: torch.Tensor):
+        """Append rows [B, k, C] to a level: concatenate under autograd, else write into spare capacity."""
+        buf, n, k = self._buf[level], self._len[level], rows.size(1)
+        if buf is None:
+            self._buf[level], self._len[level] = rows, k
+            return
+        rows = rows.to(buf.dtype)
+        if torch.is_grad_enabled() and (rows.requires_grad or buf.requires_grad):
+            self._buf[level] = torch.cat([buf[:, :n], rows], 1)
+        else:
+            if n + k > buf.size(1):  # grow to twice the need: amortised O(1) copies per row
+                grown = buf.new_empty(buf.size(0), max(2 * (n + k), 16), buf.size(2))
+                grown[:, :n] = buf[:, :n]
+                buf = grown
+            buf[:, n: n + k] = rows
+            self._buf[level] = buf
+        self._len[level] = n + k

@@ -1,0 +1,218 @@
+"""
+The working context (WC) as padded tensors, built from plans; invariants; next-token targets.
+
+Plan (the representation every MC module exchanges): int8 [R, T] for a history of T tokens,
+plan[r, t] = level of detail of token t in row r: 0 raw token, l >= 1 inside a LOD-l gist,
+-1 not in the WC. Legal plans: -1 only as a prefix (a WC covers a suffix [start, T) of the history;
+start = 0 for every compressed variant, T - W for the recency baseline), and a level l >= 1 only on
+whole aligned spans [j * bs**l, (j+1) * bs**l). A per-token map is one byte per token, covers
+partial blocks (the baseline's start need not be block-aligned), and turns edits into slice
+assignments: expanding a gist = writing its children's level over its span.
+
+Entries. An entry starts at token t iff plan[t] = l >= 0 and t % bs**l == 0; it spans bs**l tokens.
+WorkingContext holds, per row and entry slot i (padded to the longest row, right-aligned by default
+so every row's newest entry sits in the last slot, as the packed GPT forward wants):
+    embeddings [R, L, C]  LOD0 row for raw tokens, the LOD-l gist for gists (gradients flow)
+    positions  [R, L]     float: the global position of the entry = last token of its span
+                          (s + n - 1; measured better than the block centre)
+    lod, span_start, span_len [R, L] long;  valid [R, L] bool (False = padding: lod -1, len 0)
+    sample_idx [R]        which history (row of the tree) the plan belongs to
+
+Targets: an entry spanning [s, s+n) predicts the token right after it, tokens[s+n] (a gist of block
+[s, s+32) predicts x[s+32], a raw token at t predicts x[t+1]), -1 when s+n is past the end.
+"""
+
+from dataclasses import dataclass
+from functools import reduce
+
+import torch
+
+
+@dataclass
+class WorkingContext:
+    embeddings: torch.Tensor
+    positions: torch.Tensor
+    lod: torch.Tensor
+    span_start: torch.Tensor
+    span_len: torch.Tensor
+    valid: torch.Tensor
+    sample_idx: torch.Tensor
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        return self.valid.sum(1)
+
+
+def _spans(block_size: int, max_level: int, device) -> torch.Tensor:
+    return torch.tensor([block_size ** level for level in range(max_level + 1)], dtype=torch.long, device=device)
+
+
+def entry_starts(plan: torch.Tensor, block_size: int) -> torch.Tensor:
+    """bool [R, T]: True where an entry begins."""
+    lvl = plan.long()
+    spans = _spans(block_size, max(int(lvl.max()), 0) if lvl.numel() else 0, plan.device)
+    t = torch.arange(plan.size(1), device=plan.device)
+    return (lvl >= 0) & (t % spans[lvl.clamp(min=0)] == 0)
+
+
+def entry_counts(plan: torch.Tensor, block_size: int) -> torch.Tensor:
+    """long [R]: number of WC entries each plan row produces."""
+    return entry_starts(plan, block_size).sum(1)
+
+
+def check_plan(plan: torch.Tensor, block_size: int, max_lod: int | None = None):
+    """Raise ValueError unless every row is a legal plan (see the module docstring)."""
+    if plan.ndim != 2:
+        raise ValueError(f"a plan must be [rows, T], got shape {tuple(plan.shape)}")
+    R, T = plan.shape
+    lvl = plan.long()
+    top = max_lod if max_lod is not None else (int(lvl.max()) if lvl.numel() else 0)
+    if lvl.numel() and (int(lvl.min()) < -1 or int(lvl.max()) > top):
+        raise ValueError(f"plan levels must lie in [-1, {top}], found [{int(lvl.min())}, {int(lvl.max())}]")
+    out = lvl < 0
+    bad = out[:, 1:] & ~out[:, :-1]
+    if bad.any():
+        r, t = bad.nonzero()[0].tolist()
+        raise ValueError(f"plan row {r}: token {t + 1} is outside the WC after token {t} inside it; "
+                         "-1 (not in the WC) may only be a prefix")
+    for level in range(1, top + 1):
+        span = block_size ** level
+        n = T // span
+        inside = lvl[:, : n * span] == level
+        per_unit = inside.reshape(R, n, span).sum(-1)
+        partial = (per_unit > 0) & (per_unit < span)
+        if partial.any() or (lvl[:, n * span:] == level).any():
+            rows = (partial.any(1) | (lvl[:, n * span:] == level).any(1)).nonzero()[0].item()
+            raise ValueError(f"plan row {rows}: level {level} must cover whole aligned spans of {span} tokens")
+
+
+def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_idx: torch.Tensor | None = None,
+                          length: int | None = None, align: str = "right", check: bool = True,
+                          dtype: torch.dtype | None = None) -> WorkingContext:
+    """WorkingContext for each plan row.
+
+    levels: [lod0 [B, T, C], lod1 [B, n1, C], lod2 [B, n2, C], ...]; an entry may be None when the
+      plan never uses that level (e.g. LOD0 dropped by cache_lod0=False: pass the token embeddings).
+    sample_idx: long [R], the batch row of `levels` each plan row reads (default: row r reads r).
+    length: pad to this many slots (default: the longest row); align: "right" (pad first) | "left".
+    One gather over all levels at once: entry (sample b, level l, unit j) reads row
+    offset_l + b * n_l + j of the levels concatenated flat, so gradients reach every level.
+    """
+    if align not in ("right", "left"):
+        raise ValueError(f"align must be 'right' or 'left', got {align!r}")
+    R, T = plan.shape
+    device = plan.device
+    top = len(levels) - 1
+    if check:
+        check_plan(plan, block_size, max_lod=top)
+    if sample_idx is None:
+        sample_idx = torch.arange(R, device=device)
+    lvl = plan.long()
+    starts = entry_starts(plan, block_size)
+    counts = starts.sum(1)
+    L = int(counts.max()) if R else 0
+    if length is not None:
+        if L > length:
+            raise ValueError(f"a plan produces {L} entries but length={length} slots were requested")
+        L = length
+    rank = starts.long().cumsum(1) - 1
+    slot = rank + (L - counts)[:, None] if align == "right" else rank
+    slot = torch.where(starts, slot, L)  # non-starts land in a spare column L, dropped below
+    t = torch.arange(T, device=device).expand(R, T)
+    span_start = torch.zeros(R, L + 1, dtype=torch.long, device=device).scatter_(1, slot, t)[:, :L]
+    j = torch.arange(L, device=device)[None, :]
+    valid = (j >= L - counts[:, None]) if align == "right" else (j < counts[:, None])
+    lod = torch.where(valid, lvl.gather(1, span_start) if T else span_start, -1)
+    spans = _spans(block_size, top, device)
+    span_len = torch.where(valid, spans[lod.clamp(min=0)], 0)
+    span_start = torch.where(valid, span_start, 0)
+    positions = torch.where(valid, span_start + span_len - 1, 0).float()
+
+    # embeddings: one flat table [sum_l B * n_l, C], one index per entry
+    present = [x for x in levels if x is not None]
+    if not present:
+        raise ValueError("build_working_context needs at least one level tensor")
+    C = present[0].size(-1)
+    dtype = dtype or reduce(torch.promote_types, [x.dtype for x in present])
+    tables, offsets, off = [], [], 0
+    for level, x in enumerate(levels):
+        offsets.append(off)
+        if x is None:
+            if (lod == level).any():
+                what = "LOD0 (token embeddings; dropped by --mc_cache_lod0=0, pass them in)" if level == 0 else f"LOD{level}"
+                raise ValueError(f"the plan uses {what} but levels[{level}] is None")
+            continue
+        if level == 0 and x.size(1) < T:
+            raise ValueError(f"levels[0] has {x.size(1)} tokens but the plan covers T={T}")
+        tables.append(x.reshape(-1, C).to(dtype))
+        off += x.size(0) * x.size(1)
+    table = torch.cat(tables, 0) if len(tables) > 1 else tables[0]
+    n_per = torch.tensor([x.size(1) if x is not None else 0 for x in levels], device=device)
+    lod_c = lod.clamp(min=0)
+    flat = (torch.tensor(offsets, device=device)[lod_c] + sample_idx[:, None] * n_per[lod_c]
+            + span_start // spans[lod_c])
+    flat = torch.where(valid, flat, 0)
+    emb = table[flat.reshape(-1)].view(R, L, C) * valid[..., None].to(dtype)
+    return WorkingContext(emb, positions, lod, span_start, span_len, valid, sample_idx)
+
+
+def targets_for(wc: WorkingContext, tokens: torch.Tensor) -> torch.Tensor:
+    """long [R, L]: the token after each entry's span, tokens[sample, span_start + span_len]; -1 for padding
+    and where that index is past the end of `tokens`. Pass the T+1 tokens of a training row (x with the
+    last y appended) to give the newest entry a target too; with x alone it gets -1."""
+    rows = tokens[wc.sample_idx]  # [R, T']
+    Tp = rows.size(1)
+    end = wc.span_start + wc.span_len
+    ok = wc.valid & (end < Tp)
+    return torch.where(ok, rows.gather(1, end.clamp(max=Tp - 1)), -1)
+
+
+def check_invariants(wc: WorkingContext, history_len: int, block_size: int = 32, max_len: int | None = None,
+                     max_lod: int | None = None, full_cover: bool = True):
+    """Raise ValueError naming the first broken rule. Rules, per row: valid slots form one contiguous run;
+    entries are ordered and tile [start, history_len) with no gap or overlap (start = 0 when full_cover);
+    a LOD-l entry spans exactly bs**l tokens and starts at a multiple of it; 0 <= lod <= max_lod;
+    at most max_len entries."""
+    v, s, n, lod = wc.valid, wc.span_start, wc.span_len, wc.lod
+    R, L = v.shape
+    j = torch.arange(L, device=v.device)[None, :]
+    counts = v.sum(1)
+    first = torch.where(counts > 0, v.long().argmax(1), 0)
+    run = (j >= first[:, None]) & (j < (first + counts)[:, None])
+
+    def fail(mask, what):
+        if mask.any():
+            r, *rest = mask.nonzero()[0].tolist()
+            where = f"row {r}" + (f", slot {rest[0]}" if rest else "")
+            raise ValueError(f"working context invariant broken at {where}: {what}")
+
+    fail(run != v, "valid entries are not one contiguous run")
+    if max_len is not None:
+        fail(counts > max_len, f"more than max_len={max_len} entries")
+    top = max_lod if max_lod is not None else 12  # 32**12 still fits in int64
+    fail(v & ((lod < 0) | (lod > top)), f"lod outside [0, {top}]")
+    expected_len = torch.tensor(block_size, device=v.device).pow(lod.clamp(0, top))
+    fail(v & (n != expected_len), f"span_len is not block_size**lod (block_size={block_size})")
+    fail(v & (s % n.clamp(min=1) != 0), "gist span is not aligned to its length")
+    end = s + n
+    pair = v[:, 1:] & v[:, :-1]
+    fail(pair & (s[:, 1:] != end[:, :-1]), "entries out of order, overlapping, or with a gap")
+    last = (first + counts - 1).clamp(min=0)
+    has = counts > 0
+    fail(has & (end.gather(1, last[:, None])[:, 0] != history_len), f"last entry does not end at {history_len}")
+    if full_cover:
+        fail(~has & (history_len > 0), "empty working context for a non-empty history")
+        fail(has & (s.gather(1, first[:, None])[:, 0] != 0), "does not start at token 0 (full_cover)")
+
+
+def plan_from_wc(wc: WorkingContext, history_len: int) -> torch.Tensor:
+    """The inverse of build_working_context: int8 [R, history_len] plan (tokens not covered -> -1)."""
+    v = wc.valid
+    R = v.size(0)
+    before = v.long().cumsum(1) == 0  # padding ahead of the first entry
+    big = history_len + 1
+    starts = torch.where(v, wc.span_start, torch.where(before, -1, big)).contiguous()
+    t = torch.arange(history_len, device=v.device).expand(R, history_len).contiguous()
+    idx = (torch.searchsorted(starts, t, right=True) - 1).clamp(min=0)
+    covered = v.gather(1, idx) & (t >= starts.gather(1, idx)) & (t < (wc.span_start + wc.span_len).gather(1, idx))
+    return torch.where(covered, wc.lod.gather(1, idx), -1).to(torch.int8)

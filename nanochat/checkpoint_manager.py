@@ -1,0 +1,275 @@
+"""
+Atomic checkpoints: save/load the model, the optimizers, per-rank state (loader position, RNG) and meta.
+
+Layout (one folder per step; `source` is base | mid | chatsft | chatrl):
+
+    $NANOCHAT_BASE_DIR/<source>_checkpoints/<model_tag>/step_000123/
+        model.pt            rank 0: the model state_dict
+        optim_rank0.pt ...  each rank: list of its optimizers' state_dicts (sharded optimizers differ per rank)
+        rank0.json ...      each rank: extra JSON state (data loader position, RNG, ...)
+        meta.json           written LAST: the caller's meta + "_checkpoint": {step, world_size, files: {name: bytes}}
+
+Why a crash can never leave a half checkpoint that looks complete:
+  1. rank 0 creates `step_000123.tmp` (removing stale leftovers); every rank writes its files into it,
+     each one as <name>.part → flush → fsync → os.replace(<name>) (a file is either absent or whole);
+  2. after a barrier, rank 0 writes meta.json (with every file's size) the same way, fsyncs the folder,
+     then os.replace()s `step_000123.tmp` → `step_000123` and fsyncs the parent. A rename is atomic, so
+     `step_000123` appears all at once. Overwriting an existing step renames the old one aside to
+     `step_000123.old` first, then deletes it (a crash in that instant loses that one step, never an
+     earlier one).
+  3. latest_step() only looks at folders named exactly `step_<digits>` that hold a meta.json. `*.tmp` and
+     `*.old` folders are ignored, and removed by the next save. A `step_N` folder without meta.json was
+     not written by this module: latest_step() skips it with a warning; load_checkpoint() on it raises.
+If files go bad later (disk trouble, manual copying), load_checkpoint() checks presence and sizes against
+meta.json and wraps torch.load errors into one CheckpointError that names the file and the fix.
+"""
+
+import json
+import os
+import re
+import shutil
+import time
+
+import torch
+import torch.distributed as dist
+
+from nanochat.common import get_base_dir, print0
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
+               "rl": "chatrl_checkpoints"}
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint is missing, incomplete, corrupt or does not fit the model/tokenizer (message says the fix)."""
+
+
+def _barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def _fsync_dir(path):
+    """Make a rename/creation inside `path` durable (no-op where directories cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path, write_fn):
+    """write_fn(f) into <path>.part, fsync, then rename over <path>: readers see nothing or the whole file."""
+    part = path + ".part"
+    with open(part, "wb") as f:
+        write_fn(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(part, path)
+
+
+def step_dir(checkpoint_dir, step) -> str:
+    return os.path.join(checkpoint_dir, f"step_{int(step):06d}")
+
+
+def _complete_steps(checkpoint_dir) -> list[int]:
+    """Sorted steps whose folder is named step_<digits> and holds a meta.json."""
+    if not os.path.isdir(checkpoint_dir):
+        return []
+    steps = []
+    for name in os.listdir(checkpoint_dir):
+        m = STEP_RE.match(name)
+        if not m or not os.path.isdir(os.path.join(checkpoint_dir, name)):
+            continue
+        if os.path.isfile(os.path.join(checkpoint_dir, name, "meta.json")):
+            steps.append(int(m.group(1)))
+        else:
+            print0(f"warning: ignoring {os.path.join(checkpoint_dir, name)}: it has no meta.json (not a complete checkpoint)")
+    return sorted(steps)
+
+
+def latest_step(checkpoint_dir) -> int | None:
+    """Highest complete step in checkpoint_dir, or None if there is none."""
+    steps = _complete_steps(checkpoint_dir)
+    return steps[-1] if steps else None
+
+
+def _remove_stale(checkpoint_dir):
+    """Delete leftovers of interrupted saves (*.tmp, *.old folders). Only rank 0 saves, so none is in use."""
+    for name in os.listdir(checkpoint_dir):
+        if STEP_RE.match(name.rsplit(".", 1)[0]) and name.endswith((".tmp", ".old")):
+            shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
+
+
+def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states: list | None, meta: dict,
+                    rank=0, world_size=1, extra_rank_state: dict | None = None, keep_last_n: int | None = None):
+    """Save one step atomically (see module docstring). Call on every rank: rank 0 writes model.pt and
+    meta.json, every rank writes optim_rank<r>.pt (if optimizer_states) and rank<r>.json (if extra_rank_state,
+    which must be JSON-serializable). keep_last_n > 0 then deletes all but the newest n complete steps."""
+    final = step_dir(checkpoint_dir, step)
+    tmp = final + ".tmp"
+    if rank == 0:
+        os.makedirs(checkpoint_dir, exist_ok=True)
+        _remove_stale(checkpoint_dir)
+        os.makedirs(tmp)
+    _barrier()
+    if rank == 0 and model_state is not None:
+        _write_atomic(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
+    if optimizer_states is not None:
+        _write_atomic(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda f: torch.save(list(optimizer_states), f))
+    if extra_rank_state is not None:
+        try:
+            blob = json.dumps(extra_rank_state).encode()
+        except TypeError as e:
+            raise CheckpointError(f"extra_rank_state must be JSON-serializable ({e}); convert tensors with .tolist()")
+        _write_atomic(os.path.join(tmp, f"rank{rank}.json"), lambda f: f.write(blob))
+    _barrier()
+    if rank == 0:
+        files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp)) if not n.endswith(".part")}
+        full_meta = dict(meta)
+        full_meta["_checkpoint"] = {"step": int(step), "world_size": world_size, "files": files,
+                                    "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
+        blob = json.dumps(full_meta, indent=2, default=str).encode()
+        _write_atomic(os.path.join(tmp, "meta.json"), lambda f: f.write(blob))
+        _fsync_dir(tmp)
+        if os.path.exists(final):  # overwrite: move the old one aside, swap in the new one, delete the old
+            os.replace(final, final + ".old")
+        os.replace(tmp, final)
+        _fsync_dir(checkpoint_dir)
+        shutil.rmtree(final + ".old", ignore_errors=True)
+        if keep_last_n is not None and keep_last_n > 0:
+            for old_step in _complete_steps(checkpoint_dir)[:-keep_last_n]:
+                shutil.rmtree(step_dir(checkpoint_dir, old_step), ignore_errors=True)
+    _barrier()
+
+
+def _corrupt(checkpoint_dir, step, path, reason):
+    earlier = [s for s in _complete_steps(checkpoint_dir) if s < step]
+    fallback = f"step {earlier[-1]}" if earlier else "a fresh start (no earlier checkpoint exists)"
+    resume = f"--resume={earlier[-1]}" if earlier else "--resume=<earlier step>"
+    return CheckpointError(f"checkpoint {path} is corrupt or truncated ({reason}); delete {step_dir(checkpoint_dir, step)} "
+                           f"to fall back to {fallback}, or pass {resume}")
+
+
+def read_meta(checkpoint_dir, step) -> dict:
+    """meta.json of one step, validated (raises CheckpointError)."""
+    d = step_dir(checkpoint_dir, step)
+    if not os.path.isdir(d):
+        have = _complete_steps(checkpoint_dir)
+        raise CheckpointError(f"no checkpoint for step {step} in {checkpoint_dir} (complete steps there: {have or 'none'})")
+    path = os.path.join(d, "meta.json")
+    if not os.path.isfile(path):
+        raise _corrupt(checkpoint_dir, step, path, "meta.json is missing, so the save never finished")
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+        files = meta["_checkpoint"]["files"]
+        assert isinstance(files, dict)
+    except (ValueError, KeyError, TypeError, AssertionError) as e:
+        raise _corrupt(checkpoint_dir, step, path, f"unreadable meta.json: {type(e).__name__}: {e}")
+    return meta
+
+
+def _load_file(checkpoint_dir, step, meta, name, device, weights_only):
+    path = os.path.join(step_dir(checkpoint_dir, step), name)
+    expected = meta["_checkpoint"]["files"].get(name)
+    if expected is None or not os.path.isfile(path):
+        what = "not listed in meta.json" if expected is None else "missing"
+        if name.startswith("optim_rank"):
+            raise CheckpointError(f"{path} is {what}: this checkpoint was saved by {meta['_checkpoint']['world_size']} "
+                                  f"process(es); resume with that many, or load without the optimizer state")
+        raise _corrupt(checkpoint_dir, step, path, f"file is {what}")
+    size = os.path.getsize(path)
+    if size != expected:
+        raise _corrupt(checkpoint_dir, step, path, f"size {size} bytes, meta.json says {expected}")
+    try:
+        if name.endswith(".json"):
+            with open(path) as f:
+                return json.load(f)
+        return torch.load(path, map_location=device, weights_only=weights_only)
+    except Exception as e:
+        raise _corrupt(checkpoint_dir, step, path, f"{type(e).__name__}: {e}")
+
+
+def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
+    """(model_state, optim_states | None, meta, extra_rank_state | None) of one step (step=None: the latest).
+    Validates meta.json, presence and sizes of files; any problem raises CheckpointError naming the file."""
+    if step is None:
+        step = latest_step(checkpoint_dir)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}; train one first or check the path")
+    meta = read_meta(checkpoint_dir, step)
+    model_state = _load_file(checkpoint_dir, step, meta, "model.pt", device, weights_only=True)
+    optim_states = None
+    if load_optimizer:
+        optim_states = _load_file(checkpoint_dir, step, meta, f"optim_rank{rank}.pt", device, weights_only=False)
+    extra = None
+    if f"rank{rank}.json" in meta["_checkpoint"]["files"]:
+        extra = _load_file(checkpoint_dir, step, meta, f"rank{rank}.json", device, weights_only=True)
+    return model_state, optim_states, meta, extra
+
+
+def find_last_model_tag(checkpoints_dir) -> str:
+    """The most recently modified model tag (sub-folder) in e.g. $NANOCHAT_BASE_DIR/base_checkpoints."""
+    tags = [t for t in os.listdir(checkpoints_dir) if os.path.isdir(os.path.join(checkpoints_dir, t))] \
+        if os.path.isdir(checkpoints_dir) else []
+    if not tags:
+        raise CheckpointError(f"no model tags in {checkpoints_dir}; train a model first (e.g. python -m scripts.base_train)")
+    return max(tags, key=lambda t: os.path.getmtime(os.path.join(checkpoints_dir, t)))
+
+
+def build_model(checkpoint_dir, step, device, phase="eval"):
+    """(model, tokenizer, meta): a nanochat.gpt.GPT rebuilt from meta["model_config"] with the saved weights,
+    in eval() or train() mode, plus the project tokenizer (its vocab size must equal the model's)."""
+    from nanochat import tokenizer as tokenizer_module
+    from nanochat.gpt import GPT, GPTConfig
+
+    if phase not in ("eval", "train"):
+        raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
+    device = torch.device(device)
+    model_state, _, meta, _ = load_checkpoint(checkpoint_dir, step, device)
+    if "model_config" not in meta:
+        raise CheckpointError(f"{step_dir(checkpoint_dir, meta['_checkpoint']['step'])}/meta.json has no 'model_config'; "
+                              f"it was not written by a nanochat trainer")
+    try:
+        config = GPTConfig(**meta["model_config"])
+    except TypeError as e:
+        raise CheckpointError(f"meta.json model_config does not match nanochat.gpt.GPTConfig ({e})")
+    # torch.compile wraps modules as `_orig_mod`, DDP as `module`: strip those prefixes.
+    model_state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in model_state.items()}
+    with torch.device(device):
+        model = GPT(config)
+    model.init_weights()  # also fills non-persistent buffers (rotary tables); the weights are overwritten next
+    try:
+        model.load_state_dict(model_state, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(f"weights in {checkpoint_dir} do not fit the model built from meta.json: {e}")
+    if phase == "train":
+        model.train()
+    else:
+        model.eval()
+    tokenizer = tokenizer_module.get_tokenizer()
+    if tokenizer.get_vocab_size() != config.vocab_size:
+        raise CheckpointError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab size {config.vocab_size} "
+                              f"({checkpoint_dir}); the tokenizer in $NANOCHAT_BASE_DIR/tokenizer is not the one this "
+                              f"model was trained with: restore it, or retrain the model")
+    return model, tokenizer, meta
+
+
+def load_model(source, device, phase, model_tag=None, step=None):
+    """build_model() for a pipeline stage: source base|mid|sft|rl; model_tag=None = the most recently
+    modified tag; step=None = its latest complete step."""
+    if source not in SOURCE_DIRS:
+        raise ValueError(f"unknown checkpoint source {source!r}; use one of {sorted(SOURCE_DIRS)}")
+    root = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+    model_tag = model_tag or find_last_model_tag(root)
+    checkpoint_dir = os.path.join(root, model_tag)
+    if step is None:
+        step = latest_step(checkpoint_dir)
+        if step is None:
+            raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}; train one first or pick another --model_tag")
+    print0(f"loading {checkpoint_dir} step {step}")
+    return build_model(checkpoint_dir, step, device, phase)

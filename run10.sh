@@ -1,0 +1,97 @@
+#!/usr/bin/env bash
+# The single-machine recipe: tokenizer → base pretraining → base loss/eval → report.
+#
+#   bash run10.sh --gpu cpu                 # offline, 2 CPU cores, ~10 minutes, synthetic corpus
+#   bash run10.sh --gpu 5090|h100           # one rented GPU (default h100)
+#   bash run10.sh --gpu h100 --source fineweb --shards 24   # real web text (downloads shards first)
+#   bash run10.sh ... -- --depth=8          # anything after -- goes to scripts.base_train
+#
+# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --source synthetic|fineweb,
+#          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy).
+# Re-running the same command resumes base training from its last checkpoint (--resume=auto).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+GPU=h100
+PROFILE=baseline
+SOURCE=synthetic
+SHARDS=24
+EXTRA=()
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --gpu) GPU="$2"; shift ;;
+    --gpu=*) GPU="${1#*=}" ;;
+    --profile) PROFILE="$2"; shift ;;
+    --profile=*) PROFILE="${1#*=}" ;;
+    --mc) PROFILE=mc ;;
+    --source) SOURCE="$2"; shift ;;
+    --source=*) SOURCE="${1#*=}" ;;
+    --shards) SHARDS="$2"; shift ;;
+    --run) export WANDB_RUN="$2"; shift ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    *) echo "run10.sh: unknown option $1 (see bash run10.sh --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+case "$PROFILE" in
+  baseline) ;;
+  mc) echo "run10.sh: --profile mc needs the MegaContext trainer, which has not landed yet (see the MC training issue); use --profile baseline" >&2; exit 2 ;;
+  *) echo "run10.sh: unknown --profile $PROFILE (baseline|mc)" >&2; exit 2 ;;
+esac
+
+[ -f .mc_env ] && source .mc_env
+export WANDB_RUN=${WANDB_RUN:-dummy}
+export NANOCHAT_BASE_DIR=${NANOCHAT_BASE_DIR:-$HOME/.cache/nanochat}
+export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$( [ "$GPU" = cpu ] && nproc || echo 1 )}
+
+# The synthetic corpus has a closed word list: BPE runs out of merges near 2,300 tokens, so a
+# 65,536 vocabulary would be 97% padding. Real web text gets the full vocabulary.
+GPU_VOCAB=$( [ "$SOURCE" = synthetic ] && echo 2048 || echo 65536 )
+
+# Per-hardware sizes. Every profile keeps total_batch_size fixed per step; device_batch_size only
+# changes how it is split into micro-batches (grad accumulation), never what the model sees.
+case "$GPU" in
+  cpu)
+    ./mc_setup --cpu
+    # ~4k tok/s on 2 cores: 240 steps × 8,192 tokens ≈ 2M tokens ≈ 8 minutes of training.
+    TOK_ARGS=(--vocab_size=2048 --max_chars=20000000)
+    TRAIN_ARGS=(--device_type=cpu --depth=4 --aspect_ratio=64 --head_dim=64 --max_seq_len=512
+                --device_batch_size=8 --total_batch_size=8192 --num_iterations=240
+                --embedding_lr=0.05 --warmup_ratio=0.02
+                --eval_every=655360 --eval_tokens=65536 --sample_every=1M --save_every=655360 --log_every=81920)
+    EVAL_ARGS=(--device_type=cpu)
+    LOSS_ARGS=(--device_type=cpu --device_batch_size=8 --split_tokens=65536)
+    ;;
+  5090)
+    ./mc_setup --gpu
+    TOK_ARGS=(--vocab_size="$GPU_VOCAB" --max_chars=2000000000)
+    TRAIN_ARGS=(--depth=12 --max_seq_len=2048 --device_batch_size=16 --total_batch_size=524288
+                --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
+    EVAL_ARGS=(--max_per_task=500)
+    LOSS_ARGS=(--device_batch_size=16)
+    ;;
+  h100)
+    ./mc_setup --gpu
+    TOK_ARGS=(--vocab_size="$GPU_VOCAB" --max_chars=2000000000)
+    TRAIN_ARGS=(--depth=12 --max_seq_len=2048 --device_batch_size=32 --total_batch_size=524288
+                --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
+    EVAL_ARGS=(--max_per_task=500)
+    LOSS_ARGS=(--device_batch_size=32)
+    ;;
+  *) echo "run10.sh: unknown --gpu $GPU (cpu|5090|h100)" >&2; exit 2 ;;
+esac
+PY=.venv/bin/python
+
+if [ "$SOURCE" = fineweb ]; then
+  $PY -m nanochat.dataset -n "$SHARDS"
+fi
+
+$PY -m nanochat.report reset
+$PY -m scripts.tok_train --source="$SOURCE" "${TOK_ARGS[@]}"
+$PY -m scripts.tok_eval --source="$SOURCE"
+$PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" "${EXTRA[@]}"
+$PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
+$PY -m scripts.base_eval "${EVAL_ARGS[@]}"
+$PY -m nanochat.report generate
+echo "run10.sh: done — report at ./report.md, checkpoints under $NANOCHAT_BASE_DIR/base_checkpoints"

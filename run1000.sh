@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The "$1000 tier": one 8×H100 node, depth-32 model, FineWeb-Edu, about 40 hours.
+#
+#   bash run1000.sh                        # NPROC=8 by default
+#   NPROC=4 bash run1000.sh                # fewer GPUs: same tokens per step, more grad accumulation
+#
+# Re-running resumes base training from its last checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+DEPTH=${DEPTH:-32}
+SHARDS=${SHARDS:-800}
+DEVICE_BATCH=${DEVICE_BATCH:-16}   # depth 32 at 2048 tokens fits 16 rows per 80 GB GPU
+source "$(dirname "$0")/dev/recipe_common.sh"
+run_recipe "$@"

@@ -1,0 +1,418 @@
+"""
+Pretrain the base model: next-token prediction on a stream of documents.
+
+    python -m scripts.base_train --depth=4 --max_seq_len=512                  # one process
+    torchrun --standalone --nproc_per_node=8 -m scripts.base_train --depth=20  # one node, 8 GPUs
+
+What happens, top to bottom:
+  1. flags, distributed init, tokenizer, model (depth → width via --aspect_ratio), optimizers
+  2. the training horizon from --num_iterations | --target_flops | --target_param_data_ratio
+  3. the loop: eval val bpb / CORE / samples / checkpoint on token cadences, then one optimizer step
+     of grad_accum micro-batches; lr warmup → constant → linear warmdown; Muon momentum warmup
+  4. a final checkpoint and a report section
+
+Batch arithmetic. One optimizer step consumes exactly --total_batch_size tokens:
+    total_batch_size = device_batch_size × max_seq_len × world_size × grad_accum_steps
+and the data loader hands every step the same global rows whatever that split is, so runs with
+different micro-batches or GPU counts are token-for-token comparable (and curves line up).
+
+Cadences (--eval_every, --core_metric_every, --sample_every, --save_every, --log_every) are token
+counts ("2M", "131072", -1 = off), never steps, so runs with different batch splits stay aligned.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+import torch.distributed as dist
+from nanochat.report import get_report
+from tqdm import tqdm
+
+from nanochat.adamw import average_gradients
+from nanochat.checkpoint_manager import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+from nanochat.common import (
+    autocast_ctx,
+    compute_cleanup,
+    compute_init,
+    die,
+    get_base_dir,
+    get_peak_flops,
+    init_wandb,
+    parse_token_count,
+    print0,
+    str2bool,
+    synchronize,
+)
+from nanochat.dataloader import DistributedTokenLoader
+from nanochat.dataset import resolve_source
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.loss_eval import evaluate_bpb
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+
+# Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
+RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "total_batch_size",
+                     "source", "data_dir", "seed", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay")
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Pretrain the base model.", allow_abbrev=False)
+    a = p.add_argument
+    # runtime
+    a("--run", default="dummy", help="W&B run name ('dummy' = no W&B; WANDB_MODE=offline works without network)")
+    a("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
+    a("--seed", type=int, default=42)
+    a("--compile", type=str2bool, default=None, help="torch.compile the model (default: on for CUDA)")
+    # model
+    a("--depth", type=int, default=20, help="number of transformer layers")
+    a("--aspect_ratio", type=int, default=64, help="model width = depth × aspect_ratio")
+    a("--head_dim", type=int, default=128, help="attention head size; width must be a multiple of it")
+    a("--kv_head_ratio", type=int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
+    a("--max_seq_len", type=int, default=2048)
+    # training horizon: the first one that is set wins
+    a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the next two)")
+    a("--target_flops", type=float, default=-1.0, help="total training FLOPs (-1 = off)")
+    a("--target_param_data_ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla ≈ 20)")
+    # optimization
+    a("--device_batch_size", type=int, default=32, help="rows per micro-batch per process")
+    a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step, all processes together")
+    a("--embedding_lr", type=float, default=0.2)
+    a("--unembedding_lr", type=float, default=0.004)
+    a("--matrix_lr", type=float, default=0.02)
+    a("--weight_decay", type=float, default=0.0)
+    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
+    a("--warmup_ratio", type=float, default=0.0)
+    a("--warmdown_ratio", type=float, default=0.2)
+    a("--final_lr_frac", type=float, default=0.0)
+    # data
+    a("--source", default="synthetic", choices=["synthetic", "fineweb", "dir"], help="pretraining text")
+    a("--data_dir", default="", help="a folder of your own .parquet/.jsonl/.txt files (implies --source=dir)")
+    # cadences, in tokens
+    a("--eval_every", type=parse_token_count, default=parse_token_count("128M"), help="val bpb cadence (tokens)")
+    a("--eval_tokens", type=parse_token_count, default=10 * 524288, help="tokens per val bpb evaluation")
+    a("--core_metric_every", type=parse_token_count, default=-1, help="CORE metric cadence (tokens; -1 = off)")
+    a("--core_metric_max_per_task", type=int, default=500)
+    a("--sample_every", type=parse_token_count, default=parse_token_count("1B"), help="sampling cadence (tokens)")
+    a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (tokens; -1 = only at the end)")
+    a("--log_every", type=parse_token_count, default=0, help="console/W&B log cadence (tokens; 0 = every step)")
+    # output
+    a("--model_tag", default="", help="checkpoint folder name (default d<depth>)")
+    a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
+    a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    return p
+
+
+def crossed(tokens_before: int, tokens_after: int, every: int) -> bool:
+    """True when a token cadence boundary lies in (tokens_before, tokens_after]."""
+    return every > 0 and tokens_after // every > tokens_before // every
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    if args.data_dir:
+        args.source = "dir"
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+    device_type = device.type
+    master = rank == 0
+    base_dir = get_base_dir()
+
+    # ----------------------------------------------------------------------------------------------
+    # Batch arithmetic: validate before building anything expensive.
+    T, B = args.max_seq_len, args.device_batch_size
+    tokens_per_fwdbwd = B * T * world_size
+    if args.total_batch_size % tokens_per_fwdbwd != 0:
+        die(f"--total_batch_size={args.total_batch_size} is not a multiple of device_batch_size × max_seq_len × "
+            f"world_size = {B}×{T}×{world_size} = {tokens_per_fwdbwd}; pick sizes that divide "
+            f"(e.g. --total_batch_size={max(1, round(args.total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
+    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+
+    # ----------------------------------------------------------------------------------------------
+    # Tokenizer, data, model.
+    try:
+        tokenizer = get_tokenizer()
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+    token_bytes = get_token_bytes(device=device)
+    try:
+        source = resolve_source(args.source, args.data_dir or None)
+    except (FileNotFoundError, ValueError) as e:
+        die(str(e))
+
+    n_embd = args.depth * args.aspect_ratio
+    if n_embd % args.head_dim != 0:
+        die(f"model width depth×aspect_ratio = {n_embd} is not a multiple of --head_dim={args.head_dim}")
+    n_head = n_embd // args.head_dim
+    if n_head % args.kv_head_ratio != 0:
+        die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
+    model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
+                             n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd)
+    with torch.device(device):
+        model = GPT(model_config)
+    model.init_weights()
+    orig_model = model
+    use_compile = args.compile if args.compile is not None else device_type == "cuda"
+    if use_compile:
+        model = torch.compile(model, dynamic=False)
+    num_params = orig_model.num_params()
+    flops_per_token = orig_model.estimate_flops()
+
+    # ----------------------------------------------------------------------------------------------
+    # Training horizon.
+    if args.num_iterations > 0:
+        num_iterations = args.num_iterations
+    elif args.target_flops > 0:
+        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
+    elif args.target_param_data_ratio > 0:
+        num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+    else:
+        die("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
+    num_iterations = max(1, num_iterations)
+    total_tokens = num_iterations * args.total_batch_size
+
+    optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
+                                             matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
+                                             average_grads=False)  # averaged below, before clipping
+    adamw, muon = optimizers
+
+    # ----------------------------------------------------------------------------------------------
+    # Resume.
+    model_tag = args.model_tag or f"d{args.depth}"
+    checkpoint_dir = os.path.join(base_dir, "base_checkpoints", model_tag)
+    user_config = vars(args).copy()
+    start_step, loader_state, resumed_meta = 0, None, None
+    if args.resume not in ("", "none"):
+        step_to_load = latest_step(checkpoint_dir) if args.resume == "auto" else int(args.resume)
+        if step_to_load is None:
+            print0(f"--resume=auto: no checkpoint in {checkpoint_dir} yet, starting fresh")
+        else:
+            try:
+                model_state, optim_states, resumed_meta, rank_state = load_checkpoint(
+                    checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+            except (CheckpointError, FileNotFoundError) as e:
+                die(str(e))
+            saved = resumed_meta.get("user_config", {})
+            changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != user_config[k]]
+            if changed:
+                diffs = ", ".join(f"--{k}={saved[k]!r} (now {user_config[k]!r})" for k in changed)
+                die(f"cannot resume {checkpoint_dir} step {step_to_load}: it was trained with {diffs}. "
+                    f"Re-run with the original values, or use a new --model_tag for a new run")
+            if resumed_meta.get("world_size", world_size) != world_size:
+                die(f"checkpoint was written by {resumed_meta['world_size']} processes, this run has {world_size}; "
+                    f"resume with the same process count")
+            orig_model.load_state_dict(model_state, strict=True)
+            for opt, state in zip(optimizers, optim_states):
+                opt.load_state_dict(state)
+            start_step = resumed_meta["step"]
+            loader_state = rank_state["loader"]
+            torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))
+            print0(f"resumed from {checkpoint_dir} step {start_step}")
+            del model_state, optim_states
+
+    train_loader = DistributedTokenLoader(tokenizer, B, T, "train", source, rank=rank, world_size=world_size,
+                                          device=device, state=loader_state)
+
+    def build_val_loader():
+        return DistributedTokenLoader(tokenizer, B, T, "val", source, rank=rank, world_size=world_size, device=device)
+
+    # ----------------------------------------------------------------------------------------------
+    # Schedules. lr multiplier: linear warmup over warmup_ratio of the run, flat, then a linear
+    # warmdown to final_lr_frac over the last warmdown_ratio. Muon momentum ramps 0.85 → 0.95 over
+    # 300 steps: low momentum early, while the loss landscape changes fast.
+    def lr_multiplier(step):
+        warmup = round(args.warmup_ratio * num_iterations)
+        warmdown = round(args.warmdown_ratio * num_iterations)
+        if step < warmup:
+            return (step + 1) / warmup
+        if step <= num_iterations - warmdown:
+            return 1.0
+        progress = (num_iterations - step) / warmdown
+        return progress * 1.0 + (1 - progress) * args.final_lr_frac
+
+    def muon_momentum(step):
+        frac = min(step / 300, 1)
+        return (1 - frac) * 0.85 + frac * 0.95
+
+    # ----------------------------------------------------------------------------------------------
+    # Logging.
+    wandb_run = init_wandb(args.run, "nanochat", user_config, master)
+    peak_flops = get_peak_flops(device)
+    print0(f"model: depth={args.depth} width={n_embd} heads={n_head}/{n_head // args.kv_head_ratio} "
+           f"vocab={model_config.vocab_size} params={num_params:,} flops/token={flops_per_token:.3e}")
+    print0(f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × "
+           f"{grad_accum_steps} grad accum; {num_iterations:,} steps = {total_tokens:,} tokens "
+           f"({total_tokens / num_params:.1f} tokens/param)")
+    curve_path = os.path.join(base_dir, "report", "base_train_curve.jsonl")
+    if master:
+        os.makedirs(os.path.dirname(curve_path), exist_ok=True)
+        kept = []
+        if start_step > 0 and os.path.exists(curve_path):
+            with open(curve_path) as f:
+                kept = [line for line in f if json.loads(line)["step"] <= start_step]
+        with open(curve_path, "w") as f:
+            f.writelines(kept)
+
+    def log_curve(row):
+        if master:
+            with open(curve_path, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def save(step):
+        meta = {"step": step, "model_config": vars(model_config), "user_config": user_config,
+                "world_size": world_size, "device_batch_size": B, "max_seq_len": T,
+                "val_bpb": last_val_bpb, "num_iterations": num_iterations}
+        rank_state = {"loader": loader_state_in_hand, "cpu_rng": torch.get_rng_state().tolist()}
+        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [o.state_dict() for o in optimizers], meta,
+                        rank=rank, world_size=world_size, extra_rank_state=rank_state, keep_last_n=args.keep_last)
+        print0(f"saved checkpoint {checkpoint_dir}/step_{step:06d}")
+
+    # ----------------------------------------------------------------------------------------------
+    # The loop. Step s evaluates the model as it is after s optimizer steps, then trains step s+1.
+    last_val_bpb = resumed_meta.get("val_bpb") if resumed_meta else None
+    min_val_bpb = float("inf")
+    loss_sum = torch.zeros((), device=device)  # summed on device; read only at log time (no per-step sync)
+    loss_count = 0
+    train_time = 0.0
+    interval_tokens, interval_time = 0, 0.0
+    progress = tqdm(total=num_iterations, initial=start_step, desc="base_train", unit="step", disable=None if master else True,
+                    file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
+    # The loader runs one micro-batch ahead (prefetch); a checkpoint stores the state from *before*
+    # the batch in hand, so a resumed run fetches that same batch first.
+    loader_state_in_hand = train_loader.state_dict()
+    x, y = train_loader.next_batch()
+    for step in range(start_step, num_iterations + 1):
+        last_step = step == num_iterations
+        tokens_now = step * args.total_batch_size
+        tokens_prev = max(step - 1, 0) * args.total_batch_size if step > 0 else -1
+
+        if last_step or crossed(tokens_prev, tokens_now, args.eval_every):
+            model.eval()
+            eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+            with autocast_ctx(device_type):
+                last_val_bpb = evaluate_bpb(model, build_val_loader_batches(build_val_loader()), eval_steps, token_bytes)
+            min_val_bpb = min(min_val_bpb, last_val_bpb)
+            print0(f"step {step:05d} | tokens {tokens_now:,} | val bpb {last_val_bpb:.4f}")
+            wandb_run.log({"step": step, "train/tokens": tokens_now, "val/bpb": last_val_bpb})
+            log_curve({"step": step, "tokens": tokens_now, "val_bpb": last_val_bpb})
+            model.train()
+
+        if args.core_metric_every > 0 and (last_step or crossed(tokens_prev, tokens_now, args.core_metric_every)) and step > 0:
+            from nanochat.core_eval import evaluate_core_bundle
+            model.eval()
+            with autocast_ctx(device_type):
+                core = evaluate_core_bundle(orig_model, tokenizer, device, bundle="synthetic",
+                                            max_per_task=args.core_metric_max_per_task)
+            print0(f"step {step:05d} | CORE {core['core_metric']:.4f}")
+            wandb_run.log({"step": step, "train/tokens": tokens_now, "core_metric": core["core_metric"]})
+            model.train()
+
+        if master and (last_step or crossed(tokens_prev, tokens_now, args.sample_every)) and step > 0:
+            model.eval()
+            for prompt in ("The passkey for the", "Once upon a time", "The capital of France is"):
+                ids = tokenizer.encode(prompt, prepend=tokenizer.get_bos_token_id())
+                with autocast_ctx(device_type):
+                    out = list(orig_model.generate(ids, max_tokens=24, temperature=0))
+                tqdm.write(f"sample | {prompt!r} → {tokenizer.decode(out)!r}")
+            model.train()
+
+        if step > start_step and (last_step or crossed(tokens_prev, tokens_now, args.save_every)):
+            save(step)
+
+        if last_step:
+            break
+
+        # ---- one optimizer step ----------------------------------------------------------------
+        synchronize(device_type)
+        t0 = time.time()
+        for _ in range(grad_accum_steps):
+            with autocast_ctx(device_type):
+                loss = model(x, y)
+            loss_sum += loss.detach()
+            loss_count += 1
+            (loss / grad_accum_steps).backward()
+            loader_state_in_hand = train_loader.state_dict()
+            x, y = train_loader.next_batch()  # prefetch while the GPU works
+        if ddp:
+            # Average gradients across processes *before* clipping, so the clip sees the true global
+            # gradient and every process applies the same update as a single big-batch process would.
+            average_gradients(orig_model.parameters())
+        if args.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
+        lrm = lr_multiplier(step)
+        for opt in optimizers:
+            for group in opt.param_groups:
+                group["lr"] = group["initial_lr"] * lrm
+        for group in muon.param_groups:
+            group["momentum"] = muon_momentum(step)
+        for opt in optimizers:
+            opt.step()
+        model.zero_grad(set_to_none=True)
+        synchronize(device_type)
+        dt = time.time() - t0
+        if step - start_step > 1:  # the first steps include compilation/warmup
+            train_time += dt
+        interval_tokens += args.total_batch_size
+        interval_time += dt
+        progress.update(1)
+
+        tokens_after = (step + 1) * args.total_batch_size
+        if args.log_every <= 0 or crossed(tokens_now, tokens_after, args.log_every) or step + 1 == num_iterations:
+            mean_loss = loss_sum / max(loss_count, 1)
+            if ddp:
+                mean_loss = _all_reduce_mean(mean_loss.clone(), world_size)
+            train_loss = mean_loss.item()
+            if not math.isfinite(train_loss):
+                die(f"non-finite training loss {train_loss} at step {step + 1}; lower the learning rates or check the data")
+            tok_per_sec = interval_tokens / max(interval_time, 1e-9)
+            metrics = {"step": step + 1, "train/loss": train_loss, "train/tokens": tokens_after,
+                       "train/tok_per_sec": tok_per_sec, "train/lrm": lrm, "train/dt_ms": dt * 1000,
+                       "train/tokens_per_step": args.total_batch_size, "train/grad_accum_steps": grad_accum_steps}
+            mfu_text = ""
+            if peak_flops:
+                mfu = flops_per_token * tok_per_sec / (peak_flops * world_size)
+                metrics["train/mfu"] = mfu
+                mfu_text = f" | mfu {100 * mfu:.1f}%"
+            line = (f"step {step + 1:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
+                    f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}{mfu_text}")
+            if master:
+                tqdm.write(line)
+            wandb_run.log(metrics)
+            log_curve({"step": step + 1, "tokens": tokens_after, "train_loss": train_loss})
+            loss_sum.zero_()
+            loss_count, interval_tokens, interval_time = 0, 0, 0.0
+    progress.close()
+
+    # ----------------------------------------------------------------------------------------------
+    timed_steps = max(num_iterations - start_step - 2, 1)
+    summary = {
+        "Parameters": num_params, "Depth": args.depth, "Width": n_embd, "Max seq len": T,
+        "Total batch size": args.total_batch_size, "Grad accum steps": grad_accum_steps, "World size": world_size,
+        "Iterations": num_iterations, "Training tokens": total_tokens, "Tokens : params": round(total_tokens / num_params, 2),
+        "FLOPs per token": f"{flops_per_token:.3e}", "Data source": source.kind,
+        "Final val bpb": last_val_bpb, "Minimum val bpb": min_val_bpb if min_val_bpb < float("inf") else None,
+        "Mean step time (s)": round(train_time / timed_steps, 4) if train_time else None,
+        "Training time (min)": round(train_time / 60, 2),
+        "Peak memory (MiB)": round(torch.cuda.max_memory_allocated() / 2**20) if device_type == "cuda" else None,
+    }
+    print0("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
+    get_report().log(section="Base model training", data=[user_config, summary])
+    wandb_run.finish()
+    compute_cleanup()
+
+
+def _all_reduce_mean(tensor, world_size):
+    """Mean over processes. gloo has no AVG reduce op, so sum and divide (works on every backend)."""
+    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    tensor /= world_size
+    return tensor
+
+
+def build_val_loader_batches(loader):
+    while True:
+        yield loader.next_batch()
+
+
+if __name__ == "__main__":
+    main()

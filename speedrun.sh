@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# The "$100 tier": one 8×H100 node, depth-20 model, FineWeb-Edu, about 4 hours.
+#
+#   bash speedrun.sh                       # NPROC=8 by default
+#   NPROC=4 bash speedrun.sh               # fewer GPUs: same tokens per step, more grad accumulation
+#   bash speedrun.sh -- --device_batch_size=16   # extra flags for scripts.base_train
+#
+# Re-running resumes base training from its last checkpoint.
+set -euo pipefail
+cd "$(dirname "$0")"
+DEPTH=${DEPTH:-20}
+SHARDS=${SHARDS:-240}            # ~54 chars/param × params ≈ the Chinchilla budget plus headroom
+DEVICE_BATCH=${DEVICE_BATCH:-32}
+source "$(dirname "$0")/dev/recipe_common.sh"
+run_recipe "$@"
