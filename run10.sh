@@ -9,6 +9,8 @@
 # Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --source synthetic|fineweb,
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy).
 # Re-running the same command resumes base training from its last checkpoint (--resume=auto).
+# --profile mc trains with MegaContext (--mc_enabled=1, GistNet + working-context variants) into its
+# own checkpoint folder (base_checkpoints/d<depth>_mc), so baseline checkpoints are never touched.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -35,8 +37,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 case "$PROFILE" in
-  baseline) ;;
-  mc) echo "run10.sh: --profile mc needs the MegaContext trainer, which has not landed yet (see the MC training issue); use --profile baseline" >&2; exit 2 ;;
+  baseline|mc) ;;
   *) echo "run10.sh: unknown --profile $PROFILE (baseline|mc)" >&2; exit 2 ;;
 esac
 
@@ -62,6 +63,12 @@ case "$GPU" in
                 --eval_every=655360 --eval_tokens=65536 --sample_every=1M --save_every=655360 --log_every=81920)
     EVAL_ARGS=(--device_type=cpu)
     LOSS_ARGS=(--device_type=cpu --device_batch_size=8 --split_tokens=65536)
+    # MC on 2 cores: a step costs ~2.2x a vanilla one (LM forward + 3 working contexts of ~W entries +
+    # GistNet), so half the steps (same tokens per step, same cadences) keep the run near 15 minutes.
+    # T=512 has no LOD2 unit (that needs 1024 + R tokens); memory is no issue on CPU: no auto-batch.
+    MC_ARGS=(--num_iterations=120 --mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
+             --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
+    MC_TAG=d4_mc
     ;;
   5090)
     ./mc_setup --gpu
@@ -70,6 +77,10 @@ case "$GPU" in
                 --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
     EVAL_ARGS=(--max_per_task=500)
     LOSS_ARGS=(--device_batch_size=16)
+    # MC: 4 variants + the recency baseline per row, W anneals 0.8 -> 0.2 of T; auto-batch shrinks the
+    # micro-batch (and raises grad accumulation) so steps train on the baseline's exact rows.
+    MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
+    MC_TAG=d12_mc
     ;;
   h100)
     ./mc_setup --gpu
@@ -78,10 +89,20 @@ case "$GPU" in
                 --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
     EVAL_ARGS=(--max_per_task=500)
     LOSS_ARGS=(--device_batch_size=32)
+    MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
+    MC_TAG=d12_mc
     ;;
   *) echo "run10.sh: unknown --gpu $GPU (cpu|5090|h100)" >&2; exit 2 ;;
 esac
 PY=.venv/bin/python
+if [ "$PROFILE" = mc ]; then
+  for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) MC_TAG="${a#*=}" ;; esac; done
+  # MC flags go after the profile's, so they override it (e.g. --num_iterations on CPU); flags after --
+  # still override everything. The MC checkpoints get their own tag, which the eval steps then read.
+  TRAIN_ARGS+=(--mc_enabled=1 --model_tag="$MC_TAG" "${MC_ARGS[@]}")
+  LOSS_ARGS+=(--model_tag="$MC_TAG")
+  EVAL_ARGS+=(--model_tag="$MC_TAG")
+fi
 
 if [ "$SOURCE" = fineweb ]; then
   $PY -m nanochat.dataset -n "$SHARDS"

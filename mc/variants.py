@@ -32,6 +32,12 @@ baseline when W >= T) are dropped, keeping the first.
 
 annealed_wc_length() is the W curriculum: linear from start_frac * T (little compression) down to the
 target W over the anneal steps, then constant.
+
+Split-independent randomness (training). hashed_uniform(row_ids, step, seed, ...) gives each unit of
+each variant of each training row its key u from a counter-based hash of (seed, global row id, step,
+variant, unit) instead of a generator stream, and sample_variants(keys=...) uses those keys. A row's
+variants then depend only on which row it is, never on how the rows were split into micro-batches
+or processes: a 2-process run, an auto-batched run and a resumed run draw the same working contexts.
 """
 
 from dataclasses import dataclass
@@ -83,10 +89,41 @@ class VariantPlans:
         return self.variant_idx == 0
 
 
+def _fmix32(h: torch.Tensor) -> torch.Tensor:
+    """MurmurHash3's 32-bit finaliser on int64 tensors holding values in [0, 2**32). Every step is a
+    bijection of 32-bit words (xor-shift, multiply by an odd constant mod 2**32), and it avalanches:
+    each input bit flips each output bit with probability ~1/2. int64 products may wrap past 2**63;
+    the low 32 bits of a wrapped product are still exact, and those are all we keep."""
+    m = 0xFFFFFFFF
+    h = h & m
+    h = h ^ (h >> 16)
+    h = (h * 0x85EBCA6B) & m
+    h = h ^ (h >> 13)
+    h = (h * 0xC2B2AE35) & m
+    return h ^ (h >> 16)
+
+
+def hashed_uniform(row_ids: torch.Tensor, step: int, seed: int, num_variants: int, num_units: int) -> torch.Tensor:
+    """float32 [len(row_ids) * num_variants, num_units] in [0, 1): u = fmix32(chain of (seed, step, row,
+    variant, unit)) / 2**32, truncated to 24 bits (exact in float32). Rows are ordered (row, variant),
+    the layout sample_variants uses. Pure function of its arguments: no generator state."""
+    device = row_ids.device
+    h = _fmix32(torch.full((), seed, dtype=torch.long, device=device) ^ 0x5BD1E995)
+    h = _fmix32(h + step * 0x9E3779B1)
+    h = _fmix32(h[None] + row_ids.long() * 0x27D4EB2F)  # [B]
+    v = torch.arange(num_variants, device=device)
+    h = _fmix32(h[:, None] + (v[None, :] + 1) * 0x165667B1).reshape(-1)  # [B * V]
+    u = torch.arange(num_units, device=device)
+    h = _fmix32(h[:, None] ^ _fmix32(u[None, :] * 0x61C88647 + 0x2545F491))  # [B * V, U]
+    return (h >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
 def sample_compressed_plans(rows: int, T: int, W: int, block_size: int = 32, max_lod: int = 2,
                             recent_tokens: int = 0, generator: torch.Generator | None = None,
-                            device=None) -> torch.Tensor:
-    """`rows` independent compressed plans, int8 [rows, T] (see the module docstring)."""
+                            device=None, keys: torch.Tensor | None = None) -> torch.Tensor:
+    """`rows` independent compressed plans, int8 [rows, T] (see the module docstring).
+    keys: optional float [rows, total units] of uniform draws to use instead of the generator
+    (units listed coarsest level first); see hashed_uniform."""
     bs = block_size
     counts = unit_counts(T, bs, max_lod, recent_tokens)
     e_min = min_variant_entries(T, bs, max_lod, recent_tokens)
@@ -96,7 +133,10 @@ def sample_compressed_plans(rows: int, T: int, W: int, block_size: int = 32, max
     total_units = sum(counts)
     k = min(total_units, (W - e_min) // (bs - 1))
     rand_device = generator.device if generator is not None else device
-    keys = torch.rand(rows, total_units, generator=generator, device=rand_device).to(device)
+    if keys is None:
+        keys = torch.rand(rows, total_units, generator=generator, device=rand_device).to(device)
+    elif tuple(keys.shape) != (rows, total_units):
+        raise ValueError(f"keys must be [rows, units] = [{rows}, {total_units}], got {tuple(keys.shape)}")
 
     # effective keys, coarse to fine: a unit's key is at least its parent's
     eff, parent = [], None
@@ -126,23 +166,30 @@ def sample_compressed_plans(rows: int, T: int, W: int, block_size: int = 32, max
 
 def sample_variants(B: int, T: int, W: int, num_variants: int, block_size: int = 32, max_lod: int = 2,
                     recent_tokens: int = 0, generator: torch.Generator | None = None, device=None,
-                    dedup: bool = True) -> VariantPlans:
+                    dedup: bool = True, keys: torch.Tensor | None = None) -> VariantPlans:
     """The recency baseline + `num_variants` compressed plans for each of B sequences of length T.
 
     Rows are ordered by sample, baseline first: (b0 base, b0 v1, ..., b0 vN, b1 base, ...), minus
     duplicates when dedup. Randomness comes only from `generator` (drawn on its device), so a seeded
-    generator gives the same plans on any target device.
+    generator gives the same plans on any target device, or from `keys` [B * num_variants, units]
+    (see hashed_uniform). dedup=False keeps exactly B * (1 + num_variants) rows: fixed shapes and no
+    host sync (dedup's boolean indexing has a data-dependent size), as the training controller wants.
     """
     if W < 1:
         raise ValueError(f"working-context budget W must be >= 1, got {W}")
     if recent_tokens > W:
         raise ValueError(f"recent_tokens={recent_tokens} exceeds the working-context budget W={W}")
     V = 1 + num_variants
-    variants = sample_compressed_plans(B * num_variants, T, W, block_size, max_lod, recent_tokens, generator, device)
+    variants = sample_compressed_plans(B * num_variants, T, W, block_size, max_lod, recent_tokens, generator, device,
+                                       keys=keys)
     base = baseline_plan(T, W, device)
     plans = torch.cat([base.expand(B, 1, T), variants.view(B, num_variants, T)], dim=1)  # [B, V, T]
     keep = torch.ones(B, V, dtype=torch.bool, device=device)
-    if dedup and V > 1:
+    if not dedup:
+        sample_idx = torch.arange(B, device=device).repeat_interleave(V)
+        variant_idx = torch.arange(V, device=device).repeat(B)
+        return VariantPlans(plans.reshape(B * V, T), sample_idx, variant_idx)
+    if V > 1:
         same = (plans[:, :, None, :] == plans[:, None, :, :]).all(-1)  # [B, V, V]: row i equals row j
         earlier = torch.ones(V, V, dtype=torch.bool, device=device).tril(diagonal=-1)  # j < i
         keep = ~(same & earlier).any(-1)

@@ -47,10 +47,13 @@ def _spans(block_size: int, max_level: int, device) -> torch.Tensor:
     return torch.tensor([block_size ** level for level in range(max_level + 1)], dtype=torch.long, device=device)
 
 
-def entry_starts(plan: torch.Tensor, block_size: int) -> torch.Tensor:
-    """bool [R, T]: True where an entry begins."""
+def entry_starts(plan: torch.Tensor, block_size: int, max_level: int | None = None) -> torch.Tensor:
+    """bool [R, T]: True where an entry begins. max_level: the highest level the plan may hold (saves a
+    host sync on plan.max(); default: read it from the plan)."""
     lvl = plan.long()
-    spans = _spans(block_size, max(int(lvl.max()), 0) if lvl.numel() else 0, plan.device)
+    if max_level is None:
+        max_level = max(int(lvl.max()), 0) if lvl.numel() else 0
+    spans = _spans(block_size, max_level, plan.device)
     t = torch.arange(plan.size(1), device=plan.device)
     return (lvl >= 0) & (t % spans[lvl.clamp(min=0)] == 0)
 
@@ -95,6 +98,7 @@ def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_id
       plan never uses that level (e.g. LOD0 dropped by cache_lod0=False: pass the token embeddings).
     sample_idx: long [R], the batch row of `levels` each plan row reads (default: row r reads r).
     length: pad to this many slots (default: the longest row); align: "right" (pad first) | "left".
+      With length given and check=False nothing here waits on the device (no .item()/int() of a tensor).
     One gather over all levels at once: entry (sample b, level l, unit j) reads row
     offset_l + b * n_l + j of the levels concatenated flat, so gradients reach every level.
     """
@@ -108,12 +112,14 @@ def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_id
     if sample_idx is None:
         sample_idx = torch.arange(R, device=device)
     lvl = plan.long()
-    starts = entry_starts(plan, block_size)
+    starts = entry_starts(plan, block_size, max_level=top)
     counts = starts.sum(1)
-    L = int(counts.max()) if R else 0
-    if length is not None:
-        if L > length:
-            raise ValueError(f"a plan produces {L} entries but length={length} slots were requested")
+    if length is None:
+        L = int(counts.max()) if R else 0
+    else:
+        # with check=False the caller guarantees the fit, so no host sync on counts.max() (training path)
+        if check and R and int(counts.max()) > length:
+            raise ValueError(f"a plan produces {int(counts.max())} entries but length={length} slots were requested")
         L = length
     rank = starts.long().cumsum(1) - 1
     slot = rank + (L - counts)[:, None] if align == "right" else rank

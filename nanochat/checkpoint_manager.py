@@ -223,7 +223,12 @@ def find_last_model_tag(checkpoints_dir) -> str:
 
 def build_model(checkpoint_dir, step, device, phase="eval"):
     """(model, tokenizer, meta): a nanochat.gpt.GPT rebuilt from meta["model_config"] with the saved weights,
-    in eval() or train() mode, plus the project tokenizer (its vocab size must equal the model's)."""
+    in eval() or train() mode, plus the project tokenizer (its vocab size must equal the model's).
+
+    MegaContext checkpoints (meta["mc_config"], model-state keys "mc.*"): model.mc_modules is the loaded
+    mc.modules.MCModules (same mode and device as the model) and model.mc_config its MCConfig; both are
+    None for a vanilla checkpoint. They are attributes, not submodules: model.state_dict() and
+    model.parameters() stay the GPT's own (see mc/modules.py)."""
     from nanochat import tokenizer as tokenizer_module
     from nanochat.gpt import GPT, GPTConfig
 
@@ -240,6 +245,19 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         raise CheckpointError(f"meta.json model_config does not match nanochat.gpt.GPTConfig ({e})")
     # torch.compile wraps modules as `_orig_mod`, DDP as `module`: strip those prefixes.
     model_state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in model_state.items()}
+    from mc.modules import MCModules, attach, config_from_meta, split_mc_state
+
+    model_state, mc_state = split_mc_state(model_state)
+    mc_config = mc_modules = None
+    if meta.get("mc_config") is not None:
+        try:
+            mc_config = config_from_meta(meta["mc_config"])
+        except (TypeError, ValueError) as e:
+            raise CheckpointError(f"meta.json mc_config of {checkpoint_dir} does not fit mc.config.MCConfig ({e}); "
+                                  f"it was written by another version of the MegaContext code")
+    elif mc_state:
+        raise CheckpointError(f"{checkpoint_dir} holds MegaContext weights (mc.*) but its meta.json has no mc_config; "
+                              f"the checkpoint is incomplete: re-save it from the trainer")
     with torch.device(device):
         model = GPT(config)
     model.init_weights()  # also fills non-persistent buffers (rotary tables); the weights are overwritten next
@@ -247,10 +265,18 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights in {checkpoint_dir} do not fit the model built from meta.json: {e}")
-    if phase == "train":
-        model.train()
-    else:
-        model.eval()
+    if mc_config is not None:
+        with torch.device(device):
+            mc_modules = MCModules.from_config(mc_config, config.n_embd)
+        try:
+            mc_modules.load_state_dict(mc_state, strict=True)
+        except RuntimeError as e:
+            raise CheckpointError(f"MegaContext weights in {checkpoint_dir} do not fit the modules built from "
+                                  f"meta.json mc_config: {e}")
+    attach(model, mc_modules, mc_config)
+    for m in (model, mc_modules):
+        if m is not None:
+            m.train(phase == "train")
     tokenizer = tokenizer_module.get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab size {config.vocab_size} "

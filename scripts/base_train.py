@@ -18,9 +18,18 @@ different micro-batches or GPU counts are token-for-token comparable (and curves
 
 Cadences (--eval_every, --core_metric_every, --sample_every, --save_every, --log_every) are token
 counts ("2M", "131072", -1 = off), never steps, so runs with different batch splits stay aligned.
+
+MegaContext (--mc_enabled=1 | --mc; flags in mc/config.py): micro-batches go through MCController
+(mc/controller.py; loss = LM loss + mean loss of 1 + N packed working contexts per row); GistNet joins the
+optimizers, grad averaging, clipping, checkpoints ("mc.*" keys, meta["mc_config"]; resume refuses a changed
+MC config). --mc_auto_batch=1 shrinks the micro-batch, raising grad accum, so steps train on the vanilla
+run's exact rows (mc/auto_batch.py). train/loss stays the plain LM loss; mc/* metrics (rank 0's) go to stdout
+and W&B at the log cadence; MC_MEMORY_DEBUG=1 writes report/mc_memory_step<N>.txt at log steps.
+--mc_enabled=0 runs the plain GPT forward, no MC code.
 """
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -29,9 +38,9 @@ import time
 
 import torch
 import torch.distributed as dist
-from nanochat.report import get_report
 from tqdm import tqdm
 
+from mc.config import add_mc_flags
 from nanochat.adamw import average_gradients
 from nanochat.checkpoint_manager import CheckpointError, latest_step, load_checkpoint, save_checkpoint
 from nanochat.common import (
@@ -51,6 +60,7 @@ from nanochat.dataloader import DistributedTokenLoader
 from nanochat.dataset import resolve_source
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
+from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 
 # Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
@@ -102,6 +112,9 @@ def build_parser():
     a("--model_tag", default="", help="checkpoint folder name (default d<depth>)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
     a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    # MegaContext
+    a("--mc", action="store_true", help="shorthand for --mc_enabled=1")
+    add_mc_flags(p)
     return p
 
 
@@ -128,6 +141,24 @@ def main(argv=None):
             f"world_size = {B}×{T}×{world_size} = {tokens_per_fwdbwd}; pick sizes that divide "
             f"(e.g. --total_batch_size={max(1, round(args.total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
     grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
+    val_tokens_per_fwdbwd = tokens_per_fwdbwd  # eval keeps the vanilla micro-batch (same val rows, plain forward)
+
+    # ----------------------------------------------------------------------------------------------
+    # MegaContext config and micro-batch plan (before anything expensive: bad flags fail fast).
+    mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
+    mc_config = mc_plan = mc_modules = None
+    if mc_enabled:  # MC code is imported only here (the vanilla path never loads the controller)
+        from mc.auto_batch import mc_batch_plan
+        from mc.config import MCConfig
+        from mc.controller import MCController, MCTrainStep, describe, raise_recompile_limit
+        from mc.modules import MCModules, mc_state_dict, split_mc_state
+        try:
+            mc_config = MCConfig.from_flags(args)
+            mc_plan = mc_batch_plan(mc_config, args.total_batch_size, B, T, world_size, args.num_iterations)
+        except ValueError as e:
+            die(str(e))
+        B, grad_accum_steps = mc_plan.device_batch_size, mc_plan.grad_accum_steps
+        tokens_per_fwdbwd = B * T * world_size
 
     # ----------------------------------------------------------------------------------------------
     # Tokenizer, data, model.
@@ -153,8 +184,14 @@ def main(argv=None):
         model = GPT(model_config)
     model.init_weights()
     orig_model = model
+    if mc_enabled:
+        with torch.device(device):
+            mc_modules = MCModules.from_config(mc_config, n_embd)
+    train_params = list(orig_model.parameters()) + (list(mc_modules.parameters()) if mc_enabled else [])
     use_compile = args.compile if args.compile is not None else device_type == "cuda"
     if use_compile:
+        if mc_enabled:
+            raise_recompile_limit()  # the packed MC forward sees a few padded lengths as W anneals
         model = torch.compile(model, dynamic=False)
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
@@ -174,12 +211,14 @@ def main(argv=None):
 
     optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
                                              matrix_lr=args.matrix_lr, weight_decay=args.weight_decay,
-                                             average_grads=False)  # averaged below, before clipping
+                                             average_grads=False,  # averaged below, before clipping
+                                             extra_matrix_params=mc_modules.matrix_params() if mc_enabled else (),
+                                             extra_adam_params=mc_modules.adam_params() if mc_enabled else ())
     adamw, muon = optimizers
 
     # ----------------------------------------------------------------------------------------------
     # Resume.
-    model_tag = args.model_tag or f"d{args.depth}"
+    model_tag = args.model_tag or (f"d{args.depth}_mc" if mc_enabled else f"d{args.depth}")
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", model_tag)
     user_config = vars(args).copy()
     start_step, loader_state, resumed_meta = 0, None, None
@@ -199,9 +238,17 @@ def main(argv=None):
                 diffs = ", ".join(f"--{k}={saved[k]!r} (now {user_config[k]!r})" for k in changed)
                 die(f"cannot resume {checkpoint_dir} step {step_to_load}: it was trained with {diffs}. "
                     f"Re-run with the original values, or use a new --model_tag for a new run")
+            from mc.modules import resume_mismatch
+            mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
+            if mc_problem:
+                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {mc_problem}. Re-run with the original "
+                    f"MegaContext flags, or use a new --model_tag for a new run")
             if resumed_meta.get("world_size", world_size) != world_size:
                 die(f"checkpoint was written by {resumed_meta['world_size']} processes, this run has {world_size}; "
                     f"resume with the same process count")
+            if mc_enabled:
+                model_state, mc_state = split_mc_state(model_state)
+                mc_modules.load_state_dict(mc_state, strict=True)
             orig_model.load_state_dict(model_state, strict=True)
             for opt, state in zip(optimizers, optim_states):
                 opt.load_state_dict(state)
@@ -215,7 +262,8 @@ def main(argv=None):
                                           device=device, state=loader_state)
 
     def build_val_loader():
-        return DistributedTokenLoader(tokenizer, B, T, "val", source, rank=rank, world_size=world_size, device=device)
+        return DistributedTokenLoader(tokenizer, args.device_batch_size, T, "val", source, rank=rank,
+                                      world_size=world_size, device=device)
 
     # ----------------------------------------------------------------------------------------------
     # Schedules. lr multiplier: linear warmup over warmup_ratio of the run, flat, then a linear
@@ -244,6 +292,9 @@ def main(argv=None):
     print0(f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × "
            f"{grad_accum_steps} grad accum; {num_iterations:,} steps = {total_tokens:,} tokens "
            f"({total_tokens / num_params:.1f} tokens/param)")
+    if mc_enabled:
+        mc_summary = describe(mc_config, mc_plan, T, sum(p.numel() for p in mc_modules.parameters()))
+        print0(mc_summary)
     curve_path = os.path.join(base_dir, "report", "base_train_curve.jsonl")
     if master:
         os.makedirs(os.path.dirname(curve_path), exist_ok=True)
@@ -263,10 +314,30 @@ def main(argv=None):
         meta = {"step": step, "model_config": vars(model_config), "user_config": user_config,
                 "world_size": world_size, "device_batch_size": B, "max_seq_len": T,
                 "val_bpb": last_val_bpb, "num_iterations": num_iterations}
+        model_state = orig_model.state_dict()
+        if mc_enabled:
+            meta["mc_config"] = dataclasses.asdict(mc_config)
+            meta["mc_grad_accum_steps"] = grad_accum_steps
+            model_state = {**model_state, **mc_state_dict(mc_modules)}
         rank_state = {"loader": loader_state_in_hand, "cpu_rng": torch.get_rng_state().tolist()}
-        save_checkpoint(checkpoint_dir, step, orig_model.state_dict(), [o.state_dict() for o in optimizers], meta,
+        save_checkpoint(checkpoint_dir, step, model_state, [o.state_dict() for o in optimizers], meta,
                         rank=rank, world_size=world_size, extra_rank_state=rank_state, keep_last_n=args.keep_last)
         print0(f"saved checkpoint {checkpoint_dir}/step_{step:06d}")
+
+    # ----------------------------------------------------------------------------------------------
+    # The training forward of one micro-batch: (loss to backpropagate, detached LM loss for train/loss).
+    if mc_enabled:  # controller errors and non-finite MC losses stop training via die() (no fallback)
+        mc_step = MCTrainStep(MCController(orig_model, mc_modules, mc_config, forward_model=model,
+                                           total_steps=num_iterations, seed=args.seed),
+                              rows_per_step=args.total_batch_size // T, B=B, rank=rank, world_size=world_size,
+                              report_dir=os.path.join(base_dir, "report"), fail=die,
+                              memory_debug=os.environ.get("MC_MEMORY_DEBUG", "0") not in ("", "0"))
+        train_forward = mc_step  # runs under the same autocast_ctx as the vanilla forward
+    else:
+        def train_forward(x, y, step, micro, log_step):
+            with autocast_ctx(device_type):
+                loss = model(x, y)
+            return loss, loss.detach()
 
     # ----------------------------------------------------------------------------------------------
     # The loop. Step s evaluates the model as it is after s optimizer steps, then trains step s+1.
@@ -275,7 +346,7 @@ def main(argv=None):
     loss_sum = torch.zeros((), device=device)  # summed on device; read only at log time (no per-step sync)
     loss_count = 0
     train_time = 0.0
-    interval_tokens, interval_time = 0, 0.0
+    interval_tokens, interval_time, interval_steps = 0, 0.0, 0
     progress = tqdm(total=num_iterations, initial=start_step, desc="base_train", unit="step", disable=None if master else True,
                     file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
     # The loader runs one micro-batch ahead (prefetch); a checkpoint stores the state from *before*
@@ -289,7 +360,7 @@ def main(argv=None):
 
         if last_step or crossed(tokens_prev, tokens_now, args.eval_every):
             model.eval()
-            eval_steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+            eval_steps = max(1, args.eval_tokens // val_tokens_per_fwdbwd)
             with autocast_ctx(device_type):
                 last_val_bpb = evaluate_bpb(model, build_val_loader_batches(build_val_loader()), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, last_val_bpb)
@@ -324,12 +395,13 @@ def main(argv=None):
             break
 
         # ---- one optimizer step ----------------------------------------------------------------
+        tokens_after = (step + 1) * args.total_batch_size
+        log_step = args.log_every <= 0 or crossed(tokens_now, tokens_after, args.log_every) or step + 1 == num_iterations
         synchronize(device_type)
         t0 = time.time()
-        for _ in range(grad_accum_steps):
-            with autocast_ctx(device_type):
-                loss = model(x, y)
-            loss_sum += loss.detach()
+        for micro in range(grad_accum_steps):
+            loss, lm_loss = train_forward(x, y, step, micro, log_step)
+            loss_sum += lm_loss
             loss_count += 1
             (loss / grad_accum_steps).backward()
             loader_state_in_hand = train_loader.state_dict()
@@ -337,9 +409,9 @@ def main(argv=None):
         if ddp:
             # Average gradients across processes *before* clipping, so the clip sees the true global
             # gradient and every process applies the same update as a single big-batch process would.
-            average_gradients(orig_model.parameters())
+            average_gradients(train_params)
         if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(orig_model.parameters(), args.grad_clip)
+            torch.nn.utils.clip_grad_norm_(train_params, args.grad_clip)
         lrm = lr_multiplier(step)
         for opt in optimizers:
             for group in opt.param_groups:
@@ -348,7 +420,8 @@ def main(argv=None):
             group["momentum"] = muon_momentum(step)
         for opt in optimizers:
             opt.step()
-        model.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         synchronize(device_type)
         dt = time.time() - t0
         if step - start_step > 1:  # the first steps include compilation/warmup
@@ -357,8 +430,8 @@ def main(argv=None):
         interval_time += dt
         progress.update(1)
 
-        tokens_after = (step + 1) * args.total_batch_size
-        if args.log_every <= 0 or crossed(tokens_now, tokens_after, args.log_every) or step + 1 == num_iterations:
+        interval_steps += 1
+        if log_step:
             mean_loss = loss_sum / max(loss_count, 1)
             if ddp:
                 mean_loss = _all_reduce_mean(mean_loss.clone(), world_size)
@@ -376,12 +449,18 @@ def main(argv=None):
                 mfu_text = f" | mfu {100 * mfu:.1f}%"
             line = (f"step {step + 1:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
                     f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}{mfu_text}")
+            curve_row = {"step": step + 1, "tokens": tokens_after, "train_loss": train_loss}
+            if mc_enabled:  # + the "mc |" line; the curve keeps the MC token loss and the recency baseline's
+                mc_metrics, mc_line = mc_step.log(step + 1, interval_time * 1000 / max(interval_steps, 1), grad_accum_steps)
+                metrics.update(mc_metrics)
+                line += "\n" + mc_line
+                curve_row.update(mc_token_loss=mc_metrics.get("mc/token_loss"), mc_loss_lod0=mc_metrics.get("train/loss_lod0"))
             if master:
                 tqdm.write(line)
             wandb_run.log(metrics)
-            log_curve({"step": step + 1, "tokens": tokens_after, "train_loss": train_loss})
+            log_curve(curve_row)
             loss_sum.zero_()
-            loss_count, interval_tokens, interval_time = 0, 0, 0.0
+            loss_count, interval_tokens, interval_time, interval_steps = 0, 0, 0.0, 0
     progress.close()
 
     # ----------------------------------------------------------------------------------------------
@@ -396,6 +475,8 @@ def main(argv=None):
         "Training time (min)": round(train_time / 60, 2),
         "Peak memory (MiB)": round(torch.cuda.max_memory_allocated() / 2**20) if device_type == "cuda" else None,
     }
+    if mc_enabled:
+        summary["MegaContext"] = mc_summary.splitlines()[0].removeprefix("megacontext: ")
     print0("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     get_report().log(section="Base model training", data=[user_config, summary])
     wandb_run.finish()

@@ -1,0 +1,381 @@
+"""
+MCController: one MegaContext training step for a micro-batch, as orchestration of pure functions.
+
+    result = MCController(model, mc_modules, mc_config, total_steps=N).process_batch(x, y, step, row_ids)
+    result.loss.backward()
+
+For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, [B, T+1]):
+
+  tree    E = wte(x) is LOD0; GistNet gists every block of every sample, one call per level
+          (mc/tree.py), with gradients into GistNet and wte.
+  sample  W_t = annealed_wc_length(step) (mc/variants.py). Per sample the recency baseline (last W_t raw
+          tokens) and N compressed variants, all as plans, their random keys hashed from the global row
+          id (split-independent: any micro-batch/process split draws the same variants for a row).
+          build_working_context gathers the entries of all R = B(1+N) rows at once, right-aligned and
+          padded to L slots (L = W_t rounded up to a multiple of pad_quantum, so a compiled GPT sees
+          few shapes). targets_for(wc, x_full): the entry spanning [s, s+n) predicts x_full[s+n].
+          wc_cos_sin: per-entry rotary tables (mc/positions.py), so every row has its own positions.
+  base    lm_loss = GPT(x, y): the ordinary full-sequence next-token loss (keeps the model a plain LM,
+          and is what train/loss reports, comparable with a vanilla run).
+  variant ONE packed GPT forward over all R rows: inputs_embeds [R, L, C], cos/sin [R, L, 1, hd/2],
+          key_padding_mask = valid, loss_reduction='none' -> per-entry NLL [R, L].
+          row_loss_r = mean NLL over row r's entries;  variant_loss = mean_r row_loss_r.
+          horizon: the last H = max(recent_tokens, 1) slots of every row hold the same raw tokens
+          T-H..T-1 predicting the same targets in every row (the shared raw tail), so
+          h_r = mean NLL over those slots, and ΔNLL_{b,v} = h_{b,v} - h_{b,baseline}.
+          penalty = mean_{b,v} relu(h_{b,v} - stopgrad(h_{b,baseline}))  (the baseline is the reference,
+          not something to make worse).
+  loss    lm_loss + variant_loss + gist_delta_weight * penalty.
+
+Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert them at log time):
+  mc/lod_loss/L     mean NLL of entries at level of detail L (all rows)
+  mc/lod_delta/L    paired cost of context form: for entries at level L in compressed variants whose
+                    target token t the baseline also predicts (t - 1 inside the baseline's window),
+                    mean of NLL_variant(t) - NLL_baseline(t). L = 1: what predicting the next token
+                    from a gist costs against the raw tokens; L = 0: what the compressed far history
+                    changes for raw tokens against the truncated one (negative = it helps)
+  mc/adv_delta_mean|p95|std   statistics of ΔNLL over the B*N compressed variants
+  train/loss_lod0   the recency baselines' mean loss;  mc/token_loss  variant_loss;  mc/lm_loss
+  mc/gist_penalty, mc/total_loss, mc/wc_length (W_t), mc/variants_total (B*N compressed variants),
+  mc/variants_per_sample (1+N), mc/effective_batch_size (R rows in the packed forward),
+  mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
+Timings (ms, mc/time_<phase>_ms): tree, sample, build (= tree + sample), base_forward, variant,
+  metrics, controller (the whole call; forward only, backward is the trainer's).
+
+Dtypes: every tensor that enters the GPT goes through _to_model_dtype (the dtype/device of the GPT's
+weights), the caller's autocast applies to the GPT as in the plain training forward, and GistNet runs
+at --mc_aux_dtype (auto: bf16 autocast on CUDA, fp32 elsewhere; weights stay fp32 for the optimizer).
+Errors: any exception inside a phase is re-raised as MCControllerError naming the phase and the step.
+MC_MEMORY_DEBUG: pass memory_log=<path> and a memory snapshot is written after each phase.
+
+MCTrainStep wraps a controller for scripts/base_train.py: global row ids from the loader contract,
+metric/timing accumulation between log lines (MetricMeter), MC_MEMORY_DEBUG snapshots at log steps,
+and the log-time summary (W&B dict + one compact stdout line).
+"""
+
+import math
+import os
+import traceback
+from collections.abc import Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from mc.config import MCConfig
+from mc.positions import wc_cos_sin
+from mc.timing import MetricMeter, PhaseTimer, memory_snapshot
+from mc.tree import MegaContextTree
+from mc.variants import annealed_wc_length, hashed_uniform, sample_variants, unit_counts
+from mc.working_context import build_working_context, targets_for
+from nanochat.common import autocast_ctx
+
+
+class MCControllerError(RuntimeError):
+    """The MC training step failed; the message names the phase and the step."""
+
+
+def default_pad_quantum(cfg: MCConfig, sequence_len: int) -> int:
+    """Packed rows are padded to multiples of this: max(block_size, T / 16), so as W anneals a compiled
+    GPT sees at most ~16 distinct shapes, at a cost of < 1/16 of T extra slots per row."""
+    return max(cfg.block_size, sequence_len // 16)
+
+
+def padded_length(W: int, T: int, quantum: int) -> int:
+    """Slots per packed row: W rounded up to a multiple of quantum, at most T (and at least W)."""
+    return max(W, min(T, -(-W // quantum) * quantum))
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of values where mask; NaN when the mask is empty (no host sync either way)."""
+    m = mask.to(values.dtype)
+    return (values * m).sum() / m.sum()
+
+
+class PositionalCaches(Mapping):
+    """The per-entry rotary tables of one step. `.packed` = (cos, sin) [R, L, 1, hd/2] as fed to the GPT;
+    `caches[f"train_step_{step}_sample_{b}"]` = (cos, sin, None) [1+N, L, 1, hd/2] for sample b (the
+    seed-004 session-id convention; None = no ALiBi), sliced lazily on access."""
+
+    def __init__(self, cos, sin, step, batch_size, rows_per_sample):
+        self.packed = (cos, sin)
+        self.step, self.B, self.V = step, batch_size, rows_per_sample
+
+    def _key(self, b):
+        return f"train_step_{self.step}_sample_{b}"
+
+    def __getitem__(self, key):
+        for b in range(self.B):
+            if key == self._key(b):
+                s = slice(b * self.V, (b + 1) * self.V)
+                return self.packed[0][s], self.packed[1][s], None
+        raise KeyError(key)
+
+    def __iter__(self):
+        return (self._key(b) for b in range(self.B))
+
+    def __len__(self):
+        return self.B
+
+
+@dataclass
+class MCResult:
+    loss: torch.Tensor  # scalar with grad: lm_loss + variant_loss + gist_delta_weight * penalty
+    lm_loss: torch.Tensor  # detached full-sequence LM loss (train/loss)
+    metrics: dict  # name -> 0-d tensor (detached) or number
+    timer: PhaseTimer
+    positional_caches: PositionalCaches
+    horizon_nll: torch.Tensor  # [B, 1+N] detached, column 0 = recency baseline (LensNet's supervision)
+    plans: torch.Tensor  # int8 [B*(1+N), T], rows ordered (sample, variant)
+    extras: dict = field(default_factory=dict)
+
+    @property
+    def timings(self) -> dict:
+        """{"mc/time_<phase>_ms": ms}; on CUDA this waits for the step's work (read at log time)."""
+        return {f"mc/time_{k}_ms": v for k, v in self.timer.elapsed_ms().items()}
+
+    def float_metrics(self) -> dict:
+        """metrics as Python floats (syncs)."""
+        return {k: float(v) for k, v in self.metrics.items()}
+
+
+class MCController:
+    def __init__(self, model, mc_modules, mc_config: MCConfig, forward_model=None, total_steps: int = 0,
+                 seed: int = 0, pad_quantum: int | None = None):
+        """model: the GPT (weights, wte, config); forward_model: what to call for forwards (e.g. the
+        torch.compile'd model; default model). total_steps: run length, the W anneal spans
+        --mc_wc_anneal_steps or, when that is 0, the whole run. seed: mixes into the variant keys."""
+        self.model = model
+        self.forward_model = forward_model if forward_model is not None else model
+        self.mc_modules = mc_modules
+        self.cfg = mc_config
+        self.total_steps = total_steps
+        self.seed = seed
+        self.head_dim = model.config.n_embd // model.config.n_head
+        self.pad_quantum = pad_quantum or default_pad_quantum(mc_config, model.config.sequence_len)
+        self._targets = {}  # T -> target W (validated once per sequence length)
+
+    # ------------------------------------------------------------------ helpers
+    def _to_model_dtype(self, t: torch.Tensor) -> torch.Tensor:
+        """Cast a tensor that enters the GPT to its weights' device and (for floats) dtype."""
+        ref = self.model.transformer.wte.weight
+        return t.to(device=ref.device, dtype=ref.dtype) if t.is_floating_point() else t.to(ref.device)
+
+    def _aux(self, device_type):
+        """(autocast context, input dtype) for GistNet per --mc_aux_dtype."""
+        aux = self.cfg.aux_dtype
+        if aux == "auto":
+            aux = "bf16" if device_type == "cuda" else "fp32"
+        if aux == "fp32":
+            return torch.autocast(device_type, enabled=False), torch.float32
+        return torch.autocast(device_type, dtype=torch.bfloat16), None
+
+    def target_wc_length(self, T: int) -> int:
+        if T not in self._targets:
+            if T > self.model.config.sequence_len:
+                raise ValueError(f"sequence length {T} exceeds the model's sequence_len {self.model.config.sequence_len}")
+            self._targets[T] = self.cfg.validate_against(T)
+        return self._targets[T]
+
+    def wc_length(self, step: int, T: int) -> int:
+        """W_t, the working-context budget at this step (annealed, see mc/variants.py)."""
+        steps = self.cfg.wc_anneal_steps or self.total_steps
+        return annealed_wc_length(step, steps, self.cfg.wc_anneal_start_frac, self.target_wc_length(T), T)
+
+    @contextmanager
+    def _phase(self, timer, name, step, memory):
+        try:
+            with timer(name):
+                yield
+        except MCControllerError:
+            raise
+        except Exception as e:
+            raise MCControllerError(f"MegaContext controller failed in phase '{name}' at step {step}: "
+                                    f"{type(e).__name__}: {e}") from e
+        if memory is not None:
+            memory.append(f"=== after phase '{name}' (step {step})\n{memory_snapshot(self.model.get_device())}")
+
+    # ------------------------------------------------------------------ the step
+    def process_batch(self, x: torch.Tensor, y: torch.Tensor, step: int, row_ids: torch.Tensor | None = None,
+                      memory_log: str | None = None) -> MCResult:
+        """x, y: [B, T] long. row_ids: long [B], the global data-row index of each row (default
+        step * B + arange(B)). memory_log: a file path to write per-phase memory snapshots to."""
+        cfg = self.cfg
+        timer = PhaseTimer(x.device)
+        memory = [] if memory_log else None
+        with self._phase(timer, "controller", step, None):
+            with self._phase(timer, "build", step, None):
+                with self._phase(timer, "tree", step, memory):
+                    if x.ndim != 2 or x.shape != y.shape:
+                        raise ValueError(f"x and y must both be [B, T], got {tuple(x.shape)} and {tuple(y.shape)}")
+                    B, T = x.shape
+                    W = self.wc_length(step, T)
+                    E = self.model.transformer.wte(x)  # LOD0 [B, T, C], with grad
+                    aux_ctx, aux_dtype = self._aux(x.device.type)
+                    with aux_ctx:
+                        tree = MegaContextTree.build(E.to(aux_dtype) if aux_dtype else E, self.mc_modules.gistnet,
+                                                     cfg.block_size, cfg.max_lod, cfg.cache_lod0)
+                    levels = [E] + tree.levels[1:]
+                with self._phase(timer, "sample", step, memory):
+                    N, V, H = cfg.num_random_variants, 1 + cfg.num_random_variants, max(cfg.recent_tokens, 1)
+                    L = padded_length(W, T, self.pad_quantum)
+                    if row_ids is None:
+                        row_ids = step * B + torch.arange(B, device=x.device)
+                    units = sum(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens))
+                    keys = hashed_uniform(row_ids.to(x.device), step, self.seed, N, units)
+                    vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens,
+                                         device=x.device, dedup=False, keys=keys)
+                    wc = build_working_context(vp.plan, levels, cfg.block_size, vp.sample_idx, length=L,
+                                               align="right", check=False)
+                    x_full = torch.cat([x, y[:, -1:]], dim=1)  # [B, T+1]: every entry gets a target
+                    targets = targets_for(wc, x_full)
+                    cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type)
+                    emb, cos, sin = self._to_model_dtype(wc.embeddings), self._to_model_dtype(cos), self._to_model_dtype(sin)
+            with self._phase(timer, "base_forward", step, memory):
+                lm_loss = self.forward_model(x, y)
+            with self._phase(timer, "variant", step, memory):
+                nll = self.forward_model(inputs_embeds=emb, targets=targets, cos_sin_override=(cos, sin),
+                                         key_padding_mask=self._to_model_dtype(wc.valid),
+                                         loss_reduction="none").float()  # [R, L]
+                has = targets >= 0
+                row_loss = nll.sum(1) / has.sum(1).clamp(min=1)
+                variant_loss = row_loss.mean()
+                horizon = nll[:, L - H:].mean(1).view(B, V)  # the shared raw tail, same targets in every row
+                delta = horizon[:, 1:] - horizon[:, :1]
+                loss = lm_loss + variant_loss
+                penalty = F.relu(horizon[:, 1:] - horizon[:, :1].detach()).mean()
+                if cfg.gist_delta_weight > 0:
+                    loss = loss + cfg.gist_delta_weight * penalty
+            with self._phase(timer, "metrics", step, None):
+                metrics = self._metrics(nll.detach(), has, wc, vp.variant_idx, delta.detach(), B, T, V, L, W, H)
+                metrics.update({"mc/lm_loss": lm_loss.detach(), "mc/token_loss": variant_loss.detach(),
+                                "train/loss_lod0": row_loss.detach().view(B, V)[:, 0].mean(),
+                                "mc/gist_penalty": penalty.detach(), "mc/total_loss": loss.detach()})
+        if memory is not None:
+            with open(memory_log, "w") as f:
+                f.write("".join(memory))
+        caches = PositionalCaches(cos, sin, step, B, V)
+        return MCResult(loss, lm_loss.detach(), metrics, timer, caches, horizon.detach(), vp.plan,
+                        extras={"wc": wc, "targets": targets})
+
+    def _metrics(self, nll, has, wc, variant_idx, delta, B, T, V, L, W, H) -> dict:
+        cfg = self.cfg
+        lod = wc.lod
+        # the baseline's NLL for target token p sits in its slot L - T + p - 1 (raw token p - 1)
+        base = nll.view(B, V, L)[:, 0]  # [B, L]
+        p = wc.span_start + wc.span_len
+        slot = L - T + p - 1
+        in_base = has & (slot >= L - min(W, T))
+        base_nll = base[wc.sample_idx].gather(1, slot.clamp(0, L - 1))
+        compressed = (variant_idx > 0)[:, None]
+        present = [0] + [lvl for lvl, n in enumerate(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens), 1) if n]
+        m = {}
+        for level in present:
+            at = has & (lod == level)
+            m[f"mc/lod_loss/{level}"] = masked_mean(nll, at)
+            m[f"mc/lod_delta/{level}"] = masked_mean(nll - base_nll, at & in_base & compressed)
+        d = delta.flatten()
+        m["mc/adv_delta_mean"] = d.mean()
+        m["mc/adv_delta_std"] = d.std(correction=0)
+        m["mc/adv_delta_p95"] = torch.quantile(d, 0.95)
+        m["mc/wc_length"] = W
+        m["mc/variants_total"] = B * (V - 1)
+        m["mc/variants_per_sample"] = V
+        m["mc/effective_batch_size"] = B * V
+        m["mc/horizon_tokens"] = B * V * H
+        return m
+
+
+def check_finite(value: float, name: str, step: int):
+    """Raise MCControllerError when a logged MC number is NaN/inf (called at log time, after the sync)."""
+    if not math.isfinite(value):
+        raise MCControllerError(f"MegaContext metric {name} is {value} at step {step}; lower the learning rates "
+                                f"or check --mc_* settings")
+
+
+class MCTrainStep:
+    """The trainer's MC micro-step: step(x, y, step, micro, log_step) -> (loss, lm_loss); log(...) at log time.
+
+    Rows: micro-batch k of optimizer step n on rank r holds global rows n*R + (k*world + r)*B + [0, B)
+    (R = total_batch_size / T, nanochat/dataloader.py), which seed the variants of each row."""
+
+    def __init__(self, controller: MCController, rows_per_step: int, B: int, rank: int, world_size: int,
+                 report_dir: str, memory_debug: bool = False, fail=None):
+        """fail(message): called (after printing the traceback) when the MC step fails, e.g. the trainer's
+        die(); it must not return. Default: the MCControllerError propagates."""
+        self.controller, self.rows_per_step, self.B = controller, rows_per_step, B
+        self.rank, self.world_size = rank, world_size
+        self.report_dir, self.memory_debug, self.fail = report_dir, memory_debug, fail
+        self.meter = MetricMeter()
+
+    def _failed(self, e: MCControllerError, what: str):
+        if self.fail is None:
+            raise e
+        traceback.print_exc()
+        self.fail(f"{e}\n{what}")
+
+    def __call__(self, x, y, step: int, micro: int, log_step: bool):
+        row0 = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.B
+        row_ids = torch.arange(row0, row0 + x.size(0), device=x.device)
+        memory_log = None
+        if self.memory_debug and log_step and micro == 0:
+            os.makedirs(self.report_dir, exist_ok=True)
+            suffix = f"_rank{self.rank}" if self.rank else ""
+            memory_log = os.path.join(self.report_dir, f"mc_memory_step{step + 1}{suffix}.txt")
+        try:
+            with autocast_ctx(x.device.type):  # the trainer's autocast (bf16 on CUDA), as for the vanilla forward
+                result = self.controller.process_batch(x, y, step, row_ids=row_ids, memory_log=memory_log)
+        except MCControllerError as e:
+            self._failed(e, "training stopped: the MegaContext step failed (no fallback to the vanilla loss)")
+        self.meter.add(result.metrics)
+        self.meter.add_timer(result.timer, prefix="mc/time_")
+        return result.loss, result.lm_loss
+
+    def log(self, step: int, step_ms: float, grad_accum_steps: int):
+        """(metrics for W&B, one stdout line) averaged since the last call; raises MCControllerError when
+        the MC losses are not finite. The controller's share of a step = its per-micro-step time x accum
+        / step time (its forwards included); build share = tree + sampling, the work vanilla never does."""
+        try:
+            m = self.meter.means()
+        finally:
+            self.meter.reset()
+        for name in ("mc/token_loss", "mc/total_loss"):
+            try:
+                check_finite(m.get(name, 0.0), name, step)
+            except MCControllerError as e:
+                self._failed(e, "training stopped")
+        m["mc/grad_accum_steps"] = grad_accum_steps
+        m["mc/time_step_ms"] = step_ms
+        m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
+        m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
+        nan = float("nan")
+        lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
+        line = (f"  mc | tok {m.get('mc/token_loss', nan):.4f} | base {m.get('train/loss_lod0', nan):.4f} | {lods}"
+                f" | Δ {m.get('mc/adv_delta_mean', nan):+.3f} (p95 {m.get('mc/adv_delta_p95', nan):+.3f})"
+                f" | W {m.get('mc/wc_length', 0):.0f} | ctl {m.get('mc/time_controller_ms', 0):.0f}ms×{grad_accum_steps}"
+                f" = {100 * m['mc/controller_share']:.0f}% of step (build {100 * m['mc/build_share']:.0f}%)")
+        return m, line
+
+
+def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
+    """The trainer's start-up lines about MC (plan: mc.auto_batch.BatchPlan)."""
+    text = (f"megacontext: W={cfg.wc_length(T)} entries (anneal from {cfg.wc_anneal_start_frac:g}×T), "
+            f"{cfg.num_random_variants} variants + recency baseline per row, block {cfg.block_size}, max LOD "
+            f"{cfg.max_lod}, GistNet {cfg.gistnet_type} ({n_params:,} params); auto-batch "
+            f"{'on' if cfg.auto_batch else 'off'}: {plan.device_batch_size} rows × {plan.grad_accum_steps} accum "
+            f"(row cost ≈{plan.multiplier:.2f}× vanilla, divisor {plan.divisor})")
+    if cfg.auto_batch and not plan.fits:
+        text += (f"\nmegacontext: warning: an MC row costs ≈{plan.multiplier:.2f}× a vanilla row but the micro-batch "
+                 f"cannot shrink below 1 row; expect more memory than the vanilla run")
+    return text
+
+
+def raise_recompile_limit(limit: int = 64):
+    """torch.compile: the packed forward sees a new padded length each time W crosses a pad quantum (at
+    most ~16 over a run); keep dynamo from falling back to eager after its default 8 recompiles."""
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))

@@ -1,0 +1,202 @@
+"""
+The evaluation conditions of scripts/mc_eval.py as plans, the token sets they are scored on, and the
+char -> token offset mapping that places answers and facts. Pure functions, no model.
+
+Indexing. An evaluated sequence is ids[0..T] (T + 1 tokens, ids[0] = BOS). The history (inputs) is
+x = ids[0..T), targets y[t] = ids[t + 1]: the raw entry of token t predicts ids[t + 1], a gist of
+[s, s + n) predicts ids[s + n] (mc/working_context.py). Plans are int8 [T] over the history
+(0 raw, l >= 1 inside a LOD-l gist, -1 not in the working context).
+
+The shared raw window. Every condition except FULL keeps the same last W tokens raw: [T - W, T),
+cut = T - W, a multiple of block_size (the caller trims the oldest tokens to make it so). They differ
+only in what stands for the history before the cut, so any NLL difference on the window's tokens is
+caused by that representation:
+    FULL      everything raw (only run when T fits the model's sequence_len)
+    RECENCY   nothing: the window alone (the baseline a plain W-token model has)
+    MEANPOOL  the coarsest gist covering of [0, cut), gists = mean of the block's embeddings
+    MC        the same covering, gists from the checkpoint's GistNet
+    SHUFFLED  the same covering, gists taken from ANOTHER document (if the model uses the gists'
+              content, this must be worse than MC, and no better than RECENCY)
+    ORACLE    MC's covering with the blocks holding the needed facts expanded to raw tokens
+The coarsest covering ("the most recent tokens raw, then LOD1 gists, LOD2 for far history when long
+enough") is the covering the allocator starts from: token t < cut sits in the coarsest aligned unit
+[j bs^l, (j+1) bs^l) that lies entirely inside [0, cut), l <= max_lod. With cut = 2976, bs = 32:
+[0, 2048) as two LOD2 gists, [2048, 2976) as 29 LOD1 gists, then the raw window. The cut must be
+block-aligned so that gists cover [0, cut) exactly and the raw window is the same as RECENCY's.
+Entries: n_2 + (n_1 - bs n_2) + W with n_l = cut // bs^l (max_lod = 2).
+
+Token sets, over the window's targets (index i = t - cut, t in [cut, T), target ids[t + 1]):
+    horizon      the last H targets (i >= W - H): "the evaluated tail"
+    boundary     the first `boundary` targets after the cut (i < 64 by default): local continuity,
+                 where RECENCY has almost no context and any representation of the past helps
+    long_range   answer tokens of recalls inside the horizon whose nearest source (the fact, or an
+                 earlier repetition of its value) ends before the cut: no condition but FULL and
+                 ORACLE sees it raw, so only memory of the far past can predict them
+Gap recovery R on a set = (NLL_RECENCY - NLL_cond) / (NLL_RECENCY - NLL_FULL) (see mc/stats.py).
+
+Offset mapping. Recall annotations are char offsets into the text; the model sees tokens. Decoding
+each token on its own gives its byte length; cumulative sums give every token's byte start, and
+UTF-8 lengths of the chars give every char's byte offset. A char span [a, b) then maps to the tokens
+overlapping its bytes: first = the last token starting at or before byte(a), end = the first token
+starting at or after byte(b). A token that holds both the answer and a neighbouring char (" Oslo"
+with its space) counts as an answer token.
+"""
+
+import numpy as np
+import torch
+
+CONDITIONS = ("FULL", "RECENCY", "MEANPOOL", "MC", "SHUFFLED", "ORACLE")
+BOUNDARY_TOKENS = 64
+
+
+# ------------------------------------------------------------------ plans
+def full_plan(T: int) -> torch.Tensor:
+    """int8 [T]: every token raw."""
+    return torch.zeros(T, dtype=torch.int8)
+
+
+def recency_plan(T: int, W: int) -> torch.Tensor:
+    """int8 [T]: the last min(W, T) tokens raw, the rest outside the working context (-1)."""
+    plan = torch.zeros(T, dtype=torch.int8)
+    plan[: max(T - W, 0)] = -1
+    return plan
+
+
+def check_cut(T: int, W: int, block_size: int) -> int:
+    """The cut T - W (0 when the whole history fits in W); it must be block-aligned."""
+    cut = max(T - W, 0)
+    if cut % block_size:
+        raise ValueError(f"history of {T} tokens with a raw window of {W}: the cut {cut} is not a multiple of "
+                         f"block_size={block_size}; trim the oldest {cut % block_size} tokens (or choose T, W as "
+                         f"multiples of {block_size})")
+    return cut
+
+
+def covering_plan(T: int, W: int, block_size: int = 32, max_lod: int = 2) -> torch.Tensor:
+    """int8 [T]: [T - W, T) raw, [0, T - W) in the coarsest aligned gists (the MC fixed schedule)."""
+    cut = check_cut(T, W, block_size)
+    plan = torch.zeros(T, dtype=torch.int8)
+    for level in range(1, max_lod + 1):  # finer first, so coarser units overwrite the tokens they cover
+        span = block_size ** level
+        plan[: (cut // span) * span] = level
+    return plan
+
+
+def expand_to_raw(plan: torch.Tensor, token_spans, block_size: int = 32) -> torch.Tensor:
+    """Copy of `plan` with every block touching one of the token spans [a, b) expanded down to raw tokens.
+
+    Expanding a LOD-l gist replaces it by its bs children of level l - 1 (the same tokens, one level
+    finer), so the plan stays legal; repeat until the block is raw. Tokens already raw or outside the
+    working context (-1) are left alone."""
+    plan = plan.clone()
+    T = plan.numel()
+    for a, b in token_spans:
+        a, b = max(int(a), 0), min(int(b), T)
+        for block in range(a // block_size, (b - 1) // block_size + 1 if b > a else a // block_size):
+            t = block * block_size
+            while int(plan[t]) > 0:
+                span = block_size ** int(plan[t])
+                s = (t // span) * span
+                plan[s: s + span] = int(plan[t]) - 1
+    return plan
+
+
+def oracle_plan(T: int, W: int, needle_spans, block_size: int = 32, max_lod: int = 2) -> torch.Tensor:
+    """The MC covering with the blocks that hold the needed facts (token spans [a, b)) kept raw."""
+    return expand_to_raw(covering_plan(T, W, block_size, max_lod), needle_spans, block_size)
+
+
+def diagnostic_plans(block_start: int, context: int, following: int, block_size: int = 32) -> dict:
+    """GistNet diagnostic plans over a history of T' = block_start + bs + following tokens, the last
+    context + bs + following of them in the working context: {"raw": all raw, "gist": the block
+    [block_start, block_start + bs) as one LOD1 gist}. The mean-pool variant reuses "gist" with mean
+    gists; "dropped" reuses "raw" with the block's keys masked out (key_padding_mask)."""
+    if block_start % block_size:
+        raise ValueError(f"diagnostic block start {block_start} must be a multiple of block_size={block_size}")
+    T = block_start + block_size + following
+    raw = torch.zeros(T, dtype=torch.int8)
+    raw[: max(0, block_start - context)] = -1
+    gist = raw.clone()
+    gist[block_start: block_start + block_size] = 1
+    return {"raw": raw, "gist": gist}
+
+
+# ------------------------------------------------------------------ token sets
+def window_masks(T: int, W: int, H: int, boundary: int = BOUNDARY_TOKENS) -> dict:
+    """bool [Wr] masks over the window's targets (Wr = min(W, T)): "horizon" and "boundary"."""
+    Wr = min(W, T)
+    if not 1 <= H <= W:
+        raise ValueError(f"--horizon={H} must be in [1, W={W}]: the scored tokens must be raw in every condition")
+    i = np.arange(Wr)
+    return {"horizon": i >= Wr - min(H, Wr), "boundary": i < boundary}
+
+
+def answer_mask(T: int, W: int, answer_spans) -> np.ndarray:
+    """bool [Wr]: window targets that are answer tokens. answer_spans: token spans [u0, u1) in ids
+    indexing (ids[u] is the target of window index u - 1 - (T - Wr)); parts outside the window are dropped."""
+    Wr = min(W, T)
+    cut = T - Wr
+    mask = np.zeros(Wr, dtype=bool)
+    for u0, u1 in answer_spans:
+        lo, hi = max(u0 - 1 - cut, 0), min(u1 - 1 - cut, Wr)
+        if hi > lo:
+            mask[lo:hi] = True
+    return mask
+
+
+def is_long_range(answer_span, source_end: int, T: int, W: int, H: int) -> bool:
+    """An answer (ids span [u0, u1)) is long-range when all its targets lie in the horizon and its
+    nearest source (ids span ending at source_end, exclusive) lies entirely before the cut T - W."""
+    u0, u1 = answer_span
+    return T > W and source_end <= T - W and u0 - 1 >= T - min(H, W) and u1 - 1 <= T
+
+
+# ------------------------------------------------------------------ offset mapping
+def token_byte_starts(piece_lengths) -> np.ndarray:
+    """int [n]: byte offset where each token starts, from each token's decoded byte length."""
+    lengths = np.asarray(piece_lengths, dtype=np.int64)
+    return np.concatenate([[0], np.cumsum(lengths)[:-1]]) if lengths.size else lengths
+
+
+def char_byte_offsets(text: str) -> np.ndarray:
+    """int [len(text) + 1]: UTF-8 byte offset of every char boundary."""
+    per_char = np.fromiter((len(ch.encode("utf-8")) for ch in text), dtype=np.int64, count=len(text))
+    return np.concatenate([[0], np.cumsum(per_char)])
+
+
+def char_span_to_tokens(char_start: int, char_end: int, char_bytes: np.ndarray, tok_starts: np.ndarray,
+                        byte_offset: int = 0) -> tuple[int, int]:
+    """Token span [first, end) of the tokens overlapping chars [char_start, char_end).
+
+    byte_offset: bytes that precede the text in the token stream (0: a BOS decodes to no bytes).
+    Zero-length tokens (BOS) never start an answer: first is the LAST token starting at or before the
+    span's first byte."""
+    if not 0 <= char_start < char_end <= len(char_bytes) - 1:
+        raise ValueError(f"char span [{char_start}, {char_end}) is empty or outside the text ({len(char_bytes) - 1} chars)")
+    b0, b1 = char_bytes[char_start] + byte_offset, char_bytes[char_end] + byte_offset
+    first = int(np.searchsorted(tok_starts, b0, side="right")) - 1
+    end = int(np.searchsorted(tok_starts, b1, side="left"))
+    return max(first, 0), end
+
+
+def nearest_source(text: str, recalls, k: int) -> tuple[int, int]:
+    """Char span of the nearest earlier copy of recall k's value: the fact's own statement of the value
+    (searched from fact_start) or the answer of an earlier recall of the same fact, whichever is later."""
+    r = recalls[k]
+    value = text[r.answer_start: r.answer_end]
+    start = text.find(value, r.fact_start)
+    best = (start, start + len(value)) if 0 <= start < r.answer_start else (r.fact_start, r.fact_start + 1)
+    for q in recalls:
+        if q.fact_start == r.fact_start and best[0] < q.answer_start < r.answer_start:
+            best = (q.answer_start, q.answer_end)
+    return best
+
+
+# ------------------------------------------------------------------ batching working contexts
+def pad_left(t: torch.Tensor, L: int, value) -> torch.Tensor:
+    """[R, l, ...] -> [R, L, ...]: right-aligned, `value` in the new leading slots."""
+    extra = L - t.size(1)
+    if extra <= 0:
+        return t
+    pad = torch.full((t.size(0), extra, *t.shape[2:]), value, dtype=t.dtype, device=t.device)
+    return torch.cat([pad, t], 1)

@@ -1,0 +1,128 @@
+"""
+Pieces shared by the chat training scripts (scripts/mid_train.py, chat_sft.py, chat_rl.py).
+
+- crossed():            token-cadence test, as in base_train
+- lr_multiplier():      warmup → flat → linear warmdown, as a function of run progress in [0, 1]
+- micro_batch_loss():   a micro-batch's share of a step loss normalised by the step's supervised tokens
+- MegaContext carry-through: a checkpoint loaded with MC modules (model.mc_modules / model.mc_config,
+  attached by checkpoint_manager.build_model, not GPT submodules) keeps them: mc_optimizer_params()
+  puts them into the GPT's two optimizers, trainable_params() lists GPT + MC parameters (for gradient
+  averaging and clipping), model_state_for_save() / mc_meta() write them back in the checkpoint
+  convention ("mc."-prefixed weights + meta["mc_config"]), so the next stage loads them again.
+- CurveLog:             report/<stage>_curve.jsonl rows; a resumed run keeps the rows up to its step
+- mc_forward():         MCController.process_batch with the trainer's error policy
+- hub_kw():             data_dir= for a hub task when the user keeps local snapshots (--data_dir)
+"""
+
+import dataclasses
+import json
+import os
+
+import torch.distributed as dist
+
+
+def crossed(tokens_before: int, tokens_after: int, every: int) -> bool:
+    """True when a token cadence boundary lies in (tokens_before, tokens_after]."""
+    return every > 0 and tokens_after // every > tokens_before // every
+
+
+def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
+    """progress in [0, 1] -> lr multiplier: linear warmup, flat, then linear down to final_lr_frac."""
+    if warmup_ratio > 0 and progress < warmup_ratio:
+        return (progress + 1e-9) / warmup_ratio
+    if warmdown_ratio <= 0 or progress <= 1 - warmdown_ratio:
+        return 1.0
+    frac = max(0.0, (1 - progress) / warmdown_ratio)  # 1 at the start of the warmdown, 0 at the end
+    return frac + (1 - frac) * final_lr_frac
+
+
+def mc_parts(model):
+    """(mc_modules, mc_config) of a loaded model; both None for a vanilla one (attribute may be absent)."""
+    return getattr(model, "mc_modules", None), getattr(model, "mc_config", None)
+
+
+def mc_optimizer_params(mc_modules):
+    """MC parameters for the two optimizers: (2D weight matrices -> Muon, everything else -> AdamW)."""
+    if mc_modules is None:
+        return [], []
+    if hasattr(mc_modules, "matrix_params"):
+        return list(mc_modules.matrix_params()), list(mc_modules.adam_params())
+    params = [p for p in mc_modules.parameters() if p.requires_grad]
+    return [p for p in params if p.ndim == 2], [p for p in params if p.ndim != 2]
+
+
+def trainable_params(model) -> list:
+    """GPT parameters + MC parameters (MC modules are attached, not registered as GPT submodules)."""
+    mc_modules, _ = mc_parts(model)
+    return list(model.parameters()) + (list(mc_modules.parameters()) if mc_modules is not None else [])
+
+
+def model_state_for_save(model):
+    """GPT weights + MC weights under `mc.` (the layout checkpoint_manager.build_model reads back)."""
+    mc_modules, _ = mc_parts(model)
+    state = dict(model.state_dict())
+    if mc_modules is not None:
+        state.update({f"mc.{k}": v for k, v in mc_modules.state_dict().items()})
+    return state
+
+
+def mc_meta(model) -> dict:
+    """{"mc_config": asdict(MCConfig)} for an MC model, {} for a vanilla one."""
+    _, mc_config = mc_parts(model)
+    return {} if mc_config is None else {"mc_config": dataclasses.asdict(mc_config)}
+
+
+def micro_batch_loss(model, x, y, num_targets: int, world_size: int = 1):
+    """(share, token_loss_sum): this micro-batch's share of the step loss, Σ token losses × world_size / N,
+    where N = num_targets = supervised tokens (y != -1) of the whole step on all processes, and the plain
+    Σ token losses (detached, for logging). Targets -1 contribute exactly 0, so an all-masked micro-batch
+    gives share 0 with a zero (finite) gradient; N = 0 is guarded (max(N, 1)) but the trainer skips it."""
+    token_loss_sum = model(x, y, loss_reduction="sum")
+    return token_loss_sum * (world_size / max(num_targets, 1)), token_loss_sum.detach()
+
+
+def hub_kw(data_root: str, hub_path: str) -> dict:
+    """{"data_dir": <data_root>/<hub_path>} when data_root is set (a local snapshot laid out like the hub
+    repository, e.g. <root>/allenai/ai2_arc/ARC-Easy/test-*.parquet), else {} (load from the hub)."""
+    return {"data_dir": os.path.join(data_root, hub_path)} if data_root else {}
+
+
+def mc_forward(controller, x, y, step, row_ids):
+    """MCController.process_batch under autocast; a controller failure stops training with one clear error
+    (never a silent fallback to the plain loss)."""
+    from mc.controller import MCControllerError
+    from nanochat.common import autocast_ctx, die
+    try:
+        with autocast_ctx(x.device.type):
+            return controller.process_batch(x, y, step, row_ids=row_ids)
+    except MCControllerError as e:
+        die(f"{e}\ntraining stopped: the MegaContext step failed (no fallback to the vanilla loss)")
+
+
+def all_reduce_sum(t):
+    """Sum over processes in place (no-op in a single process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+class CurveLog:
+    """Append-only JSONL curve on rank 0. start_step > 0 (resume) keeps the old rows with step <= start_step,
+    so the curve of a resumed run reads like the uninterrupted one; a fresh run starts an empty file."""
+
+    def __init__(self, path: str, master: bool, start_step: int = 0):
+        self.path, self.master = path, master
+        if not master:
+            return
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        kept = []
+        if start_step > 0 and os.path.exists(path):
+            with open(path) as f:
+                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
+        with open(path, "w") as f:
+            f.writelines(kept)
+
+    def log(self, row: dict):
+        if self.master:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(row) + "\n")

@@ -1,0 +1,498 @@
+"""
+Chat with a trained model in the browser, or through any OpenAI-compatible client.
+
+    python -m scripts.chat_web                      # latest SFT checkpoint, http://127.0.0.1:8000
+    python -m scripts.chat_web -i mid -g d20 -s 650 --num_gpus 8 --host 0.0.0.0 --port 8000
+
+Endpoints
+- GET  /                     the chat page (nanochat/ui.html: one offline file, no CDN)
+- GET  /health               {"status": "ok", "model", "workers", "available"}
+- POST /chat/completions     nanochat style: {"messages": [...], "temperature"?, "max_tokens"?, "top_k"?,
+                             "seed"?} -> Server-Sent Events `data: {"token": "..."}` ... then
+                             `data: {"done": true, "finish_reason", "usage"}` (`data: {"error"}` if it fails)
+- POST /v1/chat/completions  OpenAI chat.completions: a chat.completion object, or with "stream": true
+                             `data: {chat.completion.chunk}` lines ending in `data: [DONE]`
+- GET  /v1/models            the one loaded model id
+Bad requests get a 4xx JSON error naming the field: {"error": "..."} on the nanochat endpoint,
+OpenAI's {"error": {"message", "type", "param", "code"}} under /v1.
+
+Serving: one worker (model + Engine) per device (cuda:0..N-1, or one on cpu/mps). A request takes a
+free worker from an asyncio queue (waiting if all are busy); the blocking token loop runs in its own
+thread and hands events to the event loop, and the thread puts the worker back when generation
+ends (also when the client disconnects: the loop sees a cancel flag between tokens).
+A reply is cut where the model's context (sequence_len) ends: max_tokens is lowered to the room the
+prompt leaves (finish_reason "length"). A prompt that leaves no room is an ordinary 400; so is any
+ContextTooLongError of the Engine, since the first token is awaited before a response is sent.
+Text is streamed in whole UTF-8 characters: a token that ends inside a multi-byte character is held
+back until the next token completes it (Utf8StreamDecoder).
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import threading
+import time
+import uuid
+from dataclasses import dataclass, replace
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from nanochat.common import autocast_ctx, autodetect_device_type, die, get_base_dir
+from nanochat.engine import ContextTooLongError, Engine
+
+# ----------------------------------------------------------------------------- request limits
+MAX_MESSAGES = 500              # messages per request
+MAX_MESSAGE_CHARS = 8000        # characters per message
+MAX_CONVERSATION_CHARS = 32000  # characters over all messages
+MAX_BODY_BYTES = 1_000_000      # raw request body (32,000 chars of 4-byte UTF-8 + JSON overhead fit)
+MAX_TOKENS_RANGE = (1, 4096)
+TEMPERATURE_RANGE = (0.0, 2.0)
+TOP_K_RANGE = (1, 200)
+ROLES = ("user", "assistant", "system")
+UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
+
+
+class RequestError(Exception):
+    """A request the server refuses: HTTP status, a message that says what to fix, the offending field."""
+
+    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+
+
+@dataclass
+class ChatParams:
+    messages: list      # [{"role", "content": str}] validated
+    max_tokens: int
+    temperature: float
+    top_k: int
+    seed: int
+
+
+def _number(body, name, lo, hi, default, integer):
+    """body[name] checked against [lo, hi] (None/absent -> default). bool is not a number here."""
+    value = body.get(name)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int if integer else (int, float)):
+        kind = "an integer" if integer else "a number"
+        raise RequestError(400, f"{name} must be {kind} in [{lo}, {hi}], got {value!r}", param=name)
+    if not lo <= value <= hi:
+        raise RequestError(400, f"{name} must be in [{lo}, {hi}], got {value}", param=name)
+    return int(value) if integer else float(value)
+
+
+def _content_text(content, i):
+    """Message content as one string: a str, or OpenAI's list of {"type": "text", "text": ...} parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    raise RequestError(400, f"messages[{i}].content must be a string (or a list of text parts), "
+                            f"got {type(content).__name__}", param=f"messages[{i}].content")
+
+
+def parse_chat_request(body, defaults, openai=False) -> ChatParams:
+    """Validate a chat request body against every limit; raises RequestError (400) naming the field."""
+    if not isinstance(body, dict):
+        raise RequestError(400, "the request body must be a JSON object with a 'messages' list")
+    messages = body.get("messages")
+    if not isinstance(messages, list):
+        raise RequestError(400, "'messages' must be a list of {\"role\", \"content\"} objects", param="messages")
+    if not messages:
+        raise RequestError(400, "'messages' is empty: send at least one user message", param="messages")
+    if len(messages) > MAX_MESSAGES:
+        raise RequestError(400, f"too many messages: {len(messages)} > {MAX_MESSAGES}; start a new chat", param="messages")
+    clean, total = [], 0
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise RequestError(400, f"messages[{i}] must be an object with 'role' and 'content'", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}",
+                               param=f"messages[{i}].role")
+        text = _content_text(m.get("content"), i)
+        if not text.strip():
+            raise RequestError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
+        if len(text) > MAX_MESSAGE_CHARS:
+            raise RequestError(400, f"messages[{i}] has {len(text)} characters; the limit is {MAX_MESSAGE_CHARS} "
+                                    f"per message", param=f"messages[{i}].content")
+        total += len(text)
+        clean.append({"role": role, "content": text})
+    if total > MAX_CONVERSATION_CHARS:
+        raise RequestError(400, f"the conversation has {total} characters; the limit is {MAX_CONVERSATION_CHARS} "
+                                f"per request: start a new chat", param="messages")
+    if clean[-1]["role"] != "user":
+        raise RequestError(400, f"the last message must come from the user (got {clean[-1]['role']!r}): "
+                                f"the server writes the next assistant reply", param="messages")
+    if any(m["role"] == "system" for m in clean[1:]):
+        raise RequestError(400, "a system message may only be the first message", param="messages")
+    if openai:
+        if body.get("n", 1) != 1:
+            raise RequestError(400, f"n must be 1 (one choice per request), got {body.get('n')!r}", param="n")
+        if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
+            body = {**body, "max_tokens": body["max_completion_tokens"]}
+    seed = _number(body, "seed", 0, 2**63 - 1, random.randrange(2**31), integer=True)
+    return ChatParams(clean, _number(body, "max_tokens", *MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True),
+                      _number(body, "temperature", *TEMPERATURE_RANGE, defaults["temperature"], integer=False),
+                      _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed)
+
+
+# ----------------------------------------------------------------------------- UTF-8 safe streaming
+class Utf8StreamDecoder:
+    """Turns a stream of token ids into text pieces that never split a multi-byte UTF-8 character.
+
+    Byte-level BPE tokens are byte strings: "é" (2 bytes) or an emoji (4 bytes) can be spread over
+    several tokens. Decoding a token alone then yields U+FFFD. So tokens collect in `pending` until
+    their decoded text no longer ends in U+FFFD; flush() emits whatever is left at the end.
+    (An invalid byte in the middle stays U+FFFD once later text follows: nothing waits forever.)
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.pending = []
+
+    def push(self, token_id) -> str:
+        self.pending.append(token_id)
+        text = self.tokenizer.decode(self.pending)
+        if text.endswith("\ufffd") and len(self.pending) < 4:  # a character has at most 4 bytes
+            return ""
+        self.pending = []
+        return text
+
+    def flush(self) -> str:
+        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
+        return text
+
+
+# ----------------------------------------------------------------------------- workers
+@dataclass
+class Worker:
+    """One model + Engine on one device; serves one request at a time."""
+    engine: object  # nanochat.engine.Engine
+    tokenizer: object
+    device: str = "cpu"
+    name: str = ""
+
+
+class WorkerPool:
+    """Free workers in an asyncio.Queue: acquire() waits for one, release() puts it back."""
+
+    def __init__(self, workers):
+        if not workers:
+            raise ValueError("the worker pool needs at least one worker")
+        self.workers, self._queue, self._loop = list(workers), None, None
+
+    def _free(self):
+        loop = asyncio.get_running_loop()
+        if self._queue is None or self._loop is not loop:  # (re)bind to the serving loop
+            self._queue, self._loop = asyncio.Queue(), loop
+            for w in self.workers:
+                self._queue.put_nowait(w)
+        return self._queue
+
+    async def acquire(self) -> Worker:
+        return await self._free().get()
+
+    def release(self, worker):
+        self._queue.put_nowait(worker)
+
+    def available(self) -> int:
+        return len(self.workers) if self._queue is None else self._queue.qsize()
+
+
+class Generation:
+    """One reply being generated by a worker in a background thread; events arrive on an asyncio queue:
+    ("started",) after prefill, ("text", str)..., then ("end", finish_reason, completion_tokens) or
+    ("too_long", message) or ("error", message). The thread releases the worker when it ends."""
+
+    def __init__(self, pool, worker, prompt, params):
+        self.pool, self.worker, self.prompt, self.params = pool, worker, prompt, params
+        self.loop, self.events, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
+        threading.Thread(target=self._run, name=f"gen-{worker.name}", daemon=True).start()
+
+    def _put(self, *event):
+        try:
+            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
+        except RuntimeError:  # event loop already closed (server shutting down)
+            self.cancel.set()
+
+    def _run(self):
+        w, p, tok = self.worker, self.params, self.worker.tokenizer
+        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
+        decoder, n, stopped, started = Utf8StreamDecoder(tok), 0, False, False
+        try:
+            with autocast_ctx(torch.device(w.device).type):
+                for column, _masks in w.engine.generate(self.prompt, num_samples=1, max_tokens=p.max_tokens,
+                                                        temperature=p.temperature, top_k=p.top_k, seed=p.seed):
+                    if not started:
+                        started = True
+                        self._put("started")
+                    if self.cancel.is_set():
+                        break
+                    n += 1
+                    if column[0] in stops:
+                        stopped = True
+                        break
+                    if text := decoder.push(column[0]):
+                        self._put("text", text)
+                    if n >= p.max_tokens:
+                        break
+            if not started:
+                self._put("started")
+            if tail := decoder.flush():
+                self._put("text", tail)
+            # the Engine may end a row at its stop token without yielding it: fewer tokens than asked = stop
+            finish = "stop" if stopped or (n < p.max_tokens and not self.cancel.is_set()) else "length"
+            self._put("end", finish, n)
+        except ContextTooLongError as e:
+            self._put("too_long", str(e))
+        except Exception as e:  # reported to the client; the server keeps running
+            self._put("error", f"generation failed: {type(e).__name__}: {e}")
+        finally:
+            try:
+                self.loop.call_soon_threadsafe(self.pool.release, w)
+            except RuntimeError:
+                pass
+
+
+def too_long(detail):
+    return RequestError(400, f"the conversation is too long for the model's context ({detail}). "
+                             f"Start a new chat or send shorter messages.", param="messages",
+                        code="context_length_exceeded")
+
+
+async def start_generation(pool, params) -> tuple:
+    """Acquire a worker, start generating, wait for prefill. -> (generation, prompt_tokens).
+    The reply is limited to the context left after the prompt: max_tokens = min(requested,
+    sequence_len - prompt_tokens), finish_reason "length" when it runs out. A prompt that leaves no
+    room (or any ContextTooLongError of the Engine) -> RequestError 400 before any response is sent."""
+    try:  # the conversation primed for the assistant's reply; the tokenizer checks the role order
+        prompt = pool.workers[0].tokenizer.render_for_completion({"messages": params.messages})
+    except ValueError as e:
+        raise RequestError(400, f"bad conversation: {e}", param="messages") from e
+    # the model's context (GPTConfig.sequence_len), when the worker's engine exposes its model
+    limit = getattr(getattr(getattr(pool.workers[0].engine, "model", None), "config", None), "sequence_len", None)
+    if limit is not None:
+        if len(prompt) >= limit:
+            raise too_long(f"{len(prompt)} prompt tokens, the context holds {limit} tokens including the reply")
+        params = replace(params, max_tokens=min(params.max_tokens, limit - len(prompt)))
+    worker = await pool.acquire()
+    gen = Generation(pool, worker, prompt, params)
+    try:
+        first = await gen.events.get()
+    except BaseException:  # request cancelled while waiting for prefill: stop the thread
+        gen.cancel.set()
+        raise
+    if first[0] != "started":
+        raise too_long(first[1]) if first[0] == "too_long" else RequestError(500, first[1], kind="server_error")
+    return gen, len(prompt)
+
+
+async def iterate(gen):
+    """Async iterator over ("text", s) events; ends with the ("end", ...) or ("error", ...) event.
+    Leaving early (client gone) tells the thread to stop, which then frees the worker."""
+    try:
+        while True:
+            event = await gen.events.get()
+            yield event
+            if event[0] in ("end", "error", "too_long"):
+                return
+    finally:
+        gen.cancel.set()
+
+
+# ----------------------------------------------------------------------------- the app
+def _sse(obj) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+def _usage(prompt_tokens, completion_tokens):
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def _event_stream(gen):
+    return StreamingResponse(gen, media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
+    """The FastAPI app over a list of Workers (tests pass tiny in-memory models here)."""
+    defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
+    pool = WorkerPool(workers)
+    with open(UI_PATH, encoding="utf-8") as f:
+        ui_html = f.read()
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
+
+    def error_response(request, status, message, param=None, code=None, kind="invalid_request_error"):
+        openai_shape = request.url.path.startswith("/v1/")
+        body = {"message": message, "type": kind, "param": param, "code": code}
+        return JSONResponse({"error": body} if openai_shape else {"error": message, "param": param, "code": code},
+                            status_code=status)
+
+    @app.exception_handler(RequestError)
+    async def _request_error(request, exc: RequestError):
+        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.kind)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request, exc):
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return error_response(request, exc.status_code, f"{exc.detail}: {request.method} {request.url.path}",
+                              kind=kind)
+
+    async def read_json(request):
+        raw = await request.body()
+        if len(raw) > MAX_BODY_BYTES:
+            raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
+        try:
+            return json.loads(raw)
+        except ValueError as e:
+            raise RequestError(400, f"the request body is not valid JSON ({e})") from e
+
+    def log(params, prompt_tokens, n, t0):
+        dt = time.perf_counter() - t0
+        print(f"[chat_web] {len(params.messages)} messages, prompt {prompt_tokens} tokens -> {n} tokens "
+              f"in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s)", flush=True)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def index():
+        return HTMLResponse(ui_html)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "model": model_id, "workers": len(pool.workers), "available": pool.available()}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "nanochat"}]}
+
+    @app.post("/chat/completions")
+    async def chat(request: Request):
+        params = parse_chat_request(await read_json(request), defaults)
+        t0 = time.perf_counter()
+        gen, prompt_tokens = await start_generation(pool, params)
+
+        async def stream():
+            async for event in iterate(gen):
+                if event[0] == "text":
+                    yield _sse({"token": event[1]})
+                elif event[0] == "end":
+                    log(params, prompt_tokens, event[2], t0)
+                    yield _sse({"done": True, "finish_reason": event[1], "usage": _usage(prompt_tokens, event[2])})
+                else:
+                    yield _sse({"error": event[1]})
+        return _event_stream(stream())
+
+    @app.post("/v1/chat/completions")
+    async def chat_openai(request: Request):
+        body = await read_json(request)
+        params = parse_chat_request(body, defaults, openai=True)
+        stream_flag = body.get("stream", False)
+        if not isinstance(stream_flag, bool):
+            raise RequestError(400, f"stream must be true or false, got {stream_flag!r}", param="stream")
+        include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
+        t0 = time.perf_counter()
+        gen, prompt_tokens = await start_generation(pool, params)
+        cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(delta, finish=None):
+            return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+
+        if not stream_flag:
+            parts = []
+            async for event in iterate(gen):
+                if event[0] == "text":
+                    parts.append(event[1])
+                elif event[0] == "end":
+                    finish, n = event[1], event[2]
+                else:
+                    raise RequestError(500, event[1], kind="server_error")
+            log(params, prompt_tokens, n, t0)
+            message = {"role": "assistant", "content": "".join(parts)}
+            return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
+                    "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
+                    "usage": _usage(prompt_tokens, n)}
+
+        async def stream():
+            yield _sse(chunk({"role": "assistant", "content": ""}))
+            async for event in iterate(gen):
+                if event[0] == "text":
+                    yield _sse(chunk({"content": event[1]}))
+                elif event[0] == "end":
+                    log(params, prompt_tokens, event[2], t0)
+                    yield _sse(chunk({}, finish=event[1]))
+                    if include_usage:
+                        yield _sse({**chunk({}), "choices": [], "usage": _usage(prompt_tokens, event[2])})
+                else:
+                    yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
+            yield "data: [DONE]\n\n"
+        return _event_stream(stream())
+
+    return app
+
+
+# ----------------------------------------------------------------------------- command line
+def load_workers(source, model_tag, step, device_type, num_gpus):
+    """One Worker per device with the checkpoint loaded; -> (workers, model_id)."""
+    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, load_model
+
+    if device_type == "cuda" and num_gpus > torch.cuda.device_count():
+        die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")
+    if device_type != "cuda" and num_gpus != 1:
+        die(f"--num_gpus={num_gpus} needs --device_type=cuda; on {device_type} the server runs one worker")
+    devices = [f"cuda:{i}" for i in range(num_gpus)] if device_type == "cuda" else [device_type]
+    root = os.path.join(get_base_dir(), SOURCE_DIRS[source])
+    model_tag = model_tag or find_last_model_tag(root)
+    if step is None:
+        step = latest_step(os.path.join(root, model_tag))
+        if step is None:
+            die(f"no complete checkpoint in {os.path.join(root, model_tag)}; train one first or pick another -g/-s")
+    workers = []
+    for device in devices:
+        model, tokenizer, _meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
+        workers.append(Worker(Engine(model, tokenizer), tokenizer, device, name=device))
+    return workers, f"nanochat-{source}-{model_tag}-step{step}"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Web chat + OpenAI-compatible API for a nanochat model",
+                                     allow_abbrev=False)
+    parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
+    parser.add_argument("-g", "--model_tag", default=None, help="model tag (default: most recent)")
+    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--num_gpus", type=int, default=1, help="workers = models, one per GPU")
+    parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
+    parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve the network)")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--temperature", type=float, default=0.8, help="default when a request sets none")
+    parser.add_argument("--top_k", type=int, default=50, help="default when a request sets none")
+    parser.add_argument("--max_tokens", type=int, default=512, help="default when a request sets none")
+    args = parser.parse_args(argv)
+    for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
+        if not lo <= getattr(args, name) <= hi:
+            die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
+    if args.num_gpus < 1:
+        die(f"--num_gpus must be at least 1, got {args.num_gpus}")
+    device_type = args.device_type or autodetect_device_type()
+    try:
+        workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus)
+    except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
+        die(str(e))
+    defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
+    app = create_app(workers, model_id=model_id, defaults=defaults)
+    import uvicorn
+
+    print(f"serving {model_id} on {len(workers)} worker(s): http://{args.host}:{args.port}/", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="info")
+
+
+if __name__ == "__main__":
+    main()

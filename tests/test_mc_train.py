@@ -1,0 +1,176 @@
+"""
+scripts.base_train with --mc_enabled=1 on tiny CPU settings, with the real tokenizer, loader, GPT,
+GistNet, optimizers and checkpoints:
+
+- the LM loss and the MC token loss fall; MC_MEMORY_DEBUG writes its snapshots at log steps
+- the checkpoint holds GistNet (model.pt "mc.*" keys, meta["mc_config"], the optimizer states) and
+  build_model() gives it back as model.mc_modules / model.mc_config
+- resuming continues exactly (same losses as the uninterrupted run); a changed MC config, or switching
+  MC on/off, is refused with the flag named
+- --mc_auto_batch=1 changes only the micro-batch split, not the training (same losses)
+- a controller failure stops training with a message naming the phase (no silent vanilla fallback)
+- --mc_enabled=0 never imports the controller (vanilla hot loop is MC-free)
+- 2 processes (torchrun, gloo) reproduce the 1-process MC loss trajectory
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import mc.controller as controller_module
+import scripts.base_train as base_train
+from nanochat.checkpoint_manager import build_model
+from nanochat.synthetic import synthetic_texts
+from nanochat.tokenizer import RustBPETokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
+        "--total_batch_size=512", "--eval_every=-1", "--eval_tokens=512", "--sample_every=-1", "--log_every=0",
+        "--warmup_ratio=0", "--grad_clip=1.0"]
+MC = ["--mc_enabled=1", "--mc_block_size=8", "--mc_train_wc_length=24", "--allocator_recent_tokens=8",
+      "--mc_num_random_variants=2", "--gistnet_layers=1", "--mc_gist_delta_weight=0.1"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP threads that spin
+    waiting for each other make a step 10-100x slower."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+    base = tmp_path_factory.mktemp("nanochat_base_mc")
+    texts = synthetic_texts("train")
+    tok = RustBPETokenizer.train_from_iterator((next(texts)[:4000] for _ in range(60)), vocab_size=512)
+    tok.save(str(base / "tokenizer"))
+    return base
+
+
+@pytest.fixture
+def env(base_dir, monkeypatch):
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(base_dir))
+    for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MC_MEMORY_DEBUG"):
+        monkeypatch.delenv(k, raising=False)
+    return base_dir
+
+
+def train(*flags):
+    """base_train in this process (the MC step draws no RNG state, so in-process runs are exact)."""
+    base_train.main([*TINY, *flags])
+
+
+def curve(base_dir):
+    with open(os.path.join(base_dir, "report", "base_train_curve.jsonl")) as f:
+        return {r["step"]: r for r in map(json.loads, f) if "train_loss" in r}
+
+
+def test_mc_loss_falls_and_gistnet_is_checkpointed(env, monkeypatch):
+    monkeypatch.setenv("MC_MEMORY_DEBUG", "1")
+    train(*MC, "--mc_auto_batch=0", "--device_batch_size=8", "--num_iterations=30", "--model_tag=falls",
+          "--embedding_lr=0.05", "--log_every=2048")
+    c = curve(env)
+    assert sorted(c) == [4, 8, 12, 16, 20, 24, 28, 30]
+    assert c[30]["train_loss"] < c[4]["train_loss"] - 0.5, c
+    assert c[30]["mc_token_loss"] < c[4]["mc_token_loss"] - 0.5, c
+    assert os.path.isfile(os.path.join(env, "report", "mc_memory_step4.txt"))
+    assert not os.path.exists(os.path.join(env, "report", "mc_memory_step3.txt"))  # only at log steps
+
+    ckpt = os.path.join(env, "base_checkpoints", "falls", "step_000030")
+    state = torch.load(os.path.join(ckpt, "model.pt"))
+    mc_keys = [k for k in state if k.startswith("mc.gistnet.")]
+    assert mc_keys
+    with open(os.path.join(ckpt, "meta.json")) as f:
+        meta = json.load(f)
+    assert meta["mc_config"]["num_random_variants"] == 2 and meta["mc_config"]["block_size"] == 8
+    optim = torch.load(os.path.join(ckpt, "optim_rank0.pt"), weights_only=False)
+    n_opt = sum(len(g["params"]) for o in optim for g in o["param_groups"])
+    gpt_params = sum(1 for k in state if not k.startswith("mc."))
+    assert n_opt == gpt_params + len(mc_keys)
+
+    model, _, _ = build_model(os.path.join(env, "base_checkpoints", "falls"), 30, "cpu")
+    assert model.mc_config.block_size == 8 and not model.mc_modules.training
+    loaded = model.mc_modules.state_dict()
+    for k in mc_keys:
+        assert torch.equal(loaded[k[len("mc."):]], state[k])
+    assert not any(k.startswith("mc") for k in model.state_dict())
+
+
+def test_mc_resume_continues_exactly_and_refuses_changes(env, capsys):
+    common = [*MC, "--device_batch_size=4", "--num_iterations=8", "--model_tag=resume", "--save_every=2048"]
+    train(*common)  # checkpoints at steps 4 and 8
+    uninterrupted = curve(env)
+    shutil.rmtree(os.path.join(env, "base_checkpoints", "resume", "step_000008"))
+    capsys.readouterr()
+    train(*common, "--resume=auto")
+    assert "resumed from" in capsys.readouterr().out
+    resumed = curve(env)
+    for step in range(5, 9):
+        for key in ("train_loss", "mc_token_loss", "mc_loss_lod0"):
+            assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-6, abs=1e-6), (step, key)
+
+    for flags, message in [(["--mc_num_random_variants=3"], "--mc_num_random_variants=2 (now 3)"),
+                           (["--mc_enabled=0"], "trained with MegaContext")]:
+        with pytest.raises(SystemExit):
+            train(*common, "--resume=auto", *flags)
+        assert message in capsys.readouterr().err
+
+
+def test_auto_batch_changes_only_the_split(env, capsys):
+    common = [*MC, "--device_batch_size=4", "--num_iterations=3"]
+    train(*common, "--mc_auto_batch=0", "--model_tag=ab0")
+    plain = curve(env)
+    train(*common, "--mc_auto_batch=1", "--model_tag=ab1")
+    assert "× 8 grad accum" in capsys.readouterr().out
+    split = curve(env)
+    for step in (1, 2, 3):
+        for key in ("train_loss", "mc_token_loss"):
+            assert split[step][key] == pytest.approx(plain[step][key], rel=1e-5), (step, key)
+
+
+def test_controller_error_stops_training(env, monkeypatch, capsys):
+    def broken(*a, **k):
+        raise RuntimeError("sampler exploded")
+
+    monkeypatch.setattr(controller_module, "sample_variants", broken)
+    with pytest.raises(SystemExit) as exc:
+        train("--mc", *MC[1:], "--device_batch_size=4", "--num_iterations=2", "--model_tag=broken")  # --mc = --mc_enabled=1
+    assert exc.value.code != 0
+    err = capsys.readouterr().err
+    assert "phase 'sample' at step 0" in err and "sampler exploded" in err and "no fallback" in err
+    assert not os.path.isdir(os.path.join(env, "base_checkpoints", "broken"))
+
+
+def test_vanilla_run_never_imports_the_controller(env):
+    code = ("import sys, scripts.base_train as b; b.main(sys.argv[1:]); "
+            "print('MC-MODULES', sorted(m for m in sys.modules if m.startswith('mc.')))")
+    r = subprocess.run([sys.executable, "-c", code, *TINY, "--device_batch_size=8", "--num_iterations=1",
+                        "--model_tag=vanilla"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, NANOCHAT_BASE_DIR=str(env), OMP_NUM_THREADS="1"))
+    assert r.returncode == 0, r.stderr[-3000:]
+    line = [x for x in r.stdout.splitlines() if x.startswith("MC-MODULES")][0]
+    assert "mc.controller" not in line and "mc.tree" not in line and "mc.gistnet" not in line, line
+
+
+def test_mc_ddp_two_processes_match_one(env):
+    common = [*MC, "--num_iterations=3", "--mc_auto_batch=0"]
+    train(*common, "--device_batch_size=4", "--model_tag=mc_single")
+    single = curve(env)
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc_per_node=2", "-m", "scripts.base_train", *TINY, *common,
+           "--device_batch_size=2", "--model_tag=mc_ddp"]
+    r = subprocess.run(cmd, cwd=REPO, env=dict(os.environ, NANOCHAT_BASE_DIR=str(env), OMP_NUM_THREADS="1"),
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "2 proc × 2 grad accum" in r.stdout
+    ddp = curve(env)
+    for step in (1, 2, 3):
+        assert ddp[step]["train_loss"] == pytest.approx(single[step]["train_loss"], rel=1e-4), step
