@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The single-machine recipe: tokenizer → base pretraining → base loss/eval → report.
+# The single-machine recipe: tokenizer → base pretraining → base loss/eval → midtraining → chat eval
+# → chat SFT → chat eval → report (+ the long-context eval, mc_eval, for --profile mc).
 #
 #   bash run10.sh --gpu cpu                 # offline, 2 CPU cores, ~10 minutes, synthetic corpus
 #   bash run10.sh --gpu 5090|h100           # one rented GPU (default h100)
@@ -63,6 +64,13 @@ case "$GPU" in
                 --eval_every=655360 --eval_tokens=65536 --sample_every=1M --save_every=655360 --log_every=81920)
     EVAL_ARGS=(--device_type=cpu)
     LOSS_ARGS=(--device_type=cpu --device_batch_size=8 --split_tokens=65536)
+    # chat half, ~4 minutes: 60 midtraining steps, 30 SFT steps, 40 problems per chat-eval task
+    MID_ARGS=(--device_type=cpu --device_batch_size=8 --total_batch_size=8192 --num_iterations=60
+              --eval_every=245760 --eval_tokens=32768 --log_every=81920)
+    SFT_ARGS=(--device_type=cpu --device_batch_size=8 --total_batch_size=8192 --num_iterations=30
+              --eval_every=122880 --eval_tokens=32768 --log_every=40960)
+    CHAT_EVAL_ARGS=(--device-type=cpu --max-problems=40 --max-new-tokens=48)
+    MC_EVAL_ARGS=(--device_type=cpu --num_docs=16 --num_probes=32 --n_boot=500)
     # MC on 2 cores: a step costs ~2.2x a vanilla one (LM forward + 3 working contexts of ~W entries +
     # GistNet), so half the steps (same tokens per step, same cadences) keep the run near 15 minutes.
     # T=512 has no LOD2 unit (that needs 1024 + R tokens); memory is no issue on CPU: no auto-batch.
@@ -77,6 +85,10 @@ case "$GPU" in
                 --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
     EVAL_ARGS=(--max_per_task=500)
     LOSS_ARGS=(--device_batch_size=16)
+    MID_ARGS=(--device_batch_size=16)
+    SFT_ARGS=(--device_batch_size=16)
+    CHAT_EVAL_ARGS=(--max-problems=500)
+    MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
     # MC: 4 variants + the recency baseline per row, W anneals 0.8 -> 0.2 of T; auto-batch shrinks the
     # micro-batch (and raises grad accumulation) so steps train on the baseline's exact rows.
     MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
@@ -89,12 +101,17 @@ case "$GPU" in
                 --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
     EVAL_ARGS=(--max_per_task=500)
     LOSS_ARGS=(--device_batch_size=32)
+    MID_ARGS=(--device_batch_size=32)
+    SFT_ARGS=(--device_batch_size=32)
+    CHAT_EVAL_ARGS=(--max-problems=500)
+    MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
     MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
     MC_TAG=d12_mc
     ;;
   *) echo "run10.sh: unknown --gpu $GPU (cpu|5090|h100)" >&2; exit 2 ;;
 esac
 PY=.venv/bin/python
+TAG=d$(for a in "${TRAIN_ARGS[@]}"; do case "$a" in --depth=*) echo "${a#*=}" ;; esac; done)
 if [ "$PROFILE" = mc ]; then
   for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) MC_TAG="${a#*=}" ;; esac; done
   # MC flags go after the profile's, so they override it (e.g. --num_iterations on CPU); flags after --
@@ -102,7 +119,9 @@ if [ "$PROFILE" = mc ]; then
   TRAIN_ARGS+=(--mc_enabled=1 --model_tag="$MC_TAG" "${MC_ARGS[@]}")
   LOSS_ARGS+=(--model_tag="$MC_TAG")
   EVAL_ARGS+=(--model_tag="$MC_TAG")
+  TAG=$MC_TAG
 fi
+for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) TAG="${a#*=}" ;; esac; done
 
 if [ "$SOURCE" = fineweb ]; then
   $PY -m nanochat.dataset -n "$SHARDS"
@@ -114,5 +133,16 @@ $PY -m scripts.tok_eval --source="$SOURCE"
 $PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" "${EXTRA[@]}"
 $PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
 $PY -m scripts.base_eval "${EVAL_ARGS[@]}"
+if [ "$PROFILE" = mc ]; then
+  $PY -m scripts.mc_eval --model_tag="$TAG" --out="$NANOCHAT_BASE_DIR/report/mc_eval.json" "${MC_EVAL_ARGS[@]}"
+fi
+# The chat half. The offline default mixtures are synthetic (long-context recall questions, spelling,
+# identity); `--source fineweb` runs on a networked machine use the full mixtures and the standard tasks.
+MIXTURE=$( [ "$SOURCE" = synthetic ] && echo offline || echo full )
+ONLINE=$( [ "$SOURCE" = synthetic ] && echo "" || echo --online )
+$PY -m scripts.mid_train --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${MID_ARGS[@]}"
+$PY -m scripts.chat_eval -i mid --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
+$PY -m scripts.chat_sft --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${SFT_ARGS[@]}"
+$PY -m scripts.chat_eval -i sft --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
 $PY -m nanochat.report generate
-echo "run10.sh: done — report at ./report.md, checkpoints under $NANOCHAT_BASE_DIR/base_checkpoints"
+echo "run10.sh: done — report at ./report.md; chat with: $PY -m scripts.chat_cli -i sft -g $TAG"
