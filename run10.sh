@@ -7,7 +7,10 @@
 #   bash run10.sh --gpu h100 --source fineweb --shards 24   # real web text (downloads shards first)
 #   bash run10.sh ... -- --depth=8          # anything after -- goes to scripts.base_train
 #
-# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --source synthetic|fineweb,
+#   bash run10.sh --gpu h100 --profile mc --quality   # the long-range quality run: tokenizer → MC base
+#                                           # training sized for ~10 GPU minutes → mc_eval (no chat half)
+#
+# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --source synthetic|fineweb,
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy).
 # Re-running the same command resumes base training from its last checkpoint (--resume=auto).
 # --profile mc trains with MegaContext (--mc_enabled=1, GistNet + working-context variants) into its
@@ -19,6 +22,7 @@ GPU=h100
 PROFILE=baseline
 SOURCE=synthetic
 SHARDS=24
+QUALITY=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -27,12 +31,13 @@ while [ $# -gt 0 ]; do
     --profile) PROFILE="$2"; shift ;;
     --profile=*) PROFILE="${1#*=}" ;;
     --mc) PROFILE=mc ;;
+    --quality) QUALITY=1 ;;
     --source) SOURCE="$2"; shift ;;
     --source=*) SOURCE="${1#*=}" ;;
     --shards) SHARDS="$2"; shift ;;
     --run) export WANDB_RUN="$2"; shift ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
     *) echo "run10.sh: unknown option $1 (see bash run10.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -41,6 +46,10 @@ case "$PROFILE" in
   baseline|mc) ;;
   *) echo "run10.sh: unknown --profile $PROFILE (baseline|mc)" >&2; exit 2 ;;
 esac
+if [ "$QUALITY" = 1 ]; then
+  [ "$PROFILE" = mc ] || { echo "run10.sh: --quality measures MegaContext; add --profile mc" >&2; exit 2; }
+  [ "$SOURCE" = synthetic ] || { echo "run10.sh: --quality runs on the synthetic corpus (its recalls are annotated)" >&2; exit 2; }
+fi
 
 [ -f .mc_env ] && source .mc_env
 export WANDB_RUN=${WANDB_RUN:-dummy}
@@ -110,6 +119,23 @@ case "$GPU" in
     ;;
   *) echo "run10.sh: unknown --gpu $GPU (cpu|5090|h100)" >&2; exit 2 ;;
 esac
+if [ "$QUALITY" = 1 ]; then
+  # The long-range question (DESIGN.md): does FULL attention learn to retrieve facts on the synthetic
+  # corpus (mc_eval's validity bar), and how much of the FULL-RECENCY gap do gists recover at W = T/4?
+  # Tiny CPU models never formed a recall circuit in tens of minutes, so the sizes target a GPU:
+  # depth 8 (width 512), T=1024, 2,500 steps × 262,144 tokens ≈ 655M tokens (≈ 10 min estimated on one
+  # H100 with MC's ~2.3× step cost; not yet measured). On CPU the same recipe runs for as long as you
+  # let it: pass -- --num_iterations=N (each step ≈ 30-60 s on 2 cores).
+  QBATCH=$( [ "$GPU" = cpu ] && echo 8 || echo 32 )
+  TRAIN_ARGS=(--depth=8 --aspect_ratio=64 --head_dim=64 --max_seq_len=1024 --device_batch_size="$QBATCH"
+              --total_batch_size=262144 --num_iterations=2500 --warmup_ratio=0.01
+              --eval_every=65M --eval_tokens=1M --sample_every=-1 --save_every=131M)
+  [ "$GPU" = cpu ] && TRAIN_ARGS+=(--device_type=cpu --total_batch_size=32768 --num_iterations=2000 --eval_every=8M --eval_tokens=131072 --save_every=8M)
+  MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.6
+           --allocator_recent_tokens=64 --mc_auto_batch=1)
+  MC_TAG=d8_mc_quality
+  MC_EVAL_ARGS+=(--wc_length=256 --num_docs=64 --num_probes=64 --probe_multipliers=4)
+fi
 PY=.venv/bin/python
 TAG=d$(for a in "${TRAIN_ARGS[@]}"; do case "$a" in --depth=*) echo "${a#*=}" ;; esac; done)
 if [ "$PROFILE" = mc ]; then
@@ -135,6 +161,11 @@ $PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
 $PY -m scripts.base_eval "${EVAL_ARGS[@]}"
 if [ "$PROFILE" = mc ]; then
   $PY -m scripts.mc_eval --model_tag="$TAG" --out="$NANOCHAT_BASE_DIR/report/mc_eval.json" "${MC_EVAL_ARGS[@]}"
+fi
+if [ "$QUALITY" = 1 ]; then
+  $PY -m nanochat.report generate
+  echo "run10.sh: quality run done — mc_eval JSON at $NANOCHAT_BASE_DIR/report/mc_eval.json (see its 'valid' field)"
+  exit 0
 fi
 # The chat half. The offline default mixtures are synthetic (long-context recall questions, spelling,
 # identity); `--source fineweb` runs on a networked machine use the full mixtures and the standard tasks.

@@ -251,3 +251,21 @@ def add_mc_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
             kwargs["choices"] = _CHOICES[name]
         group.add_argument(flag, **kwargs)
     return parser
+
+
+# Knobs of LensNet and the focus allocator. They are validated and stored in checkpoints now, but
+# nothing reads them until those modules land, so a trainer refuses them rather than ignore them.
+AWAITING_LENSNET = frozenset(name for name, _, _, _ in FLAGS if name.startswith(("lens_", "lensnet_", "allocator_")))
+
+
+def overridden_flags(args: argparse.Namespace, names=None) -> list[str]:
+    """`--flag=value` strings for MC knobs (optionally only `names`) whose parsed value is not the default."""
+    defaults = MCConfig()
+    out = []
+    for name, flag, _, _ in FLAGS:
+        if names is not None and name not in names:
+            continue
+        value = getattr(args, flag.lstrip("-"), getattr(defaults, name))
+        if value != getattr(defaults, name):
+            out.append(f"{flag}={value}")
+    return out

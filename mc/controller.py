@@ -301,12 +301,14 @@ class MCTrainStep:
     (R = total_batch_size / T, nanochat/dataloader.py), which seed the variants of each row."""
 
     def __init__(self, controller: MCController, rows_per_step: int, B: int, rank: int, world_size: int,
-                 report_dir: str, memory_debug: bool = False, fail=None):
+                 report_dir: str, memory_debug: bool = False, fail=None, telemetry=None):
         """fail(message): called (after printing the traceback) when the MC step fails, e.g. the trainer's
-        die(); it must not return. Default: the MCControllerError propagates."""
+        die(); it must not return. Default: the MCControllerError propagates.
+        telemetry: a mc.telemetry provider; log() emits mc_timing and mc_batch_counters to it."""
         self.controller, self.rows_per_step, self.B = controller, rows_per_step, B
         self.rank, self.world_size = rank, world_size
         self.report_dir, self.memory_debug, self.fail = report_dir, memory_debug, fail
+        self.telemetry = telemetry
         self.meter = MetricMeter()
 
     def _failed(self, e: MCControllerError, what: str):
@@ -349,6 +351,9 @@ class MCTrainStep:
         m["mc/time_step_ms"] = step_ms
         m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
         m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
+        if self.telemetry is not None:
+            from mc.telemetry import emit_training_metrics
+            emit_training_metrics(self.telemetry, step, m)
         nan = float("nan")
         lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
         line = (f"  mc | tok {m.get('mc/token_loss', nan):.4f} | base {m.get('train/loss_lod0', nan):.4f} | {lods}"

@@ -297,3 +297,25 @@ def emit_batch_counters(provider: TelemetryProvider, step: int, counters: dict) 
     """One mc_batch_counters event; keys `<field>` or `mc/<field>` (the controller's metric names)."""
     return emit_event(provider, "mc_batch_counters", {"step": step, **{k.removeprefix("mc/"): v
                                                                        for k, v in counters.items()}})
+
+
+def emit_training_metrics(provider: TelemetryProvider, step: int, metrics: dict):
+    """mc_timing + mc_batch_counters from the trainer's log-time MC metrics (W&B names: "mc/time_<phase>_ms",
+    "mc/<counter>"); keys outside the schemas are left to W&B. Counters averaged over a log interval are
+    rounded back to the schema's int type."""
+    timing, counters = {}, {}
+    for key, value in metrics.items():
+        phase = key.removeprefix("mc/time_")
+        if key.startswith("mc/time_") and phase in SCHEMAS["mc_timing"]:
+            timing[phase] = float(value)
+        name = key.removeprefix("mc/")
+        kind = SCHEMAS["mc_batch_counters"].get(name)
+        if key.startswith("mc/") and kind and name != "step":
+            counters[name] = int(round(value)) if kind == "int" else float(value)
+    emit_timing(provider, step, timing)
+    emit_batch_counters(provider, step, counters)
+
+
+def training_provider(master: bool) -> TelemetryProvider:
+    """The trainer's provider: from MC_OTEL_* on rank 0 (one copy of every event), NoOp on other ranks."""
+    return provider_from_env("megacontext-train") if master else NoOpTelemetryProvider()

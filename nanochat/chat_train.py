@@ -1,39 +1,18 @@
 """
 Pieces shared by the chat training scripts (scripts/mid_train.py, chat_sft.py, chat_rl.py).
 
-- crossed():            token-cadence test, as in base_train
-- lr_multiplier():      warmup → flat → linear warmdown, as a function of run progress in [0, 1]
 - micro_batch_loss():   a micro-batch's share of a step loss normalised by the step's supervised tokens
 - MegaContext carry-through: a checkpoint loaded with MC modules (model.mc_modules / model.mc_config,
   attached by checkpoint_manager.build_model, not GPT submodules) keeps them: mc_optimizer_params()
   puts them into the GPT's two optimizers, trainable_params() lists GPT + MC parameters (for gradient
   averaging and clipping), model_state_for_save() / mc_meta() write them back in the checkpoint
   convention ("mc."-prefixed weights + meta["mc_config"]), so the next stage loads them again.
-- CurveLog:             report/<stage>_curve.jsonl rows; a resumed run keeps the rows up to its step
 - mc_forward():         MCController.process_batch with the trainer's error policy
 - hub_kw():             data_dir= for a hub task when the user keeps local snapshots (--data_dir)
 """
 
 import dataclasses
-import json
 import os
-
-import torch.distributed as dist
-
-
-def crossed(tokens_before: int, tokens_after: int, every: int) -> bool:
-    """True when a token cadence boundary lies in (tokens_before, tokens_after]."""
-    return every > 0 and tokens_after // every > tokens_before // every
-
-
-def lr_multiplier(progress: float, warmup_ratio: float, warmdown_ratio: float, final_lr_frac: float) -> float:
-    """progress in [0, 1] -> lr multiplier: linear warmup, flat, then linear down to final_lr_frac."""
-    if warmup_ratio > 0 and progress < warmup_ratio:
-        return (progress + 1e-9) / warmup_ratio
-    if warmdown_ratio <= 0 or progress <= 1 - warmdown_ratio:
-        return 1.0
-    frac = max(0.0, (1 - progress) / warmdown_ratio)  # 1 at the start of the warmdown, 0 at the end
-    return frac + (1 - frac) * final_lr_frac
 
 
 def mc_parts(model):
@@ -99,30 +78,4 @@ def mc_forward(controller, x, y, step, row_ids):
         die(f"{e}\ntraining stopped: the MegaContext step failed (no fallback to the vanilla loss)")
 
 
-def all_reduce_sum(t):
-    """Sum over processes in place (no-op in a single process)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-    return t
 
-
-class CurveLog:
-    """Append-only JSONL curve on rank 0. start_step > 0 (resume) keeps the old rows with step <= start_step,
-    so the curve of a resumed run reads like the uninterrupted one; a fresh run starts an empty file."""
-
-    def __init__(self, path: str, master: bool, start_step: int = 0):
-        self.path, self.master = path, master
-        if not master:
-            return
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        kept = []
-        if start_step > 0 and os.path.exists(path):
-            with open(path) as f:
-                kept = [line for line in f if line.strip() and json.loads(line)["step"] <= start_step]
-        with open(path, "w") as f:
-            f.writelines(kept)
-
-    def log(self, row: dict):
-        if self.master:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(row) + "\n")

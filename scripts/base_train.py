@@ -30,14 +30,12 @@ and W&B at the log cadence; MC_MEMORY_DEBUG=1 writes report/mc_memory_step<N>.tx
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import sys
 import time
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 from mc.config import add_mc_flags
@@ -62,6 +60,7 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import CurveLog, all_reduce_mean, crossed, lr_multiplier, resume_problem
 
 # Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
 RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "total_batch_size",
@@ -118,11 +117,6 @@ def build_parser():
     return p
 
 
-def crossed(tokens_before: int, tokens_after: int, every: int) -> bool:
-    """True when a token cadence boundary lies in (tokens_before, tokens_after]."""
-    return every > 0 and tokens_after // every > tokens_before // every
-
-
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data_dir:
@@ -147,6 +141,13 @@ def main(argv=None):
     # MegaContext config and micro-batch plan (before anything expensive: bad flags fail fast).
     mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
     mc_config = mc_plan = mc_modules = None
+    from mc.config import AWAITING_LENSNET, overridden_flags  # plain data, no MC code
+    if not mc_enabled and overridden_flags(args):
+        die(f"{' '.join(overridden_flags(args))}: MegaContext flags do nothing in a vanilla run; "
+            f"add --mc_enabled=1 (or --mc), or drop them")
+    if mc_enabled and overridden_flags(args, AWAITING_LENSNET):
+        die(f"{' '.join(overridden_flags(args, AWAITING_LENSNET))}: LensNet and the focus allocator have not landed "
+            f"yet, so these knobs would have no effect; drop them")
     if mc_enabled:  # MC code is imported only here (the vanilla path never loads the controller)
         from mc.auto_batch import mc_batch_plan
         from mc.config import MCConfig
@@ -232,20 +233,14 @@ def main(argv=None):
                     checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
             except (CheckpointError, FileNotFoundError) as e:
                 die(str(e))
-            saved = resumed_meta.get("user_config", {})
-            changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != user_config[k]]
-            if changed:
-                diffs = ", ".join(f"--{k}={saved[k]!r} (now {user_config[k]!r})" for k in changed)
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: it was trained with {diffs}. "
-                    f"Re-run with the original values, or use a new --model_tag for a new run")
+            problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size)
+            if problem:
+                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
             from mc.modules import resume_mismatch
             mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
             if mc_problem:
                 die(f"cannot resume {checkpoint_dir} step {step_to_load}: {mc_problem}. Re-run with the original "
                     f"MegaContext flags, or use a new --model_tag for a new run")
-            if resumed_meta.get("world_size", world_size) != world_size:
-                die(f"checkpoint was written by {resumed_meta['world_size']} processes, this run has {world_size}; "
-                    f"resume with the same process count")
             if mc_enabled:
                 model_state, mc_state = split_mc_state(model_state)
                 mc_modules.load_state_dict(mc_state, strict=True)
@@ -266,19 +261,8 @@ def main(argv=None):
                                       world_size=world_size, device=device)
 
     # ----------------------------------------------------------------------------------------------
-    # Schedules. lr multiplier: linear warmup over warmup_ratio of the run, flat, then a linear
-    # warmdown to final_lr_frac over the last warmdown_ratio. Muon momentum ramps 0.85 → 0.95 over
-    # 300 steps: low momentum early, while the loss landscape changes fast.
-    def lr_multiplier(step):
-        warmup = round(args.warmup_ratio * num_iterations)
-        warmdown = round(args.warmdown_ratio * num_iterations)
-        if step < warmup:
-            return (step + 1) / warmup
-        if step <= num_iterations - warmdown:
-            return 1.0
-        progress = (num_iterations - step) / warmdown
-        return progress * 1.0 + (1 - progress) * args.final_lr_frac
-
+    # Schedules: lr multiplier from nanochat.training (warmup → flat → linear warmdown). Muon momentum
+    # ramps 0.85 → 0.95 over 300 steps: low momentum early, while the loss landscape changes fast.
     def muon_momentum(step):
         frac = min(step / 300, 1)
         return (1 - frac) * 0.85 + frac * 0.95
@@ -295,20 +279,7 @@ def main(argv=None):
     if mc_enabled:
         mc_summary = describe(mc_config, mc_plan, T, sum(p.numel() for p in mc_modules.parameters()))
         print0(mc_summary)
-    curve_path = os.path.join(base_dir, "report", "base_train_curve.jsonl")
-    if master:
-        os.makedirs(os.path.dirname(curve_path), exist_ok=True)
-        kept = []
-        if start_step > 0 and os.path.exists(curve_path):
-            with open(curve_path) as f:
-                kept = [line for line in f if json.loads(line)["step"] <= start_step]
-        with open(curve_path, "w") as f:
-            f.writelines(kept)
-
-    def log_curve(row):
-        if master:
-            with open(curve_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
+    curve = CurveLog(os.path.join(base_dir, "report", "base_train_curve.jsonl"), master, start_step)
 
     def save(step):
         meta = {"step": step, "model_config": vars(model_config), "user_config": user_config,
@@ -326,12 +297,19 @@ def main(argv=None):
 
     # ----------------------------------------------------------------------------------------------
     # The training forward of one micro-batch: (loss to backpropagate, detached LM loss for train/loss).
+    telemetry = None
     if mc_enabled:  # controller errors and non-finite MC losses stop training via die() (no fallback)
+        from mc.telemetry import training_provider
+        try:
+            telemetry = training_provider(master)  # OTLP when MC_OTEL_ENDPOINT is set, else a no-op
+        except (ValueError, RuntimeError) as e:
+            die(str(e))
         mc_step = MCTrainStep(MCController(orig_model, mc_modules, mc_config, forward_model=model,
                                            total_steps=num_iterations, seed=args.seed),
                               rows_per_step=args.total_batch_size // T, B=B, rank=rank, world_size=world_size,
                               report_dir=os.path.join(base_dir, "report"), fail=die,
-                              memory_debug=os.environ.get("MC_MEMORY_DEBUG", "0") not in ("", "0"))
+                              memory_debug=os.environ.get("MC_MEMORY_DEBUG", "0") not in ("", "0"),
+                              telemetry=telemetry)
         train_forward = mc_step  # runs under the same autocast_ctx as the vanilla forward
     else:
         def train_forward(x, y, step, micro, log_step):
@@ -366,7 +344,7 @@ def main(argv=None):
             min_val_bpb = min(min_val_bpb, last_val_bpb)
             print0(f"step {step:05d} | tokens {tokens_now:,} | val bpb {last_val_bpb:.4f}")
             wandb_run.log({"step": step, "train/tokens": tokens_now, "val/bpb": last_val_bpb})
-            log_curve({"step": step, "tokens": tokens_now, "val_bpb": last_val_bpb})
+            curve.log({"step": step, "tokens": tokens_now, "val_bpb": last_val_bpb})
             model.train()
 
         if args.core_metric_every > 0 and (last_step or crossed(tokens_prev, tokens_now, args.core_metric_every)) and step > 0:
@@ -412,7 +390,7 @@ def main(argv=None):
             average_gradients(train_params)
         if args.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(train_params, args.grad_clip)
-        lrm = lr_multiplier(step)
+        lrm = lr_multiplier(step / num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
         for opt in optimizers:
             for group in opt.param_groups:
                 group["lr"] = group["initial_lr"] * lrm
@@ -434,7 +412,7 @@ def main(argv=None):
         if log_step:
             mean_loss = loss_sum / max(loss_count, 1)
             if ddp:
-                mean_loss = _all_reduce_mean(mean_loss.clone(), world_size)
+                mean_loss = all_reduce_mean(mean_loss.clone())
             train_loss = mean_loss.item()
             if not math.isfinite(train_loss):
                 die(f"non-finite training loss {train_loss} at step {step + 1}; lower the learning rates or check the data")
@@ -458,7 +436,7 @@ def main(argv=None):
             if master:
                 tqdm.write(line)
             wandb_run.log(metrics)
-            log_curve(curve_row)
+            curve.log(curve_row)
             loss_sum.zero_()
             loss_count, interval_tokens, interval_time, interval_steps = 0, 0, 0.0, 0
     progress.close()
@@ -480,14 +458,9 @@ def main(argv=None):
     print0("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     get_report().log(section="Base model training", data=[user_config, summary])
     wandb_run.finish()
+    if telemetry is not None:
+        telemetry.shutdown()  # flushes the batched spans
     compute_cleanup()
-
-
-def _all_reduce_mean(tensor, world_size):
-    """Mean over processes. gloo has no AVG reduce op, so sum and divide (works on every backend)."""
-    dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
-    tensor /= world_size
-    return tensor
 
 
 def build_val_loader_batches(loader):

@@ -38,8 +38,6 @@ from tqdm import tqdm
 from nanochat.adamw import average_gradients
 from nanochat.chat_data import collate
 from nanochat.chat_train import (
-    CurveLog,
-    crossed,
     hub_kw,
     mc_meta,
     mc_optimizer_params,
@@ -67,6 +65,7 @@ from nanochat.common import (
     print0,
 )
 from nanochat.report import get_report
+from nanochat.training import CurveLog, crossed, resume_problem
 
 RESUME_MUST_MATCH = ("task", "examples_per_step", "num_samples", "seed", "init_lr_frac", "max_new_tokens",
                      "temperature", "top_k", "num_iterations")
@@ -228,14 +227,9 @@ def main(argv=None):
                 model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
             except (CheckpointError, FileNotFoundError) as e:
                 die(str(e))
-            saved = meta.get("user_config", {})
-            changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != user_config[k]]
-            if changed:
-                die(f"cannot resume {checkpoint_dir}: it was trained with "
-                    + ", ".join(f"--{k}={saved[k]!r} (now {user_config[k]!r})" for k in changed))
-            if meta.get("world_size", world_size) != world_size:
-                die(f"checkpoint was written by {meta['world_size']} processes, this run has {world_size}; "
-                    f"resume with the same process count")
+            problem = resume_problem(meta, user_config, RESUME_MUST_MATCH, world_size)
+            if problem:
+                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
             start_step = meta["step"]
             torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))
     if meta is None:

@@ -55,10 +55,6 @@ from tqdm import tqdm
 from nanochat.adamw import average_gradients
 from nanochat.chat_data import ChatLoader
 from nanochat.chat_train import (
-    CurveLog,
-    all_reduce_sum,
-    crossed,
-    lr_multiplier,
     mc_forward,
     mc_meta,
     mc_optimizer_params,
@@ -91,6 +87,7 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
+from nanochat.training import CurveLog, all_reduce_sum, crossed, lr_multiplier, resume_problem
 
 # Per-stage defaults and names. "rows" = default rows per optimizer step (total_batch_size = rows × T).
 STAGES = {
@@ -188,15 +185,9 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                 model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
             except (CheckpointError, FileNotFoundError) as e:
                 die(str(e))
-            saved = resumed_meta.get("user_config", {})
-            changed = [k for k in RESUME_MUST_MATCH if k in saved and saved[k] != user_config[k]]
-            if changed:
-                diffs = ", ".join(f"--{k}={saved[k]!r} (now {user_config[k]!r})" for k in changed)
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: it was trained with {diffs}. "
-                    f"Re-run with the original values, or use a new --model_tag for a new run")
-            if resumed_meta.get("world_size", world_size) != world_size:
-                die(f"checkpoint was written by {resumed_meta['world_size']} processes, this run has {world_size}; "
-                    f"resume with the same process count")
+            problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size)
+            if problem:
+                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
             start_step = resumed_meta["step"]
             loader_state = rank_state["loader"]
             torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))

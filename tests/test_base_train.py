@@ -109,6 +109,8 @@ def test_ddp_two_processes_match_one(env):
     (["--device_batch_size=8", "--device_batch_size=3"], "is not a multiple of device_batch_size"),
     (["--data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--head_dim=48"], "not a multiple of --head_dim"),
+    (["--mc_num_random_variants=8"], "MegaContext flags do nothing in a vanilla run"),
+    (["--mc", "--mc_lens_loss_weight=0.5"], "LensNet and the focus allocator have not landed"),
 ])
 def test_bad_flags_give_one_clear_error(env, flags, message):
     r = run_train(env, "--num_iterations=1", "--device_batch_size=8", *flags)

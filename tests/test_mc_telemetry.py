@@ -310,3 +310,33 @@ def test_preflight_cli(monkeypatch):
     assert "ok" in run.stdout and len(rx.spans) == 1
     monkeypatch.delenv("MC_OTEL_ENDPOINT", raising=False)
     assert mc_otel_preflight.main([]) == 1
+
+
+def test_trainer_log_metrics_become_timing_and_counter_events():
+    """What MCTrainStep.log hands to telemetry: the averaged W&B dict, with non-schema keys mixed in."""
+    class Recorder:
+        def __init__(self):
+            self.events = []
+
+        def emit(self, event):
+            self.events.append(event)
+
+    rec = Recorder()
+    logged = {"mc/time_tree_ms": 4.0, "mc/time_variant_ms": 9.5, "mc/time_step_ms": 120.0,
+              "mc/variants_total": 7.999, "mc/variants_per_sample": 3.0, "mc/wc_length": 191.6,
+              "mc/lod_loss/1": 2.4, "train/loss_lod0": 2.1, "mc/controller_share": 0.3}
+    T.emit_training_metrics(rec, 12, logged)
+    timing, counters = rec.events
+    assert timing.event_type == "mc_timing" and timing.attributes == {"step": 12, "tree_ms": 4.0, "variant_ms": 9.5}
+    assert counters.event_type == "mc_batch_counters"
+    assert counters.attributes == {"step": 12, "variants_total": 8, "variants_per_sample": 3.0, "wc_length": 192}
+
+
+def test_training_provider_is_noop_off_rank0_and_without_endpoint(monkeypatch):
+    monkeypatch.delenv("MC_OTEL_ENDPOINT", raising=False)
+    assert isinstance(T.training_provider(True), T.NoOpTelemetryProvider)
+    monkeypatch.setenv("MC_OTEL_ENDPOINT", "http://127.0.0.1:4318")
+    assert isinstance(T.training_provider(False), T.NoOpTelemetryProvider)
+    provider = T.training_provider(True)
+    assert isinstance(provider, T.OpenTelemetryProvider)
+    provider.shutdown()

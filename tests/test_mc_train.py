@@ -117,10 +117,11 @@ def test_mc_resume_continues_exactly_and_refuses_changes(env, capsys):
         for key in ("train_loss", "mc_token_loss", "mc_loss_lod0"):
             assert resumed[step][key] == pytest.approx(uninterrupted[step][key], rel=1e-6, abs=1e-6), (step, key)
 
-    for flags, message in [(["--mc_num_random_variants=3"], "--mc_num_random_variants=2 (now 3)"),
-                           (["--mc_enabled=0"], "trained with MegaContext")]:
+    vanilla = [f for f in common if f not in MC]  # the same run without any MC flag
+    for flags, message in [([*common, "--mc_num_random_variants=3"], "--mc_num_random_variants=2 (now 3)"),
+                           (vanilla, "trained with MegaContext")]:
         with pytest.raises(SystemExit):
-            train(*common, "--resume=auto", *flags)
+            train(*flags, "--resume=auto")
         assert message in capsys.readouterr().err
 
 
