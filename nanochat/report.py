@@ -3,6 +3,7 @@ The run report: every pipeline stage logs a markdown section; `generate` stitche
 
     python -m nanochat.report reset      # start of a run: clear old sections/curves, write the system header
     python -m nanochat.report generate   # end of a run: $NANOCHAT_BASE_DIR/report/report.md, copied to ./report.md
+    python -m nanochat.report validate   # after a run: sections present? checkpoints? smoke prompt (report_validate.py)
 
 - Sections live in $NANOCHAT_BASE_DIR/report/<slug>.md, one file per section (slug of the title, e.g.
   "Base model training" -> base-model-training.md). Logging a section again replaces it.
@@ -273,10 +274,24 @@ def get_report():
     return Report(os.path.join(get_base_dir(), "report"))
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description="Build or check the run report.", allow_abbrev=False)
+    parser.add_argument("command", choices=["reset", "generate", "validate"],
+                        help="reset | generate | validate (post-run check, see nanochat/report_validate.py)")
+    parser.add_argument("--smoke_prompt", default=None,
+                        help='validate: the chat_cli smoke prompt (default "Summarize MegaContext.")')
+    parser.add_argument("--no_smoke", action="store_true", help="validate: skip the smoke prompt")
+    parser.add_argument("--smoke_timeout", type=float, default=300.0, help="validate: seconds for the smoke prompt")
+    return parser
+
+
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(description="Build the run report.", allow_abbrev=False)
-    parser.add_argument("command", choices=["reset", "generate"])
-    args = parser.parse_args()
+    args = build_parser().parse_args()
+    if args.command == "validate":
+        from nanochat.report_validate import DEFAULT_SMOKE_PROMPT, validate
+
+        prompt = None if args.no_smoke else (args.smoke_prompt or DEFAULT_SMOKE_PROMPT)
+        sys.exit(validate(get_base_dir(), prompt, args.smoke_timeout))
     report = get_report()
     if args.command == "reset":
         print(f"report reset: {report.reset()}")

@@ -142,12 +142,12 @@ def main(argv=None):
     mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
     mc_config = mc_plan = mc_modules = None
     from mc.config import AWAITING_LENSNET, overridden_flags  # plain data, no MC code
-    if not mc_enabled and overridden_flags(args):
-        die(f"{' '.join(overridden_flags(args))}: MegaContext flags do nothing in a vanilla run; "
-            f"add --mc_enabled=1 (or --mc), or drop them")
-    if mc_enabled and overridden_flags(args, AWAITING_LENSNET):
-        die(f"{' '.join(overridden_flags(args, AWAITING_LENSNET))}: LensNet and the focus allocator have not landed "
-            f"yet, so these knobs would have no effect; drop them")
+    stray, pending = overridden_flags(args), overridden_flags(args, AWAITING_LENSNET)
+    if stray and not mc_enabled:
+        die(f"{' '.join(stray)}: MegaContext flags do nothing in a vanilla run; add --mc_enabled=1 (or --mc), or drop them")
+    if pending and mc_enabled:
+        die(f"{' '.join(pending)}: LensNet and the focus allocator have not landed yet, so these knobs would have "
+            f"no effect; drop them")
     if mc_enabled:  # MC code is imported only here (the vanilla path never loads the controller)
         from mc.auto_batch import mc_batch_plan
         from mc.config import MCConfig

@@ -1,0 +1,275 @@
+"""
+The focus allocator: LensNet scores -> legal, block-aligned expand/collapse edits of a plan under W.
+
+Input: a plan int8 [rows, T] covering the whole history (no -1; see mc/working_context.py), one
+score in [-1, 1] per WC entry (+ = wants more detail, - = can be coarser), the budget W, and the
+--allocator_* knobs of MCConfig. Output: a new legal plan, the hysteresis state, and stats.
+
+Edits (bs = block_size, c = bs - 1 entries per edit):
+- expand:   a LOD-l gist (l >= 1) -> its bs children at LOD l-1: +c entries. Score = the entry's.
+- collapse: bs sibling entries at LOD l-1 that tile an aligned parent span [j bs**l, (j+1) bs**l),
+            l <= max_lod -> one LOD-l gist: -c entries. Score = mean of the bs members (equal spans,
+            so it is the mean of the per-token score map over the span).
+Both write one aligned span of the per-token map, so block alignment and full coverage hold by
+construction. Spans that reach into the last R = recent_tokens tokens are never candidates: that
+tail stays raw (a plan that is not raw there is refused).
+
+Scores live on a per-token map for the whole call (entry_scores_to_token_map): the children of an
+expanded gist inherit its score, so a strongly positive LOD2 gist can be refined further in the next
+iteration (LOD2 -> LOD1 -> raw), and a collapsed group carries its members' mean.
+
+One call:
+0. Hard fit. If a row has more than W entries (e.g. the history grew since the last refocus),
+   collapse its lowest-scored collapse groups, whatever their score and hysteresis, until it fits
+   (ValueError if even the fully collapsed covering does not fit). Counted in stats["forced"].
+1. `allocator_iterations` times, per row: candidates are expand entries with score >= expand_threshold
+   and collapse groups with score <= collapse_threshold that the hysteresis state allows; at most
+   `allocator_max_replacements` edits are applied, in priority order (greedy: largest |score| first;
+   stochastic_greedy: one draw at a time among the top-k remaining by |score|, softmax(|score| /
+   temperature), from `generator`). Candidates are taken from the plan at the start of the iteration;
+   an edit whose span overlaps one already applied this iteration is skipped.
+   Budget: the target S = allocator_soft_max_length (0 = W), capped at W. An expand is applied only if
+   entries + c <= S. Collapse-to-make-room rule: if the expand does not fit and a collapse candidate
+   remains that does not overlap it, the lowest-scored such collapse is applied first, then the
+   expand (two edits). It is always worth it: the expand scores >= expand_threshold, the collapse
+   <= collapse_threshold, so the swap gains at least the threshold gap (expand - collapse threshold).
+   If no room can be made the expand is skipped. Collapses never need room. The loop stops early when
+   an iteration makes no edit.
+   Entries therefore never exceed W (after step 0) and never grow past S through expands.
+2. Hysteresis: state is int8 [rows, T_state] per token: +1 = the entry covering it was just expanded,
+   -1 = just collapsed, 0 = untouched. A collapse group containing a +1 token and an expand of a gist
+   containing a -1 token are not candidates. The returned state marks only the edits of this call, so
+   an edit can't be reversed in the same call or the next one, and can be from the one after. A state
+   shorter than T (the history grew) is padded with zeros.
+
+Selection is a short Python loop per row over at most max_replacements edits (candidate extraction,
+scores and the state are tensor ops over all rows); the allocator runs at refocus time, not per token.
+"""
+
+import torch
+
+from mc.working_context import check_plan, entry_starts
+
+
+def entry_scores_to_token_map(plan: torch.Tensor, scores: torch.Tensor, block_size: int, max_lod: int | None = None,
+                              align: str = "right") -> torch.Tensor:
+    """float [R, T]: every token gets the score of the WC entry covering it (0 outside the WC).
+    scores: [R, L] one per entry in entry order, padded to L >= entries per row, aligned like
+    build_working_context's slots ("right": a row's last entry is in slot L-1; "left": first in slot 0)."""
+    if align not in ("right", "left"):
+        raise ValueError(f"align must be 'right' or 'left', got {align!r}")
+    if scores.ndim != 2 or scores.size(0) != plan.size(0):
+        raise ValueError(f"scores must be [rows={plan.size(0)}, L], got {tuple(scores.shape)}")
+    starts = entry_starts(plan, block_size, max_level=max_lod)
+    counts = starts.sum(1)
+    L = scores.size(1)
+    if plan.numel() and int(counts.max()) > L:
+        raise ValueError(f"a plan row has {int(counts.max())} entries but scores hold only {L} per row")
+    rank = (starts.long().cumsum(1) - 1).clamp(min=0)
+    slot = rank + (L - counts)[:, None] if align == "right" else rank
+    if L == 0:
+        return torch.zeros(plan.shape, device=plan.device)
+    out = scores.float().gather(1, slot.clamp(0, L - 1))
+    return torch.where(plan >= 0, out, 0.0)
+
+
+def token_map_to_entry_scores(plan: torch.Tensor, token_map: torch.Tensor, block_size: int,
+                              max_lod: int | None = None) -> torch.Tensor:
+    """float [R, L] left-aligned (L = most entries in a row, padding 0): the map's value at each entry's
+    first token. The inverse of entry_scores_to_token_map(..., align="left") on a constant-per-entry map."""
+    starts = entry_starts(plan, block_size, max_level=max_lod)
+    counts = starts.sum(1)
+    L = int(counts.max()) if plan.numel() else 0
+    R, T = plan.shape
+    rank = torch.where(starts, starts.long().cumsum(1) - 1, L)
+    out = torch.zeros(R, L + 1, dtype=token_map.dtype, device=plan.device)
+    return out.scatter_(1, rank, torch.where(starts, token_map, 0))[:, :L]
+
+
+def _unit_view(x: torch.Tensor, span: int, n: int) -> torch.Tensor:
+    return x[:, : n * span].reshape(x.size(0), n, span)
+
+
+def _candidates(plan, score_map, block, bs, max_lod, limit, thresholds):
+    """All expand/collapse candidates of every row as lists of (kind, score, start, span, new_level).
+    limit: tokens [limit, T) are untouchable (the raw tail). thresholds: (expand_t, collapse_t) or None
+    (forced fit: every collapse group, no expands). block: int8 hysteresis map or None."""
+    lvl = plan.long()
+    rows, dev = plan.size(0), plan.device
+    kinds, scores, starts, spans, new_levels, valid = [], [], [], [], [], []
+    for level in range(1, max_lod + 1):
+        span = bs ** level
+        n = limit // span  # complete aligned units before the tail
+        if n == 0:
+            continue
+        lv = _unit_view(lvl, span, n)
+        sc = _unit_view(score_map, span, n)
+        unit_start = torch.arange(n, device=plan.device) * span
+        # collapse: every token of the unit at level-1 -> bs siblings tile it
+        col = (lv == level - 1).all(-1)
+        col_score = sc.mean(-1)
+        if block is not None:
+            col &= ~(_unit_view(block, span, n) > 0).any(-1)
+        if thresholds is not None:
+            col &= col_score <= thresholds[1]
+            # expand: the unit is one LOD-level gist
+            exp = lv[:, :, 0] == level
+            exp_score = sc[:, :, 0]
+            exp &= exp_score >= thresholds[0]
+            if block is not None:
+                exp &= ~(_unit_view(block, span, n) < 0).any(-1)
+            kinds.append(torch.ones(rows, n, dtype=torch.long, device=dev))
+            scores.append(exp_score)
+            starts.append(unit_start.expand(rows, n))
+            spans.append(torch.full((rows, n), span, device=dev))
+            new_levels.append(torch.full((rows, n), level - 1, device=dev))
+            valid.append(exp)
+        kinds.append(-torch.ones(rows, n, dtype=torch.long, device=dev))
+        scores.append(col_score)
+        starts.append(unit_start.expand(rows, n))
+        spans.append(torch.full((rows, n), span, device=dev))
+        new_levels.append(torch.full((rows, n), level, device=dev))
+        valid.append(col)
+    out = [[] for _ in range(rows)]
+    if not kinds:
+        return out
+    cat = [torch.cat(x, 1) for x in (kinds, scores, starts, spans, new_levels, valid)]
+    for r in range(rows):
+        v = cat[5][r]
+        if v.any():
+            cols = [x[r][v].tolist() for x in cat[:5]]
+            out[r] = list(zip(*cols))
+    return out
+
+
+def _overlaps(touched, start, span):
+    return any(s < start + span and start < e for s, e in touched)
+
+
+def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator):
+    """Greedy (or sampled) choice of edits for one row; returns the list of chosen candidates in order."""
+    remaining = sorted(cands, key=lambda x: -abs(x[1]))  # priority: |score|, stable
+    chosen, touched = [], []
+    while remaining and len(chosen) < max_edits:
+        if stochastic and temperature > 0 and len(remaining) > 1:
+            k = min(top_k, len(remaining))
+            w = torch.tensor([abs(x[1]) for x in remaining[:k]], dtype=torch.float64) / temperature
+            i = int(torch.multinomial(torch.softmax(w, 0), 1, generator=generator))
+        else:
+            i = 0
+        kind, score, start, span, _ = cand = remaining.pop(i)
+        if _overlaps(touched, start, span):
+            continue
+        if kind < 0:
+            chosen.append(cand)
+            touched.append((start, start + span))
+            n -= c
+            continue
+        if n + c > target:  # collapse first to make room
+            room = [x for x in remaining if x[0] < 0 and not _overlaps(touched, x[2], x[3])
+                    and not _overlaps([(start, start + span)], x[2], x[3])]
+            if not room or len(chosen) + 2 > max_edits:
+                continue
+            worst = min(room, key=lambda x: x[1])
+            remaining.remove(worst)
+            chosen.append(worst)
+            touched.append((worst[2], worst[2] + worst[3]))
+            n -= c
+            if n + c > target:  # one collapse was not enough (target far below entries): keep the collapse
+                continue
+        chosen.append(cand)
+        touched.append((start, start + span))
+        n += c
+    return chosen
+
+
+def _apply(plan, state, row, edits):
+    for kind, _, start, span, new_level in edits:
+        plan[row, start: start + span] = new_level
+        state[row, start: start + span] = kind
+
+
+def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: int, max_lod: int,
+             recent_tokens: int, state: torch.Tensor | None = None, generator: torch.Generator | None = None,
+             align: str = "right", scores_are_token_map: bool = False):
+    """One refocus (see the module docstring). Returns (new_plan int8 [R, T], new_state int8 [R, T], stats).
+
+    plan: int8 [R, T] legal, full coverage, last recent_tokens raw. scores: [R, L] per entry (aligned as
+    `align`), or a per-token float map [R, T] when scores_are_token_map. cfg: MCConfig (allocator_* knobs).
+    state: the hysteresis state returned by the previous call (None = no history).
+    generator: a CPU torch.Generator for stochastic_greedy (None = the global RNG).
+    stats: long [R] "expands", "collapses", "forced", float [R] "budget_used" (entries / W), int
+    "iterations" (iterations that made at least one edit)."""
+    if plan.ndim != 2:
+        raise ValueError(f"plan must be [rows, T], got shape {tuple(plan.shape)}")
+    R, T = plan.shape
+    bs = block_size
+    check_plan(plan, bs, max_lod=max_lod)
+    if (plan < 0).any():
+        raise ValueError("the allocator needs a plan covering the whole history (no -1)")
+    if W < 1:
+        raise ValueError(f"W must be >= 1, got {W}")
+    limit = max(T - recent_tokens, 0)
+    if (plan[:, limit:] != 0).any():
+        raise ValueError(f"the last recent_tokens={recent_tokens} tokens of the plan must be raw")
+    score_map = (scores.float() if scores_are_token_map
+                 else entry_scores_to_token_map(plan, scores, bs, max_lod=max_lod, align=align)).clone()
+    if score_map.shape != plan.shape:
+        raise ValueError(f"token score map must be {tuple(plan.shape)}, got {tuple(score_map.shape)}")
+    prev = torch.zeros(R, T, dtype=torch.int8, device=plan.device)
+    if state is not None:
+        if state.ndim != 2 or state.size(0) != R or state.size(1) > T:
+            raise ValueError(f"state must be [rows={R}, <= T={T}], got {tuple(state.shape)}")
+        prev[:, : state.size(1)] = state
+    plan = plan.clone()
+    new_state = torch.zeros_like(prev)
+    c = bs - 1
+    target = min(cfg.allocator_soft_max_length or W, W)
+    stochastic = cfg.allocator_type == "stochastic_greedy"
+    expands = torch.zeros(R, dtype=torch.long)
+    collapses = torch.zeros(R, dtype=torch.long)
+    forced = torch.zeros(R, dtype=torch.long)
+
+    # 0. hard fit to W
+    while True:
+        n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
+        over = [r for r in range(R) if n[r] > W]
+        if not over:
+            break
+        cands = _candidates(plan, score_map, None, bs, max_lod, limit, None)
+        progress = False
+        for r in over:
+            need = -(-(n[r] - W) // c)
+            pick = sorted(cands[r], key=lambda x: x[1])[:need]  # disjoint: one round's groups never overlap
+            _apply(plan, new_state, r, pick)
+            forced[r] += len(pick)
+            progress |= bool(pick)
+        if not progress:
+            r = over[0]
+            raise ValueError(f"plan row {r} has {n[r]} entries and cannot be collapsed to W={W} "
+                             f"(block_size={bs}, max_lod={max_lod}, recent_tokens={recent_tokens})")
+
+    # 1. greedy iterations
+    thresholds = (cfg.allocator_expand_threshold, cfg.allocator_collapse_threshold)
+    iterations = 0
+    for _ in range(cfg.allocator_iterations):
+        block = torch.where(new_state != 0, new_state, prev)
+        n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
+        cands = _candidates(plan, score_map, block, bs, max_lod, limit, thresholds)
+        made = False
+        for r in range(R):
+            if not cands[r]:
+                continue
+            edits = _select_row(cands[r], n[r], target, cfg.allocator_max_replacements, c, stochastic,
+                                cfg.allocator_sample_top_k, cfg.allocator_sample_temperature, generator)
+            _apply(plan, new_state, r, edits)
+            expands[r] += sum(1 for e in edits if e[0] > 0)
+            collapses[r] += sum(1 for e in edits if e[0] < 0)
+            made |= bool(edits)
+        if not made:
+            break
+        iterations += 1
+    counts = entry_starts(plan, bs, max_level=max_lod).sum(1)
+    stats = {"expands": expands, "collapses": collapses, "forced": forced, "iterations": iterations,
+             "budget_used": counts.float() / W}
+    return plan, new_state, stats
