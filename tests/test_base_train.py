@@ -17,9 +17,6 @@ import sys
 
 import pytest
 
-from nanochat.synthetic import synthetic_texts
-from nanochat.tokenizer import RustBPETokenizer
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
@@ -28,14 +25,8 @@ TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", 
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    """A NANOCHAT_BASE_DIR holding a small tokenizer trained on the synthetic corpus."""
-    base = tmp_path_factory.mktemp("nanochat_base")
-    texts = synthetic_texts("train")
-    corpus = (next(texts)[:4000] for _ in range(60))
-    tok = RustBPETokenizer.train_from_iterator(corpus, vocab_size=512)
-    tok.save(str(base / "tokenizer"))
-    return base
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 @pytest.fixture

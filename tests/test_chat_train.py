@@ -24,8 +24,8 @@ from nanochat.chat_data import ChatLoader, collate, render, shift_targets
 from nanochat.chat_train import micro_batch_loss
 from nanochat.checkpoint_manager import load_checkpoint, save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
-from nanochat.synthetic import synthetic_texts
 from nanochat.tokenizer import RustBPETokenizer
+from tests.conftest import train_tiny_tokenizer
 
 T = 256
 TINY = ["--device_type=cpu", "--device_batch_size=2", "--total_batch_size=512", "--recall_context_chars=300",
@@ -41,8 +41,7 @@ def make_tiny_base(base, tag="tiny", mc_config=None):
     base/base_checkpoints/<tag>/step_000000 (with MC modules when mc_config is given)."""
     tok_dir = os.path.join(base, "tokenizer")
     if not os.path.isdir(tok_dir):
-        texts = synthetic_texts("train")
-        RustBPETokenizer.train_from_iterator((next(texts)[:4000] for _ in range(60)), vocab_size=512).save(tok_dir)
+        train_tiny_tokenizer().save(tok_dir)
     torch.manual_seed(0)
     config = tiny_config(512)
     model = GPT(config)

@@ -11,8 +11,6 @@ import scripts.base_train as base_train
 from mc.auto_batch import choose_micro_batch_divisor, mc_batch_plan, plan_micro_batch, variant_multiplier
 from mc.config import MCConfig
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.synthetic import synthetic_texts
-from nanochat.tokenizer import RustBPETokenizer
 
 
 def test_variant_multiplier():
@@ -68,23 +66,12 @@ MC = ["--mc_enabled=1", "--mc_block_size=8", "--mc_train_wc_length=24", "--alloc
       "--mc_num_random_variants=2", "--gistnet_layers=1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP threads that spin
-    waiting for each other make a step 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("nanochat_base_ab")
-    texts = synthetic_texts("train")
-    tok = RustBPETokenizer.train_from_iterator((next(texts)[:4000] for _ in range(60)), vocab_size=512)
-    tok.save(str(base / "tokenizer"))
-    return base
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 def record_rows(monkeypatch, base_dir, flags, capsys):

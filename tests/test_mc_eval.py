@@ -32,14 +32,13 @@ from mc.working_context import check_plan, entry_counts
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.synthetic import Recall, synthetic_texts
-from nanochat.tokenizer import RustBPETokenizer
 from scripts import mc_eval
+from tests.conftest import train_tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
 def tok():
-    texts = synthetic_texts("train")
-    return RustBPETokenizer.train_from_iterator((next(texts)[:4000] for _ in range(60)), vocab_size=512)
+    return train_tiny_tokenizer()
 
 
 @pytest.fixture(scope="module")

@@ -181,16 +181,9 @@ def _planted_delta(plan, marker, B, V, g):
     return d + 4.0  # horizon NLL; the baseline is column 0
 
 
-@pytest.fixture
-def one_thread():
-    # tiny tensors: one thread is ~10x faster than two when another process holds a core
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-def test_planted_problem_lensnet_learns_to_expand_the_costly_block(one_thread):
+def test_planted_problem_lensnet_learns_to_expand_the_costly_block(single_thread):
     torch.manual_seed(0)
     g = torch.Generator().manual_seed(0)
     B, N, W = 8, 6, 30 + 7 * 4  # E_min = 14 gists + 16 raw; room for 4 expansions

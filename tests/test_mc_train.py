@@ -25,8 +25,6 @@ import torch
 import mc.controller as controller_module
 import scripts.base_train as base_train
 from nanochat.checkpoint_manager import build_model
-from nanochat.synthetic import synthetic_texts
-from nanochat.tokenizer import RustBPETokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
@@ -36,23 +34,12 @@ MC = ["--mc_enabled=1", "--mc_block_size=8", "--mc_train_wc_length=24", "--alloc
       "--mc_num_random_variants=2", "--gistnet_layers=1", "--mc_gist_delta_weight=0.1"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One intra-op thread: these models are tiny, and on a busy 2-core machine OpenMP threads that spin
-    waiting for each other make a step 10-100x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory):
-    base = tmp_path_factory.mktemp("nanochat_base_mc")
-    texts = synthetic_texts("train")
-    tok = RustBPETokenizer.train_from_iterator((next(texts)[:4000] for _ in range(60)), vocab_size=512)
-    tok.save(str(base / "tokenizer"))
-    return base
+def base_dir(tiny_base_dir):
+    return tiny_base_dir
 
 
 @pytest.fixture
