@@ -19,7 +19,8 @@ For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, 
           and is what train/loss reports, comparable with a vanilla run).
   variant ONE packed GPT forward over all R rows: inputs_embeds [R, L, C], cos/sin [R, L, 1, hd/2],
           key_padding_mask = valid, loss_reduction='none' -> per-entry NLL [R, L].
-          row_loss_r = mean NLL over row r's entries;  variant_loss = mean_r row_loss_r.
+          row_loss_r = mean NLL over row r's entries;  variant_loss = mean over samples of the mean over
+          that sample's distinct rows (a plan drawn k times weighs 1/k: dedup with fixed shapes, no sync).
           horizon: the last H = max(recent_tokens, 1) slots of every row hold the same raw tokens
           T-H..T-1 predicting the same targets in every row (the shared raw tail), so
           h_r = mean NLL over those slots, and ΔNLL_{b,v} = h_{b,v} - h_{b,baseline}.
@@ -67,7 +68,7 @@ from mc.config import MCConfig
 from mc.positions import wc_cos_sin
 from mc.timing import MetricMeter, PhaseTimer, memory_snapshot
 from mc.tree import MegaContextTree
-from mc.variants import annealed_wc_length, hashed_uniform, sample_variants, unit_counts
+from mc.variants import annealed_wc_length, duplicate_weights, hashed_uniform, sample_variants, unit_counts
 from mc.working_context import build_working_context, targets_for
 from nanochat.common import autocast_ctx
 
@@ -240,7 +241,10 @@ class MCController:
                                          loss_reduction="none").float()  # [R, L]
                 has = targets >= 0
                 row_loss = nll.sum(1) / has.sum(1).clamp(min=1)
-                variant_loss = row_loss.mean()
+                # a variant drawn twice for a sample counts once; normalised per sample, so every sample
+                # weighs the same and the loss does not depend on how rows are split into micro-batches
+                weight = duplicate_weights(vp.plan, V).view(B, V)
+                variant_loss = ((row_loss.view(B, V) * weight).sum(1) / weight.sum(1)).mean()
                 horizon = nll[:, L - H:].mean(1).view(B, V)  # the shared raw tail, same targets in every row
                 delta = horizon[:, 1:] - horizon[:, :1]
                 loss = lm_loss + variant_loss

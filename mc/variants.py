@@ -196,3 +196,13 @@ def sample_variants(B: int, T: int, W: int, num_variants: int, block_size: int =
     sample_idx = torch.arange(B, device=device)[:, None].expand(B, V)
     variant_idx = torch.arange(V, device=device)[None, :].expand(B, V)
     return VariantPlans(plans[keep], sample_idx[keep], variant_idx[keep])
+
+
+def duplicate_weights(plan: torch.Tensor, rows_per_sample: int) -> torch.Tensor:
+    """float [R]: 1/k for each of k identical plans among the rows of one sample (rows ordered sample-major,
+    `rows_per_sample` each). Weighting a mean by these counts each distinct variant once — deduplication
+    that keeps the packed shapes fixed and needs no host sync (the trainer samples with dedup=False)."""
+    R, T = plan.shape
+    P = plan.view(R // rows_per_sample, rows_per_sample, T)
+    same = (P[:, :, None, :] == P[:, None, :, :]).all(-1)  # [B, V, V]: row i equals row j
+    return same.sum(-1).reciprocal().view(R).float()

@@ -114,3 +114,14 @@ def test_anneal():
     assert annealed_wc_length(500, 1000, 0.8, target, T) == round((start + target) / 2)
     assert annealed_wc_length(0, 1000, 0.1, target, T) == target  # start already below the target
     assert annealed_wc_length(5, 0, 0.8, target, T) == target
+
+
+def test_duplicate_weights_count_each_distinct_plan_once():
+    from mc.variants import duplicate_weights
+    a = torch.zeros(8, dtype=torch.int8)
+    b = a.clone()
+    b[:4] = 1
+    plan = torch.stack([a, b, b, a, a, b])  # 2 samples × 3 rows: [a, b, b] and [a, a, b]
+    w = duplicate_weights(plan, 3)
+    assert w.tolist() == [1.0, 0.5, 0.5, 0.5, 0.5, 1.0]
+    assert float(w.view(2, 3).sum(1)[0]) == 2.0  # two distinct plans in sample 0
