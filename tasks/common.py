@@ -39,8 +39,9 @@ class Task:
         self.start, self.stop, self.step = start, stop, step
 
     def num_examples(self) -> int:
-        """Number of underlying examples, before slicing."""
-        raise NotImplementedError
+        """Number of underlying examples, before slicing. Hub-backed tasks keep their rows in self.rows;
+        tasks that generate examples override this."""
+        return len(self.rows)
 
     def get_example(self, index: int) -> dict:
         """Underlying example `index` as {"messages": [...], optional "letters", metadata...}."""

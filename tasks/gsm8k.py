@@ -64,9 +64,6 @@ class GSM8K(Task):
         self.subset, self.split = subset, split
         self.rows = load_rows(HUB_PATH, subset, split, data_files, data_dir)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         try:

@@ -45,9 +45,6 @@ class HumanEval(Task):
         self.timeout, self.memory_mb = timeout, memory_mb
         self.rows = load_rows(HUB_PATH, None, "test", data_files, data_dir)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         return {"messages": [{"role": "user", "content": row["prompt"]},

@@ -28,9 +28,6 @@ class MMLU(CategoricalTask):
         self.subset, self.split = subset, split
         self.rows = load_rows(HUB_PATH, subset, split, data_files, data_dir)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = unwrap_row(self.rows[index], "train")
         choices, answer = list(row["choices"]), int(row["answer"])

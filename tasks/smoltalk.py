@@ -24,9 +24,6 @@ class SmolTalk(Task):
         self.split = split
         self.rows = load_rows(HUB_PATH, None, split, data_files, data_dir)
 
-    def num_examples(self) -> int:
-        return len(self.rows)
-
     def get_example(self, index: int) -> dict:
         row = self.rows[index]
         return {"messages": validate_messages(row.get("messages"), f"SmolTalk {self.split} row {index}")}
