@@ -11,18 +11,23 @@
 #                                           # training sized for ~10 GPU minutes → mc_eval (no chat half)
 #
 # Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --source synthetic|fineweb,
-#          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy).
-# Re-running the same command resumes base training from its last checkpoint (--resume=auto).
+#          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy),
+#          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT checkpoints).
+# Re-running the same command continues where it stopped: every training stage resumes from its newest
+# complete checkpoint (--resume=auto; a finished one says "already complete" and exits at once), and the
+# tokenizer and the evals whose outputs exist for the newest checkpoint are skipped ("skip <stage>: why").
 # --profile mc trains with MegaContext (--mc_enabled=1, GistNet + working-context variants) into its
 # own checkpoint folder (base_checkpoints/d<depth>_mc), so baseline checkpoints are never touched.
 set -euo pipefail
 cd "$(dirname "$0")"
+source dev/recipe_common.sh  # the skip/resume helpers (tokenizer_ready, evaluated, newer, report_reset, ...)
 
 GPU=h100
 PROFILE=baseline
 SOURCE=synthetic
 SHARDS=24
 QUALITY=0
+FRESH=0
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -36,8 +41,9 @@ while [ $# -gt 0 ]; do
     --source=*) SOURCE="${1#*=}" ;;
     --shards) SHARDS="$2"; shift ;;
     --run) export WANDB_RUN="$2"; shift ;;
+    --fresh) FRESH=1 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,18p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "run10.sh: unknown option $1 (see bash run10.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -143,24 +149,30 @@ if [ "$PROFILE" = mc ]; then
   # MC flags go after the profile's, so they override it (e.g. --num_iterations on CPU); flags after --
   # still override everything. The MC checkpoints get their own tag, which the eval steps then read.
   TRAIN_ARGS+=(--mc_enabled=1 --model_tag="$MC_TAG" "${MC_ARGS[@]}")
-  LOSS_ARGS+=(--model_tag="$MC_TAG")
-  EVAL_ARGS+=(--model_tag="$MC_TAG")
   TAG=$MC_TAG
 fi
 for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) TAG="${a#*=}" ;; esac; done
+LOSS_ARGS+=(--model_tag="$TAG")  # the evals read the model this run trained
+EVAL_ARGS+=(--model_tag="$TAG")
 
 if [ "$SOURCE" = fineweb ]; then
   $PY -m nanochat.dataset -n "$SHARDS"
 fi
 
-$PY -m nanochat.report reset
-$PY -m scripts.tok_train --source="$SOURCE" "${TOK_ARGS[@]}"
-$PY -m scripts.tok_eval --source="$SOURCE"
-$PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" "${EXTRA[@]}"
-$PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
-$PY -m scripts.base_eval "${EVAL_ARGS[@]}"
+# Each stage runs unless its output is already there (see dev/recipe_common.sh); trainers resume themselves.
+R=$NANOCHAT_BASE_DIR/report
+C=$NANOCHAT_BASE_DIR
+VOCAB=$(for a in "${TOK_ARGS[@]}"; do case "$a" in --vocab_size=*) echo "${a#*=}" ;; esac; done)
+[ "$FRESH" = 1 ] && start_fresh "$TAG"
+report_reset "$FRESH"
+{ [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB"; } || $PY -m scripts.tok_train --source="$SOURCE" "${TOK_ARGS[@]}"
+newer tok_eval "$R/tokenizer-evaluation.md" "$C/tokenizer/tokenizer.pkl" || $PY -m scripts.tok_eval --source="$SOURCE"
+$PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+evaluated base_loss "$R/base-model-loss.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
+evaluated base_eval "$R/base-model-evaluation.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_eval "${EVAL_ARGS[@]}"
 if [ "$PROFILE" = mc ]; then
-  $PY -m scripts.mc_eval --model_tag="$TAG" --out="$NANOCHAT_BASE_DIR/report/mc_eval.json" "${MC_EVAL_ARGS[@]}"
+  evaluated mc_eval "$R/mc_eval.json" "$C/base_checkpoints/$TAG" ||
+    $PY -m scripts.mc_eval --model_tag="$TAG" --out="$R/mc_eval.json" "${MC_EVAL_ARGS[@]}"
 fi
 if [ "$QUALITY" = 1 ]; then
   $PY -m nanochat.report generate
@@ -172,8 +184,10 @@ fi
 MIXTURE=$( [ "$SOURCE" = synthetic ] && echo offline || echo full )
 ONLINE=$( [ "$SOURCE" = synthetic ] && echo "" || echo --online )
 $PY -m scripts.mid_train --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${MID_ARGS[@]}"
-$PY -m scripts.chat_eval -i mid --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
+evaluated "chat_eval mid" "$R/chat-evaluation-mid.md" "$C/mid_checkpoints/$TAG" ||
+  $PY -m scripts.chat_eval -i mid --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
 $PY -m scripts.chat_sft --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${SFT_ARGS[@]}"
-$PY -m scripts.chat_eval -i sft --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
+evaluated "chat_eval sft" "$R/chat-evaluation-sft.md" "$C/chatsft_checkpoints/$TAG" ||
+  $PY -m scripts.chat_eval -i sft --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
 $PY -m nanochat.report generate
 echo "run10.sh: done — report at ./report.md; chat with: $PY -m scripts.chat_cli -i sft -g $TAG"

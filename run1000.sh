@@ -4,7 +4,8 @@
 #   bash run1000.sh                        # NPROC=8 by default
 #   NPROC=4 bash run1000.sh                # fewer GPUs: same tokens per step, more grad accumulation
 #
-# Re-running resumes base training from its last checkpoint.
+# Re-running the same command continues it: finished stages and evals are skipped ("skip <stage>: why"),
+# an interrupted training stage resumes from its last checkpoint. --fresh starts over (see dev/recipe_common.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 DEPTH=${DEPTH:-32}

@@ -5,7 +5,8 @@
 #   NPROC=4 bash speedrun.sh               # fewer GPUs: same tokens per step, more grad accumulation
 #   bash speedrun.sh -- --device_batch_size=16   # extra flags for scripts.base_train
 #
-# Re-running resumes base training from its last checkpoint.
+# Re-running the same command continues it: finished stages and evals are skipped ("skip <stage>: why"),
+# an interrupted training stage resumes from its last checkpoint. --fresh starts over (see dev/recipe_common.sh).
 set -euo pipefail
 cd "$(dirname "$0")"
 DEPTH=${DEPTH:-20}

@@ -40,7 +40,7 @@ class MCConfig:
     wc_anneal_start_frac: float = 0.8  # W starts at this fraction of max_seq_len and anneals down to W
     wc_anneal_steps: int = 0  # steps of the anneal (0 = the whole run)
     num_random_variants: int = 4  # N compressed variants per sequence (plus the recency baseline)
-    recent_tokens: int = 128  # R: last R tokens always raw (variants and allocator)
+    recent_tokens: int = 128  # R >= 1: last R tokens always raw (variants and allocator): the shared horizon of ΔNLL
     positional_type: str = "gaussian"  # simple | gaussian (RoPE of gists, see mc/positions.py)
     # --- losses
     gist_delta_weight: float = 0.0  # penalty on variants whose ΔNLL exceeds the recency baseline
@@ -51,7 +51,9 @@ class MCConfig:
     lens_kl_weight: float = 0.0  # policy KL regulariser
     lens_budget_smooth_weight: float = 0.0
     lens_budget_smooth_beta: float = 0.9
+    lensnet_type: str = "transformer"  # transformer | none (none = no LensNet: fixed focus, the MC-fixed ablation)
     lensnet_layers: int = 2
+    lensnet_head: str = "mlp"  # mlp | linear
     # --- focus allocator
     allocator_type: str = "greedy"  # greedy | stochastic_greedy
     allocator_sample_top_k: int = 4
@@ -61,6 +63,8 @@ class MCConfig:
     allocator_collapse_threshold: float = -0.1  # collapse a span when its score <= this
     allocator_max_replacements: int = 8  # edits per allocator iteration
     allocator_iterations: int = 1
+    # --- inference
+    infer_refocus_interval: int = 64  # tokens between LensNet + allocator refocuses while decoding
     # --- runtime
     aux_dtype: str = "auto"  # auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, else fp32)
     auto_batch: bool = True  # shrink the micro-batch for the (1 + N) variants, keep tokens/step
@@ -123,6 +127,8 @@ _CHOICES = {
     "gistnet_head": ("mlp", "linear"),
     "positional_type": ("simple", "gaussian"),
     "allocator_type": ("greedy", "stochastic_greedy"),
+    "lensnet_type": ("transformer", "none"),
+    "lensnet_head": ("mlp", "linear"),
     "aux_dtype": ("auto", "fp32", "bf16"),
 }
 # (lowest allowed, highest allowed, lowest inclusive?) for numeric knobs; None = unbounded
@@ -133,7 +139,7 @@ _RANGES = {
     "wc_anneal_start_frac": (0.0, 1.0, False),
     "wc_anneal_steps": (0, None, True),
     "num_random_variants": (1, None, True),
-    "recent_tokens": (0, None, True),
+    "recent_tokens": (1, None, True),
     "gist_delta_weight": (0.0, None, True),
     "lens_loss_weight": (0.0, None, True),
     "lens_temperature": (0.0, None, False),
@@ -148,11 +154,12 @@ _RANGES = {
     "allocator_soft_max_length": (0, None, True),
     "allocator_max_replacements": (1, None, True),
     "allocator_iterations": (1, None, True),
+    "infer_refocus_interval": (1, None, True),
 }
 _BOOLS = ("cache_lod0", "auto_batch")
 _INTS = ("block_size", "max_lod", "gistnet_layers", "wc_anneal_steps", "num_random_variants", "recent_tokens",
          "lensnet_layers", "allocator_sample_top_k", "allocator_soft_max_length", "allocator_max_replacements",
-         "allocator_iterations")
+         "allocator_iterations", "infer_refocus_interval")
 
 
 def _check(cfg, name, value):
@@ -225,7 +232,9 @@ FLAGS = [
     ("lens_kl_weight", "--mc_lens_kl_weight", float, "policy KL regulariser weight"),
     ("lens_budget_smooth_weight", "--mc_lens_budget_smooth_weight", float, "budget smoothing weight"),
     ("lens_budget_smooth_beta", "--mc_lens_budget_smooth_beta", float, "budget smoothing EMA beta"),
+    ("lensnet_type", "--lensnet_type", str, "transformer | none (no LensNet: fixed focus)"),
     ("lensnet_layers", "--lensnet_layers", int, "transformer layers in LensNet"),
+    ("lensnet_head", "--lensnet_head", str, "mlp | linear (LensNet's scoring head)"),
     ("allocator_type", "--allocator_type", str, "greedy | stochastic_greedy"),
     ("allocator_sample_top_k", "--allocator_sample_top_k", int, "stochastic_greedy: sample among top-k |score|"),
     ("allocator_sample_temperature", "--allocator_sample_temperature", float, "stochastic_greedy temperature"),
@@ -234,6 +243,7 @@ FLAGS = [
     ("allocator_collapse_threshold", "--allocator_collapse_threshold", float, "collapse when score <= this"),
     ("allocator_max_replacements", "--allocator_max_replacements", int, "edits per allocator iteration"),
     ("allocator_iterations", "--allocator_iterations", int, "allocator iterations per refocus"),
+    ("infer_refocus_interval", "--mc_infer_refocus_interval", int, "inference: tokens between refocuses"),
     ("aux_dtype", "--mc_aux_dtype", str, "auto | fp32 | bf16 for GistNet/LensNet"),
     ("auto_batch", "--mc_auto_batch", str2bool, "scale the micro-batch for the variants (tokens/step unchanged)"),
 ]
@@ -252,10 +262,6 @@ def add_mc_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         group.add_argument(flag, **kwargs)
     return parser
 
-
-# Knobs of LensNet and the focus allocator. They are validated and stored in checkpoints now, but
-# nothing reads them until those modules land, so a trainer refuses them rather than ignore them.
-AWAITING_LENSNET = frozenset(name for name, _, _, _ in FLAGS if name.startswith(("lens_", "lensnet_", "allocator_")))
 
 
 def overridden_flags(args: argparse.Namespace, names=None) -> list[str]:

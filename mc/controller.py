@@ -21,15 +21,25 @@ For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, 
           key_padding_mask = valid, loss_reduction='none' -> per-entry NLL [R, L].
           row_loss_r = mean NLL over row r's entries;  variant_loss = mean over samples of the mean over
           that sample's distinct rows (a plan drawn k times weighs 1/k: dedup with fixed shapes, no sync).
-          horizon: the last H = max(recent_tokens, 1) slots of every row hold the same raw tokens
+          horizon: the last H = recent_tokens (>= 1, MCConfig checks) slots of every row hold the same raw tokens
           T-H..T-1 predicting the same targets in every row (the shared raw tail), so
           h_r = mean NLL over those slots, and ΔNLL_{b,v} = h_{b,v} - h_{b,baseline}.
           penalty = mean_{b,v} relu(h_{b,v} - stopgrad(h_{b,baseline}))  (the baseline is the reference,
           not something to make worse).
-  loss    lm_loss + variant_loss + gist_delta_weight * penalty.
+  lens    (when the modules have a LensNet) scores = LensNet(wc) over all R rows in one call (its inputs
+          detached: this loss trains LensNet only), and lens_loss = the Bradley–Terry preference loss
+          on the measured ΔNLL of the sample's variants (mc/lens_loss.py; pair weights from the
+          advantage normaliser, optional KL and budget-smoothing terms per the --mc_lens_* knobs).
+  loss    lm_loss + variant_loss + gist_delta_weight * penalty + lens_loss_weight * lens_loss.
+
+LensNet's EMAs (advantage scale, budget mean) advance once per optimizer step: commit_step() after the
+step's last micro-batch (mc/train_step.py does it), all-reduced over ranks, so they are the same on
+every rank and for every micro-batch split; lens_state_dict()/load_lens_state() carry them through
+checkpoints (they are the only controller state).
 
 Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert them at log time):
   mc/lod_loss/L     mean NLL of entries at level of detail L (all rows)
+  mc/lod_frac/L     the LOD mix: fraction of the compressed variants' entries at level L
   mc/lod_delta/L    paired cost of context form: for entries at level L in compressed variants whose
                     target token t the baseline also predicts (t - 1 inside the baseline's window),
                     mean of NLL_variant(t) - NLL_baseline(t). L = 1: what predicting the next token
@@ -40,23 +50,21 @@ Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert the
   mc/gist_penalty, mc/total_loss, mc/wc_length (W_t), mc/variants_total (B*N compressed variants),
   mc/variants_per_sample (1+N), mc/effective_batch_size (R rows in the packed forward),
   mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
+  with LensNet: mc/lens_loss, mc/lens_pairs, mc/preference_corr_mean|max, mc/pref_span_corr,
+  mc/policy_score_abs_mean, mc/policy_score_std_mean (definitions in mc/lens_loss.py)
 Timings (ms, mc/time_<phase>_ms): tree, sample, build (= tree + sample), base_forward, variant,
-  metrics, controller (the whole call; forward only, backward is the trainer's).
+  lens_forward, lens_loss, metrics, controller (the whole call; forward only, backward is the trainer's).
 
 Dtypes: every tensor that enters the GPT goes through _to_model_dtype (the dtype/device of the GPT's
-weights), the caller's autocast applies to the GPT as in the plain training forward, and GistNet runs
-at --mc_aux_dtype (auto: bf16 autocast on CUDA, fp32 elsewhere; weights stay fp32 for the optimizer).
+weights), the caller's autocast applies to the GPT as in the plain training forward, and GistNet and
+LensNet run at --mc_aux_dtype (auto: bf16 autocast on CUDA, fp32 elsewhere; weights stay fp32 for the optimizer).
 Errors: any exception inside a phase is re-raised as MCControllerError naming the phase and the step.
 MC_MEMORY_DEBUG: pass memory_log=<path> and a memory snapshot is written after each phase.
 
-MCTrainStep wraps a controller for scripts/base_train.py: global row ids from the loader contract,
-metric/timing accumulation between log lines (MetricMeter), MC_MEMORY_DEBUG snapshots at log steps,
-and the log-time summary (W&B dict + one compact stdout line).
+The trainer-side wrapper (row ids, metric averaging, log lines, the once-per-step commit of
+LensNet's EMAs) is MCTrainStep in mc/train_step.py.
 """
 
-import math
-import os
-import traceback
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -65,12 +73,12 @@ import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
+from mc.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.positions import wc_cos_sin
-from mc.timing import MetricMeter, PhaseTimer, memory_snapshot
+from mc.timing import PhaseTimer, memory_snapshot
 from mc.tree import MegaContextTree
 from mc.variants import annealed_wc_length, duplicate_weights, hashed_uniform, sample_variants, unit_counts
 from mc.working_context import build_working_context, targets_for
-from nanochat.common import autocast_ctx
 
 
 class MCControllerError(RuntimeError):
@@ -122,7 +130,7 @@ class PositionalCaches(Mapping):
 
 @dataclass
 class MCResult:
-    loss: torch.Tensor  # scalar with grad: lm_loss + variant_loss + gist_delta_weight * penalty
+    loss: torch.Tensor  # scalar with grad: lm_loss + variant_loss + gist_delta_weight * penalty + lens term
     lm_loss: torch.Tensor  # detached full-sequence LM loss (train/loss)
     metrics: dict  # name -> 0-d tensor (detached) or number
     timer: PhaseTimer
@@ -156,6 +164,26 @@ class MCController:
         self.head_dim = model.config.n_embd // model.config.n_head
         self.pad_quantum = pad_quantum or default_pad_quantum(mc_config, model.config.sequence_len)
         self._targets = {}  # T -> target W (validated once per sequence length)
+        self.lensnet = getattr(mc_modules, "lensnet", None)
+        self.adv_normalizer = AdvantageNormalizer(mc_config.lens_adv_norm_beta)
+        self.budget_smoother = BudgetSmoother(mc_config.lens_budget_smooth_beta)
+
+    # ------------------------------------------------------------------ LensNet's step-level state
+    def commit_step(self, all_reduce=None):
+        """Fold this optimizer step's statistics into LensNet's EMAs (module docstring). all_reduce:
+        sums a tensor over ranks in place (None in one process)."""
+        self.adv_normalizer.commit(all_reduce)
+        self.budget_smoother.commit(all_reduce)
+
+    def lens_state_dict(self) -> dict:
+        """JSON-serialisable EMA state (syncs with the device: checkpoint time only)."""
+        return {"adv_scale": self.adv_normalizer.state_dict(), "budget_mean": self.budget_smoother.state_dict()}
+
+    def load_lens_state(self, state: dict | None):
+        device = self.model.get_device()
+        if state:
+            self.adv_normalizer.load_state_dict(state["adv_scale"], device)
+            self.budget_smoother.load_state_dict(state["budget_mean"], device)
 
     # ------------------------------------------------------------------ helpers
     def _to_model_dtype(self, t: torch.Tensor) -> torch.Tensor:
@@ -251,11 +279,26 @@ class MCController:
                 penalty = F.relu(horizon[:, 1:] - horizon[:, :1].detach()).mean()
                 if cfg.gist_delta_weight > 0:
                     loss = loss + cfg.gist_delta_weight * penalty
+            lens_metrics = {}
+            if self.lensnet is not None:
+                with self._phase(timer, "lens_forward", step, memory):
+                    with aux_ctx:
+                        scores = self.lensnet(wc)  # [R, L]; reads detached embeddings
+                with self._phase(timer, "lens_loss", step, None):
+                    lens = lens_preference_loss(
+                        scores.float(), wc, horizon.detach(), temperature=cfg.lens_temperature,
+                        hard_negative_ratio=cfg.lens_hard_negative_ratio, adv_normalizer=self.adv_normalizer,
+                        kl_weight=cfg.lens_kl_weight, budget_smoother=self.budget_smoother,
+                        budget_weight=cfg.lens_budget_smooth_weight, block_size=cfg.block_size, history_len=T)
+                    if cfg.lens_loss_weight > 0:
+                        loss = loss + cfg.lens_loss_weight * lens.loss
+                    lens_metrics = lens.metrics
             with self._phase(timer, "metrics", step, None):
                 metrics = self._metrics(nll.detach(), has, wc, vp.variant_idx, delta.detach(), B, T, V, L, W, H)
                 metrics.update({"mc/lm_loss": lm_loss.detach(), "mc/token_loss": variant_loss.detach(),
                                 "train/loss_lod0": row_loss.detach().view(B, V)[:, 0].mean(),
                                 "mc/gist_penalty": penalty.detach(), "mc/total_loss": loss.detach()})
+                metrics.update(lens_metrics)
         if memory is not None:
             with open(memory_log, "w") as f:
                 f.write("".join(memory))
@@ -275,9 +318,12 @@ class MCController:
         compressed = (variant_idx > 0)[:, None]
         present = [0] + [lvl for lvl, n in enumerate(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens), 1) if n]
         m = {}
+        in_compressed = wc.valid & compressed
+        n_compressed = in_compressed.sum().clamp(min=1)
         for level in present:
             at = has & (lod == level)
             m[f"mc/lod_loss/{level}"] = masked_mean(nll, at)
+            m[f"mc/lod_frac/{level}"] = (in_compressed & (lod == level)).sum() / n_compressed
             m[f"mc/lod_delta/{level}"] = masked_mean(nll - base_nll, at & in_base & compressed)
         d = delta.flatten()
         m["mc/adv_delta_mean"] = d.mean()
@@ -289,102 +335,3 @@ class MCController:
         m["mc/effective_batch_size"] = B * V
         m["mc/horizon_tokens"] = B * V * H
         return m
-
-
-def check_finite(value: float, name: str, step: int):
-    """Raise MCControllerError when a logged MC number is NaN/inf (called at log time, after the sync)."""
-    if not math.isfinite(value):
-        raise MCControllerError(f"MegaContext metric {name} is {value} at step {step}; lower the learning rates "
-                                f"or check --mc_* settings")
-
-
-class MCTrainStep:
-    """The trainer's MC micro-step: step(x, y, step, micro, log_step) -> (loss, lm_loss); log(...) at log time.
-
-    Rows: micro-batch k of optimizer step n on rank r holds global rows n*R + (k*world + r)*B + [0, B)
-    (R = total_batch_size / T, nanochat/dataloader.py), which seed the variants of each row."""
-
-    def __init__(self, controller: MCController, rows_per_step: int, B: int, rank: int, world_size: int,
-                 report_dir: str, memory_debug: bool = False, fail=None, telemetry=None):
-        """fail(message): called (after printing the traceback) when the MC step fails, e.g. the trainer's
-        die(); it must not return. Default: the MCControllerError propagates.
-        telemetry: a mc.telemetry provider; log() emits mc_timing and mc_batch_counters to it."""
-        self.controller, self.rows_per_step, self.B = controller, rows_per_step, B
-        self.rank, self.world_size = rank, world_size
-        self.report_dir, self.memory_debug, self.fail = report_dir, memory_debug, fail
-        self.telemetry = telemetry
-        self.meter = MetricMeter()
-
-    def _failed(self, e: MCControllerError, what: str):
-        if self.fail is None:
-            raise e
-        traceback.print_exc()
-        self.fail(f"{e}\n{what}")
-
-    def __call__(self, x, y, step: int, micro: int, log_step: bool):
-        row0 = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.B
-        row_ids = torch.arange(row0, row0 + x.size(0), device=x.device)
-        memory_log = None
-        if self.memory_debug and log_step and micro == 0:
-            os.makedirs(self.report_dir, exist_ok=True)
-            suffix = f"_rank{self.rank}" if self.rank else ""
-            memory_log = os.path.join(self.report_dir, f"mc_memory_step{step + 1}{suffix}.txt")
-        try:
-            with autocast_ctx(x.device.type):  # the trainer's autocast (bf16 on CUDA), as for the vanilla forward
-                result = self.controller.process_batch(x, y, step, row_ids=row_ids, memory_log=memory_log)
-        except MCControllerError as e:
-            self._failed(e, "training stopped: the MegaContext step failed (no fallback to the vanilla loss)")
-        self.meter.add(result.metrics)
-        self.meter.add_timer(result.timer, prefix="mc/time_")
-        return result.loss, result.lm_loss
-
-    def log(self, step: int, step_ms: float, grad_accum_steps: int):
-        """(metrics for W&B, one stdout line) averaged since the last call; raises MCControllerError when
-        the MC losses are not finite. The controller's share of a step = its per-micro-step time x accum
-        / step time (its forwards included); build share = tree + sampling, the work vanilla never does."""
-        try:
-            m = self.meter.means()
-        finally:
-            self.meter.reset()
-        for name in ("mc/token_loss", "mc/total_loss"):
-            try:
-                check_finite(m.get(name, 0.0), name, step)
-            except MCControllerError as e:
-                self._failed(e, "training stopped")
-        m["mc/grad_accum_steps"] = grad_accum_steps
-        m["mc/time_step_ms"] = step_ms
-        m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
-        m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
-        if self.telemetry is not None:
-            from mc.telemetry import emit_training_metrics
-            emit_training_metrics(self.telemetry, step, m)
-        nan = float("nan")
-        lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
-        line = (f"  mc | tok {m.get('mc/token_loss', nan):.4f} | base {m.get('train/loss_lod0', nan):.4f} | {lods}"
-                f" | Δ {m.get('mc/adv_delta_mean', nan):+.3f} (p95 {m.get('mc/adv_delta_p95', nan):+.3f})"
-                f" | W {m.get('mc/wc_length', 0):.0f} | ctl {m.get('mc/time_controller_ms', 0):.0f}ms×{grad_accum_steps}"
-                f" = {100 * m['mc/controller_share']:.0f}% of step (build {100 * m['mc/build_share']:.0f}%)")
-        return m, line
-
-
-def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
-    """The trainer's start-up lines about MC (plan: mc.auto_batch.BatchPlan)."""
-    text = (f"megacontext: W={cfg.wc_length(T)} entries (anneal from {cfg.wc_anneal_start_frac:g}×T), "
-            f"{cfg.num_random_variants} variants + recency baseline per row, block {cfg.block_size}, max LOD "
-            f"{cfg.max_lod}, GistNet {cfg.gistnet_type} ({n_params:,} params); auto-batch "
-            f"{'on' if cfg.auto_batch else 'off'}: {plan.device_batch_size} rows × {plan.grad_accum_steps} accum "
-            f"(row cost ≈{plan.multiplier:.2f}× vanilla, divisor {plan.divisor})")
-    if cfg.auto_batch and not plan.fits:
-        text += (f"\nmegacontext: warning: an MC row costs ≈{plan.multiplier:.2f}× a vanilla row but the micro-batch "
-                 f"cannot shrink below 1 row; expect more memory than the vanilla run")
-    return text
-
-
-def raise_recompile_limit(limit: int = 64):
-    """torch.compile: the packed forward sees a new padded length each time W crosses a pad quantum (at
-    most ~16 over a run); keep dynamo from falling back to eager after its default 8 recompiles."""
-    import torch._dynamo as dynamo
-
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(dynamo.config, name):
-            setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))

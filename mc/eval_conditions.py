@@ -15,15 +15,29 @@ caused by that representation:
     RECENCY   nothing: the window alone (the baseline a plain W-token model has)
     MEANPOOL  the coarsest gist covering of [0, cut), gists = mean of the block's embeddings
     MC        the same covering, gists from the checkpoint's GistNet
+    MC-fixed  the covering plus E extra entries of detail spent by a fixed, non-learned policy:
+              expand the most recent gist before the cut, one level at a time (recency-biased
+              detail: the LOD1 block just before the cut becomes raw first, then the one before it;
+              a LOD2 unit opens into LOD1 gists when it is the latest gist left)
+    MC-LensNet the covering refocused once by the checkpoint's LensNet + allocator (mc/focus.py)
+              under the budget covering + E, the raw window protected (run by the script)
     SHUFFLED  the same covering, gists taken from ANOTHER document (if the model uses the gists'
               content, this must be worse than MC, and no better than RECENCY)
-    ORACLE    MC's covering with the blocks holding the needed facts expanded to raw tokens
+    ORACLE    the covering with the blocks holding the needed facts expanded to raw tokens first;
+              what is left of E is then spent like MC-fixed, so ORACLE, MC-fixed and MC-LensNet
+              read the same number of entries whenever the needles cost <= E (else ORACLE uses more)
 The coarsest covering ("the most recent tokens raw, then LOD1 gists, LOD2 for far history when long
 enough") is the covering the allocator starts from: token t < cut sits in the coarsest aligned unit
 [j bs^l, (j+1) bs^l) that lies entirely inside [0, cut), l <= max_lod. With cut = 2976, bs = 32:
 [0, 2048) as two LOD2 gists, [2048, 2976) as 29 LOD1 gists, then the raw window. The cut must be
 block-aligned so that gists cover [0, cut) exactly and the raw window is the same as RECENCY's.
 Entries: n_2 + (n_1 - bs n_2) + W with n_l = cut // bs^l (max_lod = 2).
+
+The focus budget E (entries beyond the covering). Expanding a gist one level replaces 1 entry by bs:
++ (bs - 1) entries. A block inside a LOD2 unit becomes raw for 2 (bs - 1) (open the unit, then the
+block), each further block of the same unit for bs - 1 more. The script's default
+E = 4 (bs - 1) = 124 therefore lets ORACLE make any needle of up to 3 blocks inside one LOD2 unit raw
+(a passkey statement is ~15 tokens: 1-2 blocks) at exactly the budget MC-fixed and MC-LensNet get.
 
 Token sets, over the window's targets (index i = t - cut, t in [cut, T), target ids[t + 1]):
     horizon      the last H targets (i >= W - H): "the evaluated tail"
@@ -45,7 +59,10 @@ with its space) counts as an answer token.
 import numpy as np
 import torch
 
-CONDITIONS = ("FULL", "RECENCY", "MEANPOOL", "MC", "SHUFFLED", "ORACLE")
+from mc.working_context import entry_counts
+
+CONDITIONS = ("FULL", "RECENCY", "MEANPOOL", "MC", "MC-fixed", "MC-LensNet", "SHUFFLED", "ORACLE")
+FOCUSED = ("MC-fixed", "MC-LensNet", "ORACLE")  # conditions that get the focus budget E
 BOUNDARY_TOKENS = 64
 
 
@@ -101,9 +118,56 @@ def expand_to_raw(plan: torch.Tensor, token_spans, block_size: int = 32) -> torc
     return plan
 
 
-def oracle_plan(T: int, W: int, needle_spans, block_size: int = 32, max_lod: int = 2) -> torch.Tensor:
-    """The MC covering with the blocks that hold the needed facts (token spans [a, b)) kept raw."""
-    return expand_to_raw(covering_plan(T, W, block_size, max_lod), needle_spans, block_size)
+def plan_entries(plan: torch.Tensor, block_size: int = 32) -> int:
+    """Working-context entries of one plan int8 [T]."""
+    return int(entry_counts(plan[None], block_size)[0])
+
+
+def recency_focus(plan: torch.Tensor, budget: int, limit: int, block_size: int = 32) -> torch.Tensor:
+    """MC-fixed's policy: copy of `plan` with the most recent gist ending at or before token `limit`
+    expanded one level, again and again, while the entries stay <= budget.
+
+    Why this order: the latest gist is the one whose tokens lie closest to the raw window, so this is
+    "a longer raw window, then finer gists behind it" - the natural non-learned way to spend detail.
+    Each expansion costs bs - 1 entries; it stops when the next one would pass the budget or no gist
+    is left (then the whole history before `limit` is raw)."""
+    plan = plan.clone()
+    c = block_size - 1
+    n = plan_entries(plan, block_size)
+    while n + c <= budget:
+        gists = torch.nonzero(plan[:limit] > 0)
+        if gists.numel() == 0:
+            break
+        t = int(gists[-1])
+        level = int(plan[t])
+        span = block_size ** level
+        s = (t // span) * span
+        plan[s: s + span] = level - 1
+        n += c
+    return plan
+
+
+def fixed_focus_plan(T: int, W: int, budget_extra: int, block_size: int = 32, max_lod: int = 2) -> torch.Tensor:
+    """MC-fixed: the covering plus `budget_extra` entries of recency-biased detail (recency_focus)."""
+    base = covering_plan(T, W, block_size, max_lod)
+    return recency_focus(base, plan_entries(base, block_size) + budget_extra, check_cut(T, W, block_size), block_size)
+
+
+def oracle_plan(T: int, W: int, needle_spans, block_size: int = 32, max_lod: int = 2,
+                budget_extra: int | None = None) -> torch.Tensor:
+    """The MC covering with the blocks that hold the needed facts (token spans [a, b)) kept raw; with
+    budget_extra, the rest of that budget (if the needles left any) is spent like MC-fixed."""
+    base = covering_plan(T, W, block_size, max_lod)
+    plan = expand_to_raw(base, needle_spans, block_size)
+    if budget_extra is None:
+        return plan
+    return recency_focus(plan, plan_entries(base, block_size) + budget_extra, check_cut(T, W, block_size), block_size)
+
+
+def straddles(first_token: int, n_tokens: int, block_size: int = 32) -> bool:
+    """Whether tokens [first, first + n) cross a block boundary (their first and last block differ):
+    a gist boundary through a value is the hard case for a gist-based memory."""
+    return n_tokens > 0 and first_token // block_size != (first_token + n_tokens - 1) // block_size
 
 
 def diagnostic_plans(block_start: int, context: int, following: int, block_size: int = 32) -> dict:

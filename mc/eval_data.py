@@ -21,8 +21,10 @@ Four kinds:
           or " What is amber's value? ", answer = the value and the closing "." (so "482137" fails).
           The needle goes after a sentence end of the haystack (a word boundary when no sentence end fits),
           entirely before the cut, at the boundary closest to a uniformly drawn position; `straddle` asks
-          for a placement where the value's tokens cross a block boundary (a // bs != (a + n - 1) // bs)
-          or, when False, lie in one block.
+          for a placement where the value's tokens cross a block boundary (a // bs != (a + n - 1) // bs,
+          mc/eval_conditions.straddles) or, when False, lie in one block; probe_items asks for half of
+          each. The haystack is ONE synthetic document grown to >= T tokens (long_document raises its
+          target_chars; documents are never concatenated), so a 16 x W probe is one long story.
           Pieces are tokenized separately and concatenated; they meet at pre-token boundaries (a space
           before a word, "." after a value), where that equals tokenizing the whole text.
 - "task"  a row {"context", "question", "answer"} of --tasks FILE.jsonl: context + "\\n\\n" + question,
@@ -39,7 +41,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mc.eval_conditions import char_byte_offsets, char_span_to_tokens, is_long_range, nearest_source, token_byte_starts
+from mc.eval_conditions import (
+    char_byte_offsets,
+    char_span_to_tokens,
+    is_long_range,
+    nearest_source,
+    straddles,
+    token_byte_starts,
+)
 from nanochat.synthetic import LEDGER_KEYS, LEDGER_NAMES, VAULT_ADJS, VAULT_NOUNS, synthetic_document
 
 PROBE_INDEX_OFFSET = 1_000_000  # haystack documents: val indices far from the NLL documents' 0, 1, 2, ...
@@ -170,7 +179,7 @@ def probe_item(tokenizer, index: int, T: int, W: int, block_size: int, kind: str
                 a = start + len(pre)
                 if j > k or prefix < 0 or j - prefix < 0 or start + len(needle) > T - W:
                     continue
-                if ((a // block_size) != ((a + len(val) - 1) // block_size)) != straddle:
+                if straddles(a, len(val), block_size) != straddle:
                     continue
                 if best is None or abs(start - target) < abs(best[1] - target):
                     best = (j, start)
@@ -192,8 +201,10 @@ def probe_item(tokenizer, index: int, T: int, W: int, block_size: int, kind: str
 
 
 def probe_items(tokenizer, n: int, T: int, W: int, block_size: int, seed: int = 0) -> list:
-    """n probes: kinds alternate passkey / kv; every 4th needle (1 in 4) straddles a block boundary."""
-    return [probe_item(tokenizer, i, T, W, block_size, "passkey" if i % 2 == 0 else "kv", straddle=(i % 4 == 3),
+    """n probes: kinds alternate passkey / kv; in every run of 4, the last two needles' values straddle a
+    block boundary (half of each kind: equal groups give the straddling vs inside comparison its
+    tightest intervals)."""
+    return [probe_item(tokenizer, i, T, W, block_size, "passkey" if i % 2 == 0 else "kv", straddle=(i % 4 >= 2),
                        seed=seed) for i in range(n)]
 
 

@@ -14,7 +14,7 @@ gistnet_type:
              without parameters; no biases.
     pooling: "mean"  masked mean over the block's real tokens;
              "query" a learned query per head attends over the block (masked softmax of
-                     q . k / sqrt(d), k = norm(x) Wk) and takes the weighted mean of x itself;
+                     q . k / sqrt(d), k = norm(norm(x) Wk)) and takes the weighted mean of x itself;
              "cls"   a CLS slot is prepended to the block before the transformer blocks; its input is the
                      block's masked mean plus a learned vector, its output is the gist.
     head:    "mlp"    h + W2 relu(W1 norm(h))^2;  "linear" W h.

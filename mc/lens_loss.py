@@ -27,15 +27,17 @@ pairs; ratio = 1 keeps all). Those are the pairs where the measured preference i
 Bradley–Terry loss, over kept pairs K with optional weights w_ij:
     L_BT = sum_K w_ij * -log σ((s_i - s_j) / τ) / sum_K w_ij
 τ = lens_temperature (lower = sharper). With an AdvantageNormalizer, w_ij = clamp(gap_ij / scale, 0, 3)
-where scale is an EMA (beta = lens_adv_norm_beta) of the mean |ΔNLL - sample mean|: pairs with big
-measured differences count more, on a scale that is stable across training.
+where scale is a per-optimizer-step EMA (beta = lens_adv_norm_beta) of the per-sample spread
+mean |ΔNLL - sample mean|: pairs with big measured differences count more, on a scale that is stable
+across training. The EMAs here advance once per optimizer step (commit), from statistics summed over
+the step's micro-batches and ranks, so results do not depend on the micro-batch/process split.
 
 Stability helpers (simple, optional):
 - policy_kl: KL(p_ref || p) between per-row softmaxes of reference scores (e.g. a frozen copy's, or
   None = uniform) and current scores, over valid entries, / τ: keeps the policy from moving too fast.
 - BudgetSmoother: the row "budget pressure" b_r = mean of ŝ over valid entries (net expand vs collapse
-  demand); penalty mean_r (b_r - m)^2 with m an EMA (beta = lens_budget_smooth_beta) of the batch mean,
-  so the allocator's demand does not swing between steps.
+  demand); penalty mean_r (b_r - m)^2 with m a per-step EMA (beta = lens_budget_smooth_beta) of the
+  mean b_r, so the allocator's demand does not swing between steps.
 
 Metrics (0-d detached tensors, nothing syncs with the device):
   mc/lens_loss                 the total loss returned (BT + weighted regularizers)
@@ -123,29 +125,81 @@ def bradley_terry_loss(policy: torch.Tensor, pairs: torch.Tensor, temperature: f
     return (F.softplus(-z) * w).sum() / w.sum().clamp(min=1e-8)
 
 
-class AdvantageNormalizer:
-    """EMA of the ΔNLL scale (mean |ΔNLL - sample mean| over candidates); normalize() divides by it."""
+class _StepEMA:
+    """An EMA advanced once per optimizer step, from the mean of a statistic over all the step's
+    micro-batches and ranks. Inside a step every micro-batch reads the same committed value, so the
+    result does not depend on how the step's rows are split into micro-batches or processes (the
+    trainer's DDP-equivalence and exact-resume guarantees). Before the first commit `value` is None.
 
-    def __init__(self, beta: float = 0.99, eps: float = 1e-6):
-        self.beta, self.eps = beta, eps
-        self.scale = None  # 0-d tensor
+    observe(sum, count) accumulates on the device (no sync); commit(all_reduce=None) folds the
+    step's mean in (all_reduce: a function summing a tensor over ranks in place, e.g. the trainer's
+    dist.all_reduce; None in one process). state_dict() syncs: call it at checkpoint time only."""
 
-    def update(self, delta: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        delta = delta.detach()
-        centred = delta - _masked_mean(delta, cand, 1)[:, None]
-        cur = _masked_mean(centred.abs(), cand, (0, 1))
-        self.scale = cur if self.scale is None else self.beta * self.scale + (1 - self.beta) * cur
-        return self.scale
+    def __init__(self, beta: float):
+        self.beta = beta
+        self.value = None  # 0-d float32 tensor
+        self._acc = None  # [sum, count]
 
-    def normalize(self, delta: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
-        scale = self.update(delta, cand)
-        return delta / (scale + self.eps)
+    def observe(self, total: torch.Tensor, count: torch.Tensor):
+        obs = torch.stack([total.detach().float(), count.detach().float()])
+        self._acc = obs if self._acc is None else self._acc + obs
+
+    def commit(self, all_reduce=None):
+        if self._acc is None:
+            return
+        acc, self._acc = self._acc, None
+        if all_reduce is not None:
+            all_reduce(acc)
+        mean = acc[0] / acc[1].clamp(min=1.0)
+        # a step without observations, or with a non-finite one (a step the trainer's guard skips),
+        # leaves the EMA where it was; decided on the device, no sync
+        keep = (acc[1] <= 0) | ~torch.isfinite(mean)
+        if self.value is None:
+            self.value = torch.where(keep, torch.ones_like(mean), mean)  # no spread seen yet: unit scale
+        else:
+            self.value = torch.where(keep, self.value, self.beta * self.value + (1 - self.beta) * mean)
 
     def state_dict(self):
-        return {"scale": self.scale}
+        return {"value": None if self.value is None else float(self.value)}
 
-    def load_state_dict(self, state):
-        self.scale = state["scale"]
+    def load_state_dict(self, state, device=None):
+        v = state.get("value")
+        self.value = None if v is None else torch.tensor(v, dtype=torch.float32, device=device)
+        self._acc = None
+
+
+class AdvantageNormalizer:
+    """Pair weights w_ij = clamp(gap_ij / scale, 0, 3) on a scale that is stable across training.
+
+    scale = a per-step EMA (beta = --mc_lens_adv_norm_beta) of the per-sample ΔNLL spread
+    (mean |ΔNLL_v - mean_v ΔNLL| over the sample's candidates). Until the first commit (step 0) each
+    sample uses its own spread. Since the BT loss divides by sum w, the scale only matters through the
+    clamp: pairs more than 3 typical spreads apart stop counting more."""
+
+    def __init__(self, beta: float = 0.99, eps: float = 1e-6):
+        self.ema, self.eps = _StepEMA(beta), eps
+
+    @staticmethod
+    def spread(delta: torch.Tensor, cand: torch.Tensor):
+        """(per-sample spread [B], defined [B]: >= 1 candidate)."""
+        centred = delta - _masked_mean(delta, cand, 1)[:, None]
+        return _masked_mean(centred.abs(), cand, 1), cand.any(1)
+
+    def weights(self, gap: torch.Tensor, delta: torch.Tensor, cand: torch.Tensor) -> torch.Tensor:
+        """[B, V, V] pair weights; records this micro-batch's spreads for the step's commit."""
+        spread, ok = self.spread(delta.detach(), cand)
+        self.ema.observe((spread * ok).sum(), ok.sum())
+        scale = spread[:, None, None] if self.ema.value is None else self.ema.value
+        return (gap / (scale + self.eps)).clamp(0.0, 3.0)
+
+    def commit(self, all_reduce=None):
+        self.ema.commit(all_reduce)
+
+    def state_dict(self):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state, device=None):
+        self.ema.load_state_dict(state, device)
 
 
 def policy_kl(scores: torch.Tensor, valid: torch.Tensor, ref_scores: torch.Tensor | None = None,
@@ -163,26 +217,29 @@ def policy_kl(scores: torch.Tensor, valid: torch.Tensor, ref_scores: torch.Tenso
 
 
 class BudgetSmoother:
-    """Penalty mean_r (b_r - m)^2, b_r = mean valid ŝ of row r, m = EMA of the batch mean of b (detached)."""
+    """Penalty mean_r (b_r - m)^2: b_r = mean ŝ over row r's valid entries (the row's net demand to
+    expand or collapse), m = a per-step EMA (beta = --mc_lens_budget_smooth_beta) of the mean b_r;
+    before the first commit m = this micro-batch's mean (detached). Keeps the allocator's demand from
+    swinging between steps."""
 
     def __init__(self, beta: float = 0.9):
-        self.beta = beta
-        self.ema = None
+        self.ema = _StepEMA(beta)
 
     def penalty(self, scores: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
         b = _masked_mean(scores, valid, 1)
         rows = valid.any(1)
-        cur = _masked_mean(b.detach(), rows, 0)
-        target = cur if self.ema is None else self.ema
-        pen = _masked_mean((b - target).square(), rows, 0)
-        self.ema = cur if self.ema is None else self.beta * self.ema + (1 - self.beta) * cur
-        return pen
+        self.ema.observe((b.detach() * rows).sum(), rows.sum())
+        target = _masked_mean(b.detach(), rows, 0) if self.ema.value is None else self.ema.value
+        return _masked_mean((b - target).square(), rows, 0)
+
+    def commit(self, all_reduce=None):
+        self.ema.commit(all_reduce)
 
     def state_dict(self):
-        return {"ema": self.ema}
+        return self.ema.state_dict()
 
-    def load_state_dict(self, state):
-        self.ema = state["ema"]
+    def load_state_dict(self, state, device=None):
+        self.ema.load_state_dict(state, device)
 
 
 def _pearson(x, y, mask, dim):
@@ -257,10 +314,7 @@ def lens_preference_loss(scores: torch.Tensor, wc, horizon_nll: torch.Tensor, te
     policy = policy_scores(scores.to(torch.float32), wc, V, tail_start)
     pairs, gap = preference_pairs(delta, cand)
     pairs = hard_negative_filter(pairs, gap, hard_negative_ratio)
-    weight = None
-    if adv_normalizer is not None:
-        scale = adv_normalizer.update(delta, cand)
-        weight = (gap / (scale + adv_normalizer.eps)).clamp(0.0, 3.0)
+    weight = None if adv_normalizer is None else adv_normalizer.weights(gap, delta, cand)
     loss = bradley_terry_loss(policy, pairs, temperature, weight)
     if kl_weight > 0:
         loss = loss + kl_weight * policy_kl(scores, wc.valid, ref_scores, temperature)

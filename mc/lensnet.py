@@ -14,8 +14,12 @@ Then `layers` pre-norm blocks, bidirectional over the row's entries:
 (QK-norm, F.scaled_dot_product_attention with the key-padding mask, so padding is never attended to;
 MLP = relu(x W1)^2 W2, 4x hidden; norm = RMSNorm without parameters; no biases; no rotary: order
 information comes from the distance feature). Head:
-    "mlp":    score = tanh(w . relu(W1 norm(x))^2)
-    "linear": score = tanh(w . norm(x))
+    "mlp":    score = tanh(w . relu(W1 norm(x))^2 / 4d)
+    "linear": score = tanh(w . norm(x) / d)
+The readout is divided by its fan-in (muP-style): an optimizer step moves each of w's weights by about
+lr, all in a coherent direction early on, so an unscaled sum would move the pre-tanh score by ~lr * fan_in
+per step; measured (lab notebook, 2026-11-23): without the division every score reached ±1 (tanh
+saturated, zero gradient, preference corr 0) within ~20 steps of MC training, with Muon or AdamW.
 Padding slots get score 0.
 
 Initialisation: input projections U(-a, a), a = sqrt(3 / fan_in); the lod table N(0, 1); every output
@@ -134,4 +138,7 @@ class LensNet(nn.Module):
             h = F.relu(self.head_fc(norm(x))).square()
         else:
             h = norm(x)
-        return torch.tanh(self.head_out(h).squeeze(-1)) * valid.to(x.dtype)
+        # readout / fan_in (muP-style): an optimizer step moves every head weight by ~lr in a coherent
+        # direction, so an unscaled sum over 4d inputs would move the pre-tanh score by ~lr * 2d per
+        # step and saturate tanh (zero gradient, every entry at -1 or +1) within a few steps
+        return torch.tanh(self.head_out(h).squeeze(-1) / h.size(-1)) * valid.to(x.dtype)

@@ -3,7 +3,8 @@ MCModules: the trainable MegaContext networks that sit beside the GPT, as one nn
 
 - MCModules.from_config(mc_config, n_embd)   builds them from an MCConfig for a GPT of width n_embd
 - .gistnet                                   GistNet (mc/gistnet.py): block of embeddings -> one gist
-- .lensnet                                   None until LensNet lands (mc/lensnet.py)
+- .lensnet                                   LensNet (mc/lensnet.py): scores WC entries for the focus
+                                             allocator; None with --lensnet_type=none (fixed focus)
 - .matrix_params() / .adam_params()          how they join the GPT's optimizers: 2D weight matrices
                                              go to Muon, everything else (vectors, the pooling query)
                                              to AdamW (GPT.setup_optimizers(extra_matrix_params=...,
@@ -16,9 +17,10 @@ They are deliberately NOT a submodule of the GPT: GPT.state_dict() and GPT.param
 those of a vanilla model, so vanilla code (optimizer setup, eval, export) never trips over them.
 attach() stores them as plain attributes for the stages that need them (mid/SFT, chat --mc, mc_eval).
 
-GistNet heads: the GPT's own head size is not known here (only the width), so GistNet uses heads of
-128 channels where the width allows (n_embd // 128 heads), else one head over the whole width. This
-keeps GistNet's attention shape close to the GPT's at the usual head_dim=128.
+GistNet heads: the GPT's own head size is not known here (only the width), so GistNet aims at heads of
+128 channels (n_embd // 128 heads) and steps down to the largest head count that splits the width into
+equal, even-sized heads (448 -> 2 heads of 224; 64 -> 1 head). This keeps GistNet's attention shape
+close to the GPT's at the usual head_dim=128.
 """
 
 import dataclasses
@@ -27,12 +29,13 @@ import torch.nn as nn
 
 from mc.config import MCConfig
 from mc.gistnet import GistNet
+from mc.lensnet import LensNet
 
 PREFIX = "mc."
 
 
 def gistnet_heads(n_embd: int) -> int:
-    """Heads for a GistNet of this width: n_embd // 128 when that gives an even head size, else 1."""
+    """Heads for a GistNet of this width: at most n_embd // 128, the largest count giving equal even heads."""
     n = max(1, n_embd // 128)
     while n > 1 and (n_embd % n or (n_embd // n) % 2):
         n -= 1
@@ -52,23 +55,29 @@ class MCModules(nn.Module):
         gistnet = GistNet(n_embd, block_size=mc_config.block_size, gistnet_type=mc_config.gistnet_type,
                           layers=mc_config.gistnet_layers, pooling=mc_config.gistnet_pooling,
                           head=mc_config.gistnet_head, n_head=gistnet_heads(n_embd))
-        return cls(gistnet)
+        lensnet = None
+        if mc_config.lensnet_type == "transformer":
+            lensnet = LensNet(n_embd, layers=mc_config.lensnet_layers, head=mc_config.lensnet_head,
+                              max_lod=mc_config.max_lod)
+        return cls(gistnet, lensnet)
 
     def init_weights(self):
         self.gistnet.init_weights()
+        if self.lensnet is not None:
+            self.lensnet.init_weights()
 
     def matrix_params(self) -> list:
         """2D weight matrices, for Muon."""
         out = list(self.gistnet.matrix_params()) if self.gistnet.gistnet_type != "mean" else []
         if self.lensnet is not None:
-            out += [p for p in self.lensnet.parameters() if p.ndim == 2]
+            out += self.lensnet.matrix_params()
         return out
 
     def adam_params(self) -> list:
         """Every other parameter, for AdamW."""
         out = list(self.gistnet.vector_params()) if self.gistnet.gistnet_type != "mean" else []
         if self.lensnet is not None:
-            out += [p for p in self.lensnet.parameters() if p.ndim != 2]
+            out += self.lensnet.vector_params()
         return out
 
 
@@ -85,8 +94,9 @@ def split_mc_state(state: dict) -> tuple[dict, dict]:
 
 
 def config_from_meta(mc_meta: dict) -> MCConfig:
-    """MCConfig from meta["mc_config"] (dataclasses.asdict of the training config). Unknown or
-    missing fields raise ValueError naming them (a checkpoint from another code version)."""
+    """MCConfig from meta["mc_config"] (dataclasses.asdict of the training config). Unknown fields (a
+    checkpoint from a newer code version) raise ValueError naming them; missing ones (a checkpoint from
+    before a knob existed) take today's defaults."""
     names = {f.name for f in dataclasses.fields(MCConfig)}
     unknown = sorted(set(mc_meta) - names)
     if unknown:

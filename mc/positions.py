@@ -22,7 +22,8 @@ positional_type:
               but oscillates and changes sign at high frequency; the Gaussian damps monotonically.
               The Gaussian is centred on the entry's position (mu = the last token by default, a shift of
               (n-1)/2 from the exact centre, kept for consistency with "simple"; pass
-              entry_positions(..., anchor="center") for the exact expectation).
+              entry_positions(..., anchor="center") gives that expectation; the pipeline
+              (wc_cos_sin) always uses the last token, which measured better, see DESIGN.md).
               Note: the GPT applies QK-norm after the rotation, which rescales each rotated q/k vector
               back to unit RMS; the damping then acts as a relative reweighting of fast vs slow pairs
               (the gist's attention is driven by its coarse position), not as an absolute shrink.

@@ -21,6 +21,8 @@ Estimators:
   resampled documents) has no R: it is dropped and counted in `undefined_frac`; the point estimate is
   None when the denominator on all documents is <= 0.
 - percentile interval: the (alpha/2, 1 - alpha/2) quantiles of the replicates (alpha = 1 - level).
+- comparing two conditions by their intervals (ci_overlap): [lo_a, hi_a] and [lo_b, hi_b] overlap iff
+  lo_a <= hi_b and lo_b <= hi_a.
 
 Everything is numpy, vectorised over replicates: indices [n_boot, D], one gather and sum per array.
 """
@@ -115,3 +117,11 @@ def paired_bootstrap(sums: dict, counts, n_boot: int = 1000, seed: int = 0, leve
             out["gap_recovery"][c] = {"value": value, "lo": lo if value is not None else None,
                                       "hi": hi if value is not None else None, "undefined_frac": undefined}
     return out
+
+
+def ci_overlap(a: dict | None, b: dict | None) -> bool | None:
+    """Whether two {"lo", "hi"} intervals overlap (None when either has no interval). Non-overlapping
+    95% intervals are a conservative sign of a real difference; overlapping ones do not prove equality."""
+    if not a or not b or None in (a.get("lo"), a.get("hi"), b.get("lo"), b.get("hi")):
+        return None
+    return a["lo"] <= b["hi"] and b["lo"] <= a["hi"]

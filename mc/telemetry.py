@@ -41,15 +41,18 @@ SCHEMAS = {
                           "N_recency": "int", "N_allocated": "int", "N_siblings": "int", "N_deduped": "int"},
     "inference_update": {"session_id": "str", "tokens_ingested": "int", "wc_length": "int",
                          "swap_rate": "float", "residency": "float", "reprefill_tokens": "int",
-                         "generated_tokens": "int", "decode_ms_per_token": "float"},
+                         "generated_tokens": "int", "decode_ms_per_token": "float",
+                         "reprefill_per_token": "float"},
     "focus_allocator": {"session_id": "str", "expands": "int", "collapses": "int", "iterations": "int",
-                        "budget_used": "float"},
+                        "budget_used": "float", "forced": "int"},
     "mc_tree_snapshot": {"session_id": "str", "step": "int", "lod0_entries": "int", "lod1_entries": "int",
                          "lod2_entries": "int", "memory_bytes": "int"},
     "working_context_snapshot": {"session_id": "str", "step": "int", "wc_length": "int", "max_length": "int",
                                  "lod_histogram": "list[int]", "covered_tokens": "int",
                                  "recent_raw_tokens": "int"},
     "mc_preflight": {"service": "str", "pid": "int"},
+    "mc_alert": {"metric": "str", "step": "int", "value": "float", "band": "str", "severity": "str",
+                 "message": "str"},
 }
 
 

@@ -22,12 +22,17 @@ Why a crash can never leave a half checkpoint that looks complete:
      not written by this module: latest_step() skips it with a warning; load_checkpoint() on it raises.
 If files go bad later (disk trouble, manual copying), load_checkpoint() checks presence and sizes against
 meta.json and wraps torch.load errors into one CheckpointError that names the file and the fix.
+
+Test hook (tests/test_fault_resume.py): NANOCHAT_TEST_CHECKPOINT_PAUSE=<step>[:<seconds>] makes the save of
+that step stop for <seconds> (default 600) after every rank's files are in `step_N.tmp`, before meta.json and
+the rename, announcing it on stderr, so a test can SIGKILL the process in the middle of a checkpoint write.
 """
 
 import json
 import os
 import re
 import shutil
+import sys
 import time
 
 import torch
@@ -104,6 +109,16 @@ def _remove_stale(checkpoint_dir):
             shutil.rmtree(os.path.join(checkpoint_dir, name), ignore_errors=True)
 
 
+def _test_pause(step, tmp):
+    """The NANOCHAT_TEST_CHECKPOINT_PAUSE hook (module docstring); unset = nothing."""
+    hook = os.environ.get("NANOCHAT_TEST_CHECKPOINT_PAUSE", "")
+    if hook and int(hook.split(":")[0]) == int(step):
+        seconds = float(hook.split(":")[1]) if ":" in hook else 600.0
+        print(f"NANOCHAT_TEST_CHECKPOINT_PAUSE: pausing {seconds:g}s in {tmp} before meta.json and the rename",
+              file=sys.stderr, flush=True)
+        time.sleep(seconds)
+
+
 def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states: list | None, meta: dict,
                     rank=0, world_size=1, extra_rank_state: dict | None = None, keep_last_n: int | None = None):
     """Save one step atomically (see module docstring). Call on every rank: rank 0 writes model.pt and
@@ -128,6 +143,7 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states: list | 
         _write_atomic(os.path.join(tmp, f"rank{rank}.json"), lambda f: f.write(blob))
     _barrier()
     if rank == 0:
+        _test_pause(step, tmp)
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp)) if not n.endswith(".part")}
         full_meta = dict(meta)
         full_meta["_checkpoint"] = {"step": int(step), "world_size": world_size, "files": files,
@@ -170,6 +186,19 @@ def read_meta(checkpoint_dir, step) -> dict:
         assert isinstance(files, dict)
     except (ValueError, KeyError, TypeError, AssertionError) as e:
         raise _corrupt(checkpoint_dir, step, path, f"unreadable meta.json: {type(e).__name__}: {e}")
+    return meta
+
+
+def verify_checkpoint(checkpoint_dir, step) -> dict:
+    """meta.json of one step, after checking that every file it lists is present with its recorded size (cheap:
+    nothing is loaded). Raises CheckpointError naming the first bad file."""
+    meta = read_meta(checkpoint_dir, step)
+    for name, expected in meta["_checkpoint"]["files"].items():
+        path = os.path.join(step_dir(checkpoint_dir, step), name)
+        if not os.path.isfile(path):
+            raise _corrupt(checkpoint_dir, step, path, "file is missing")
+        if os.path.getsize(path) != expected:
+            raise _corrupt(checkpoint_dir, step, path, f"size {os.path.getsize(path)} bytes, meta.json says {expected}")
     return meta
 
 

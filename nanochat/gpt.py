@@ -296,7 +296,7 @@ class GPT(nn.Module):
         return cos, sin
 
     def forward(self, idx=None, targets=None, kv_cache=None, inputs_embeds=None, cos_sin_override=None,
-                key_padding_mask=None, loss_reduction="mean"):
+                key_padding_mask=None, loss_reduction="mean", last_only=False):
         """idx [B, T] long OR inputs_embeds [B, T, n_embd].
 
         targets [B, T] long (-1 = ignore) -> loss: 'mean' (scalar over non-ignored targets; 0 with a
@@ -306,6 +306,8 @@ class GPT(nn.Module):
         cos_sin_override: (cos, sin) each [B or 1, T, 1, head_dim/2], per-sample rotary positions.
         key_padding_mask: bool, True = real token; [B, T], or [B, cached + T] with a kv_cache.
         Padding keys are never attended to; outputs at padding positions are meaningless (finite).
+        last_only (no targets): logits of the last position only, [B, 1, vocab] -- a prefill that only
+        needs the next-token distribution skips the T x vocab head matmul (MC re-prefill, mc/session.py).
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")
@@ -330,6 +332,10 @@ class GPT(nn.Module):
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, attn_mask, is_causal)
         x = norm(x)
+        if last_only:
+            if targets is not None:
+                raise ValueError("last_only=True returns logits; it cannot be combined with targets")
+            x = x[:, -1:]
         logits = self.lm_head(x).float()
         if self.config.softcap:
             s = self.config.softcap

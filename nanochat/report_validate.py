@@ -5,22 +5,28 @@ Post-run validation (`python -m nanochat.report validate`): is this run ready to
     python -m nanochat.report validate --smoke_prompt "Hi"    # another smoke prompt
     python -m nanochat.report validate --no_smoke             # skip the smoke prompt (no model load)
 
-1. Report completeness: every expected section file in $NANOCHAT_BASE_DIR/report (EXPECTED_SECTIONS);
-   a missing one is listed with the stage command that writes it.
-2. Checkpoint audit: per stage (base/mid/sft/rl), each model tag and its latest complete step
-   (informational: a missing stage shows as "none" but does not fail the check by itself).
+1. Report completeness: every expected section file in $NANOCHAT_BASE_DIR/report (EXPECTED_SECTIONS, plus
+   "MC evaluation" when a base checkpoint is MegaContext-trained: meta.json has mc_config); a missing one
+   is listed with the stage command that writes it. report.md must exist, be newer than every section
+   (else it is stale: re-run generate) and have its plots (not "plots skipped"). Each *_curve.jsonl is
+   listed with its last step and token count.
+2. Checkpoint audit: per stage (base/mid/sft/rl), each model tag, its latest complete step and whether it
+   is an MC checkpoint (informational: a missing stage shows as "none" but does not fail by itself).
 3. Interactive smoke: `python -m scripts.chat_cli -i sft -p PROMPT` as a subprocess with a timeout;
    prints the reply and the latency (wall time of the whole command, model load included). It fails
    on a non-zero exit, a timeout or an empty reply.
 Exit code 0 when everything checked passes, 1 otherwise.
 """
 
+import glob
+import json
 import os
 import subprocess
 import sys
 import time
 
 from nanochat.checkpoint_manager import SOURCE_DIRS, latest_step
+from nanochat.report import NO_MATPLOTLIB, OUTPUT, read_curve
 
 # (section slug, title, stage command that writes it)
 EXPECTED_SECTIONS = [
@@ -34,14 +40,20 @@ EXPECTED_SECTIONS = [
     ("chat-sft", "Chat SFT", "python -m scripts.chat_sft"),
     ("chat-evaluation-sft", "Chat evaluation sft", "python -m scripts.chat_eval -i sft"),
 ]
+MC_SECTION = ("mc-evaluation", "MC evaluation", "python -m scripts.mc_eval --model_tag {tag}")
 DEFAULT_SMOKE_PROMPT = "Summarize MegaContext."
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def check_sections(report_dir: str) -> tuple[list, list]:
-    """(present titles, missing (title, command)) of EXPECTED_SECTIONS in report_dir."""
+def check_sections(report_dir: str, mc_tags=()) -> tuple[list, list]:
+    """(present titles, missing (title, command)) of EXPECTED_SECTIONS in report_dir, plus the MC evaluation
+    section when mc_tags (MegaContext-trained base checkpoints) is not empty."""
     present, missing = [], []
-    for slug, title, command in EXPECTED_SECTIONS:
+    expected = list(EXPECTED_SECTIONS)
+    if mc_tags:
+        slug, title, command = MC_SECTION
+        expected.append((slug, title, command.format(tag=mc_tags[0])))
+    for slug, title, command in expected:
         if os.path.isfile(os.path.join(report_dir, slug + ".md")):
             present.append(title)
         else:
@@ -56,6 +68,47 @@ def list_checkpoints(base_dir: str) -> dict[str, list[tuple[str, int | None]]]:
         root = os.path.join(base_dir, folder)
         tags = sorted(t for t in os.listdir(root) if os.path.isdir(os.path.join(root, t))) if os.path.isdir(root) else []
         out[stage] = [(tag, latest_step(os.path.join(root, tag))) for tag in tags]
+    return out
+
+
+def is_mc_checkpoint(base_dir: str, stage: str, tag: str, step: int | None) -> bool:
+    """Whether that checkpoint was MegaContext-trained (its meta.json has mc_config)."""
+    if step is None:
+        return False
+    path = os.path.join(base_dir, SOURCE_DIRS[stage], tag, f"step_{step:06d}", "meta.json")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return bool(json.load(f).get("mc_config"))
+    except (OSError, ValueError):
+        return False  # unreadable meta: load_model reports it properly; here it only decides a label
+
+
+def check_report_file(report_dir: str) -> str | None:
+    """Problem with report.md (missing, older than a section, plots skipped), or None when it is fine."""
+    path = os.path.join(report_dir, OUTPUT)
+    if not os.path.isfile(path):
+        return "report.md not generated (run python -m nanochat.report generate)"
+    sections = [p for p in glob.glob(os.path.join(report_dir, "*.md")) if os.path.basename(p) not in (OUTPUT, "header.md")]
+    newest = max((os.path.getmtime(p) for p in sections), default=0.0)
+    if os.path.getmtime(path) < newest:
+        return "report.md is older than some sections (stale: re-run python -m nanochat.report generate)"
+    with open(path, encoding="utf-8") as f:
+        if NO_MATPLOTLIB.split(":", 1)[0] in f.read():
+            return "report.md has no plots: matplotlib was missing when it was generated (pip install matplotlib, regenerate)"
+    return None
+
+
+def curve_summaries(report_dir: str) -> list[str]:
+    """One line per *_curve.jsonl: its last step and tokens (what the training stages got to)."""
+    out = []
+    for path in sorted(glob.glob(os.path.join(report_dir, "*_curve.jsonl"))):
+        rows = read_curve(path)
+        name = os.path.basename(path)
+        if not rows:
+            out.append(f"{name}: empty")
+            continue
+        last = max(rows, key=lambda r: (r.get("step", 0), r["tokens"]))
+        out.append(f"{name}: step {last.get('step', '?')}, {last['tokens']:,} tokens, {len(rows)} rows")
     return out
 
 
@@ -94,18 +147,28 @@ def validate(base_dir: str, smoke_prompt: str | None = DEFAULT_SMOKE_PROMPT, smo
     problems = []
     say(f"# Post-run validation of {base_dir}")
     say()
-    present, missing = check_sections(report_dir)
-    say(f"## Report sections ({len(present)}/{len(EXPECTED_SECTIONS)} present in {report_dir})")
+    checkpoints = list_checkpoints(base_dir)
+    mc_tags = [tag for tag, step in checkpoints["base"] if is_mc_checkpoint(base_dir, "base", tag, step)]
+    present, missing = check_sections(report_dir, mc_tags)
+    say(f"## Report sections ({len(present)}/{len(present) + len(missing)} present in {report_dir})")
     for title in present:
         say(f"  ok       {title}")
     for title, command in missing:
         say(f"  MISSING  {title}  <- written by: {command}")
         problems.append(f"report section '{title}' missing (run {command})")
+    report_problem = check_report_file(report_dir)
+    say(f"  {'ok      ' if report_problem is None else 'PROBLEM '} report.md" +
+        ("" if report_problem is None else f": {report_problem}"))
+    if report_problem:
+        problems.append(report_problem)
+    for line in curve_summaries(report_dir):
+        say(f"  curve    {line}")
     say()
     say("## Checkpoints (tag: latest complete step)")
-    for stage, tags in list_checkpoints(base_dir).items():
+    for stage, tags in checkpoints.items():
         folder = os.path.join(base_dir, SOURCE_DIRS[stage])
-        listing = ", ".join(f"{tag}: {'no complete step' if step is None else f'step {step}'}" for tag, step in tags)
+        listing = ", ".join(f"{tag}: {'no complete step' if step is None else f'step {step}'}"
+                            f"{' (MC)' if is_mc_checkpoint(base_dir, stage, tag, step) else ''}" for tag, step in tags)
         say(f"  {stage:<4} {listing or 'none'}  ({folder})")
     say()
     if smoke_prompt is None:

@@ -18,6 +18,8 @@ different micro-batches or GPU counts are token-for-token comparable (and curves
 
 Cadences (--eval_every, --core_metric_every, --sample_every, --save_every, --log_every) are token
 counts ("2M", "131072", -1 = off), never steps, so runs with different batch splits stay aligned.
+--resume=auto restores weights, optimizers, loader position and RNG (a finished run exits: "already complete");
+a NaN/inf loss or gradient stops training with a debug checkpoint, or skips the step (--nonfinite=skip).
 
 MegaContext (--mc_enabled=1 | --mc; flags in mc/config.py): micro-batches go through MCController
 (mc/controller.py; loss = LM loss + mean loss of 1 + N packed working contexts per row); GistNet joins the
@@ -40,7 +42,7 @@ from tqdm import tqdm
 
 from mc.config import add_mc_flags
 from nanochat.adamw import average_gradients
-from nanochat.checkpoint_manager import CheckpointError, latest_step, load_checkpoint, save_checkpoint
+from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, save_checkpoint, step_dir, verify_checkpoint
 from nanochat.common import (
     autocast_ctx,
     compute_cleanup,
@@ -60,7 +62,21 @@ from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
-from nanochat.training import CurveLog, all_reduce_mean, crossed, lr_multiplier, resume_problem
+from nanochat.training import (
+    CurveLog,
+    KeepLastResult,
+    NonFiniteGuard,
+    all_reduce_mean,
+    complete,
+    crossed,
+    loss_parts,
+    lr_multiplier,
+    muon_momentum,
+    restore_rng,
+    resume_problem,
+    resume_step,
+    rng_state,
+)
 
 # Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
 RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "total_batch_size",
@@ -111,6 +127,10 @@ def build_parser():
     a("--model_tag", default="", help="checkpoint folder name (default d<depth>)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
     a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    # numerical guard (nanochat/training.py NonFiniteGuard)
+    a("--nonfinite", default="stop", choices=["stop", "skip"],
+      help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
+    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
     # MegaContext
     a("--mc", action="store_true", help="shorthand for --mc_enabled=1")
     add_mc_flags(p)
@@ -141,18 +161,16 @@ def main(argv=None):
     # MegaContext config and micro-batch plan (before anything expensive: bad flags fail fast).
     mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
     mc_config = mc_plan = mc_modules = None
-    from mc.config import AWAITING_LENSNET, overridden_flags  # plain data, no MC code
-    stray, pending = overridden_flags(args), overridden_flags(args, AWAITING_LENSNET)
+    from mc.config import overridden_flags  # plain data, no MC code
+    stray = overridden_flags(args)
     if stray and not mc_enabled:
         die(f"{' '.join(stray)}: MegaContext flags do nothing in a vanilla run; add --mc_enabled=1 (or --mc), or drop them")
-    if pending and mc_enabled:
-        die(f"{' '.join(pending)}: LensNet and the focus allocator have not landed yet, so these knobs would have "
-            f"no effect; drop them")
     if mc_enabled:  # MC code is imported only here (the vanilla path never loads the controller)
         from mc.auto_batch import mc_batch_plan
         from mc.config import MCConfig
-        from mc.controller import MCController, MCTrainStep, describe, raise_recompile_limit
+        from mc.controller import MCController
         from mc.modules import MCModules, mc_state_dict, split_mc_state
+        from mc.train_step import MCTrainStep, describe, raise_recompile_limit
         try:
             mc_config = MCConfig.from_flags(args)
             mc_plan = mc_batch_plan(mc_config, args.total_batch_size, B, T, world_size, args.num_iterations)
@@ -218,40 +236,43 @@ def main(argv=None):
     adamw, muon = optimizers
 
     # ----------------------------------------------------------------------------------------------
-    # Resume.
+    # Resume: weights (GPT + MC modules), optimizers, loader position, RNG. A run whose final checkpoint
+    # exists says "already complete" and exits 0, so a re-run recipe passes this stage in seconds.
     model_tag = args.model_tag or (f"d{args.depth}_mc" if mc_enabled else f"d{args.depth}")
     checkpoint_dir = os.path.join(base_dir, "base_checkpoints", model_tag)
     user_config = vars(args).copy()
     start_step, loader_state, resumed_meta = 0, None, None
-    if args.resume not in ("", "none"):
-        step_to_load = latest_step(checkpoint_dir) if args.resume == "auto" else int(args.resume)
-        if step_to_load is None:
-            print0(f"--resume=auto: no checkpoint in {checkpoint_dir} yet, starting fresh")
-        else:
-            try:
-                model_state, optim_states, resumed_meta, rank_state = load_checkpoint(
-                    checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
-            except (CheckpointError, FileNotFoundError) as e:
-                die(str(e))
-            problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size)
-            if problem:
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
-            from mc.modules import resume_mismatch
-            mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
-            if mc_problem:
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {mc_problem}. Re-run with the original "
-                    f"MegaContext flags, or use a new --model_tag for a new run")
-            if mc_enabled:
-                model_state, mc_state = split_mc_state(model_state)
-                mc_modules.load_state_dict(mc_state, strict=True)
-            orig_model.load_state_dict(model_state, strict=True)
-            for opt, state in zip(optimizers, optim_states):
-                opt.load_state_dict(state)
-            start_step = resumed_meta["step"]
-            loader_state = rank_state["loader"]
-            torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))
-            print0(f"resumed from {checkpoint_dir} step {start_step}")
-            del model_state, optim_states
+    step_to_load = resume_step(args.resume, checkpoint_dir)
+    if step_to_load is not None:
+        try:
+            resumed_meta = verify_checkpoint(checkpoint_dir, step_to_load)
+        except CheckpointError as e:
+            die(str(e))
+        from mc.modules import resume_mismatch
+        mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
+        problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size, vars(model_config))
+        if problem or mc_problem:
+            die(f"cannot resume {checkpoint_dir} step {step_to_load}: " + (problem or f"{mc_problem}. Re-run with "
+                f"the original MegaContext flags, or use a new --model_tag for a new run"))
+        if complete("base_train", checkpoint_dir, step_to_load, num_iterations):
+            compute_cleanup()
+            return
+        try:
+            model_state, optim_states, resumed_meta, rank_state = load_checkpoint(
+                checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+        except (CheckpointError, FileNotFoundError) as e:
+            die(str(e))
+        if mc_enabled:
+            model_state, mc_state = split_mc_state(model_state)
+            mc_modules.load_state_dict(mc_state, strict=True)
+        orig_model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+        start_step = resumed_meta["step"]
+        loader_state = rank_state["loader"]
+        restore_rng(rank_state, device)
+        print0(f"resumed from {checkpoint_dir} step {start_step}")
+        del model_state, optim_states
 
     train_loader = DistributedTokenLoader(tokenizer, B, T, "train", source, rank=rank, world_size=world_size,
                                           device=device, state=loader_state)
@@ -261,16 +282,11 @@ def main(argv=None):
                                       world_size=world_size, device=device)
 
     # ----------------------------------------------------------------------------------------------
-    # Schedules: lr multiplier from nanochat.training (warmup → flat → linear warmdown). Muon momentum
-    # ramps 0.85 → 0.95 over 300 steps: low momentum early, while the loss landscape changes fast.
-    def muon_momentum(step):
-        frac = min(step / 300, 1)
-        return (1 - frac) * 0.85 + frac * 0.95
-
-    # ----------------------------------------------------------------------------------------------
     # Logging.
     wandb_run = init_wandb(args.run, "nanochat", user_config, master)
     peak_flops = get_peak_flops(device)
+    from mc.alerts import BandMonitor  # plain-Python band checks (no MC compute); MFU band only, on CUDA
+    mfu_alerts = BandMonitor(device_type, only=("train/mfu",), warmup_steps=min(100, num_iterations // 10))
     print0(f"model: depth={args.depth} width={n_embd} heads={n_head}/{n_head // args.kv_head_ratio} "
            f"vocab={model_config.vocab_size} params={num_params:,} flops/token={flops_per_token:.3e}")
     print0(f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × "
@@ -281,19 +297,25 @@ def main(argv=None):
         print0(mc_summary)
     curve = CurveLog(os.path.join(base_dir, "report", "base_train_curve.jsonl"), master, start_step)
 
-    def save(step):
+    def save(step, directory=checkpoint_dir, loader_state=None, extra_meta=None):
         meta = {"step": step, "model_config": vars(model_config), "user_config": user_config,
                 "world_size": world_size, "device_batch_size": B, "max_seq_len": T,
-                "val_bpb": last_val_bpb, "num_iterations": num_iterations}
+                "val_bpb": last_val_bpb, "num_iterations": num_iterations, **(extra_meta or {})}
         model_state = orig_model.state_dict()
         if mc_enabled:
             meta["mc_config"] = dataclasses.asdict(mc_config)
             meta["mc_grad_accum_steps"] = grad_accum_steps
+            meta["mc_train_state"] = mc_step.state_dict()  # LensNet's EMAs (same on every rank)
             model_state = {**model_state, **mc_state_dict(mc_modules)}
-        rank_state = {"loader": loader_state_in_hand, "cpu_rng": torch.get_rng_state().tolist()}
-        save_checkpoint(checkpoint_dir, step, model_state, [o.state_dict() for o in optimizers], meta,
-                        rank=rank, world_size=world_size, extra_rank_state=rank_state, keep_last_n=args.keep_last)
-        print0(f"saved checkpoint {checkpoint_dir}/step_{step:06d}")
+        rank_state = {"loader": loader_state or loader_state_in_hand, **rng_state(device)}
+        save_checkpoint(directory, step, model_state, [o.state_dict() for o in optimizers], meta, rank=rank,
+                        world_size=world_size, extra_rank_state=rank_state,
+                        keep_last_n=args.keep_last if directory == checkpoint_dir else None)
+        print0(f"saved checkpoint {step_dir(directory, step)}")
+        return step_dir(directory, step)
+
+    def save_debug(step, message):  # the state before `step` (1-based), under debug/: resume never loads it
+        return save(step, os.path.join(checkpoint_dir, "debug"), step_loader_state, {"step": step - 1, "nonfinite": message})
 
     # ----------------------------------------------------------------------------------------------
     # The training forward of one micro-batch: (loss to backpropagate, detached LM loss for train/loss).
@@ -310,6 +332,9 @@ def main(argv=None):
                               report_dir=os.path.join(base_dir, "report"), fail=die,
                               memory_debug=os.environ.get("MC_MEMORY_DEBUG", "0") not in ("", "0"),
                               telemetry=telemetry)
+        if resumed_meta is not None:
+            mc_step.load_state_dict(resumed_meta.get("mc_train_state"))
+        mc_step.controller = mc_results = KeepLastResult(mc_step.controller)  # the guard names the MC loss parts
         train_forward = mc_step  # runs under the same autocast_ctx as the vanilla forward
     else:
         def train_forward(x, y, step, micro, log_step):
@@ -323,6 +348,7 @@ def main(argv=None):
     min_val_bpb = float("inf")
     loss_sum = torch.zeros((), device=device)  # summed on device; read only at log time (no per-step sync)
     loss_count = 0
+    guard = NonFiniteGuard(args.nonfinite, device, orig_model, mc_modules, args.debug_inject_nan_step)
     train_time = 0.0
     interval_tokens, interval_time, interval_steps = 0, 0.0, 0
     progress = tqdm(total=num_iterations, initial=start_step, desc="base_train", unit="step", disable=None if master else True,
@@ -340,7 +366,7 @@ def main(argv=None):
             model.eval()
             eval_steps = max(1, args.eval_tokens // val_tokens_per_fwdbwd)
             with autocast_ctx(device_type):
-                last_val_bpb = evaluate_bpb(model, build_val_loader_batches(build_val_loader()), eval_steps, token_bytes)
+                last_val_bpb = evaluate_bpb(model, build_val_loader(), eval_steps, token_bytes)
             min_val_bpb = min(min_val_bpb, last_val_bpb)
             print0(f"step {step:05d} | tokens {tokens_now:,} | val bpb {last_val_bpb:.4f}")
             wandb_run.log({"step": step, "train/tokens": tokens_now, "val/bpb": last_val_bpb})
@@ -377,10 +403,12 @@ def main(argv=None):
         log_step = args.log_every <= 0 or crossed(tokens_now, tokens_after, args.log_every) or step + 1 == num_iterations
         synchronize(device_type)
         t0 = time.time()
+        step_loader_state, step_loss = loader_state_in_hand, torch.zeros((), device=device)
         for micro in range(grad_accum_steps):
             loss, lm_loss = train_forward(x, y, step, micro, log_step)
-            loss_sum += lm_loss
-            loss_count += 1
+            loss = guard.poison(loss, step + 1, micro)
+            guard.watch(micro, loss, loss_parts(mc_results.last.metrics) if mc_enabled else None)
+            step_loss += lm_loss
             (loss / grad_accum_steps).backward()
             loader_state_in_hand = train_loader.state_dict()
             x, y = train_loader.next_batch()  # prefetch while the GPU works
@@ -388,16 +416,18 @@ def main(argv=None):
             # Average gradients across processes *before* clipping, so the clip sees the true global
             # gradient and every process applies the same update as a single big-batch process would.
             average_gradients(train_params)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(train_params, args.grad_clip)
         lrm = lr_multiplier(step / num_iterations, args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-        for group in muon.param_groups:
-            group["momentum"] = muon_momentum(step)
-        for opt in optimizers:
-            opt.step()
+        # finite loss and gradient → clip; else stop (default) or skip. This step's one host sync.
+        if guard.check(step + 1, train_params, args.grad_clip, save_debug):
+            for opt in optimizers:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+            for group in muon.param_groups:
+                group["momentum"] = muon_momentum(step)
+            for opt in optimizers:
+                opt.step()
+            loss_sum += step_loss
+            loss_count += grad_accum_steps
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         synchronize(device_type)
@@ -409,7 +439,7 @@ def main(argv=None):
         progress.update(1)
 
         interval_steps += 1
-        if log_step:
+        if log_step and loss_count:  # (none when every step since the last log was skipped as non-finite)
             mean_loss = loss_sum / max(loss_count, 1)
             if ddp:
                 mean_loss = all_reduce_mean(mean_loss.clone())
@@ -427,12 +457,16 @@ def main(argv=None):
                 mfu_text = f" | mfu {100 * mfu:.1f}%"
             line = (f"step {step + 1:05d}/{num_iterations} | loss {train_loss:.4f} | lrm {lrm:.2f} | "
                     f"dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}{mfu_text}")
+            line += "".join("\n" + a.line for a in mfu_alerts.check(step + 1, metrics))
             curve_row = {"step": step + 1, "tokens": tokens_after, "train_loss": train_loss}
             if mc_enabled:  # + the "mc |" line; the curve keeps the MC token loss and the recency baseline's
                 mc_metrics, mc_line = mc_step.log(step + 1, interval_time * 1000 / max(interval_steps, 1), grad_accum_steps)
                 metrics.update(mc_metrics)
                 line += "\n" + mc_line
                 curve_row.update(mc_token_loss=mc_metrics.get("mc/token_loss"), mc_loss_lod0=mc_metrics.get("train/loss_lod0"))
+                curve_row.update({k: v for k, v in mc_metrics.items()  # for the report's LOD-mix and ΔNLL plots
+                                  if k.startswith(("mc/lod_loss/", "mc/lod_frac/", "mc/adv_delta_", "mc/lens_loss",
+                                                   "mc/preference_corr_mean"))})
             if master:
                 tqdm.write(line)
             wandb_run.log(metrics)
@@ -450,7 +484,7 @@ def main(argv=None):
         "FLOPs per token": f"{flops_per_token:.3e}", "Data source": source.kind,
         "Final val bpb": last_val_bpb, "Minimum val bpb": min_val_bpb if min_val_bpb < float("inf") else None,
         "Mean step time (s)": round(train_time / timed_steps, 4) if train_time else None,
-        "Training time (min)": round(train_time / 60, 2),
+        "Training time (min)": round(train_time / 60, 2), "Skipped non-finite steps": guard.skipped,
         "Peak memory (MiB)": round(torch.cuda.max_memory_allocated() / 2**20) if device_type == "cuda" else None,
     }
     if mc_enabled:
@@ -461,11 +495,6 @@ def main(argv=None):
     if telemetry is not None:
         telemetry.shutdown()  # flushes the batched spans
     compute_cleanup()
-
-
-def build_val_loader_batches(loader):
-    while True:
-        yield loader.next_batch()
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Chat with a trained model in the terminal, streaming the reply as it is generate
     python -m scripts.chat_cli -i mid -g d12 -s 500  # a given stage / model tag / step
     python -m scripts.chat_cli -p "Why is the sky blue?"   # one question, answer, exit
     python -m scripts.chat_cli --mc                  # MegaContext session: chats longer than the context
+    python -m scripts.chat_cli --mc --mc_stats       # ... and print the session's numbers after each reply
 
 Interactive commands: 'quit' (or 'exit', Ctrl-D) leaves, 'clear' starts a new conversation.
 
@@ -13,8 +14,12 @@ The conversation is kept as tokens in the chat format of nanochat.tokenizer (<|b
 the whole conversation is the prompt of nanochat.engine.Engine. A plain GPT only sees
 model.config.sequence_len tokens: a reply gets at most the room left in that context, and a
 conversation that no longer fits ends with a message (type 'clear', or restart with --mc) instead of a
-crash. With --mc the checkpoint's MegaContext modules and the MC inference session (mc.session.MCSession,
-an Engine-compatible generator without that limit) carry the chat instead.
+crash. With --mc the checkpoint's MegaContext modules carry the chat instead: nanochat.engine.MCEngine
+keeps ONE mc.session.MCSession for the whole conversation (each turn ingests only the new user message,
+refocuses, and generates; 'clear' starts a new session), so replies are never cut by the context.
+--mc_infer_wc_length / --mc_infer_refocus_interval override the checkpoint's working-context budget W
+and refocus interval (W + interval must fit the model's sequence_len); MC_OTEL_ENDPOINT sends the
+session's telemetry (inference_update, focus_allocator, ...) like training does.
 """
 
 import argparse
@@ -22,7 +27,7 @@ import sys
 
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_init, die
-from nanochat.engine import ContextTooLongError, Engine
+from nanochat.engine import ContextTooLongError, Engine, MCEngine
 from nanochat.tokenizer import TokenizerError
 
 
@@ -39,12 +44,21 @@ def parse_args(argv=None):
     p.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda | cpu | mps (empty = autodetect)")
     p.add_argument("--mc", action="store_true", help="use the MegaContext inference session (unbounded chats)")
+    p.add_argument("--mc_infer_wc_length", type=int, default=None,
+                   help="--mc: working-context budget W in entries (default: the checkpoint's, capped so W + "
+                        "refocus interval fits sequence_len)")
+    p.add_argument("--mc_infer_refocus_interval", type=int, default=None,
+                   help="--mc: tokens between LensNet refocuses while decoding (default: the checkpoint's)")
+    p.add_argument("--mc_stats", action="store_true", help="--mc: print the session's numbers after each reply")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
     args = p.parse_args(argv)
     if args.temperature < 0:
         p.error(f"--temperature must be >= 0, got {args.temperature}")
     if args.max_tokens < 1:
         p.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
+    for name in ("mc_infer_wc_length", "mc_infer_refocus_interval", "mc_stats"):
+        if getattr(args, name) not in (None, False) and not args.mc:
+            p.error(f"--{name} only applies to MegaContext chats: add --mc")
     return args
 
 
@@ -52,22 +66,31 @@ class ContextFull(Exception):
     """The conversation no longer fits the model's context (the message says what to do)."""
 
 
-def make_generator(model, tokenizer, use_mc: bool):
-    """An Engine, or with --mc the MegaContext session (Engine-compatible .generate); clear errors otherwise."""
+def make_generator(model, tokenizer, use_mc: bool, args=None, telemetry=None):
+    """An Engine, or with --mc an MCEngine over one MegaContext session; clear errors otherwise."""
     if not use_mc:
         return Engine(model, tokenizer)
     if getattr(model, "mc_modules", None) is None:
         die("--mc needs a checkpoint trained with MegaContext (it holds GistNet/LensNet weights, meta['mc_config']); "
             "this checkpoint has no MC modules. Drop --mc to chat within the model's context of "
-            f"{model.config.sequence_len} tokens, or load an MC-trained checkpoint (-i/-g/-s).")
+            f"{model.config.sequence_len} tokens, or train one with `python -m scripts.base_train --mc_enabled=1` "
+            "(`bash run10.sh --profile mc`) and load it (-i/-g/-s).")
+    from mc.session import MCSessionError
+
     try:
-        from mc.session import MCSession
-    except ModuleNotFoundError as e:
-        if e.name not in ("mc", "mc.session"):
-            raise
-        die("the MegaContext inference session (mc/session.py) has not landed in this version yet, so --mc chats "
-            f"are not available; drop --mc to chat within the model's context of {model.config.sequence_len} tokens.")
-    return MCSession(model, tokenizer)
+        return MCEngine(model, tokenizer, reuse_session=True, W=getattr(args, "mc_infer_wc_length", None),
+                        refocus_interval=getattr(args, "mc_infer_refocus_interval", None), telemetry=telemetry)
+    except MCSessionError as e:
+        die(str(e))
+
+
+def mc_stats_line(session) -> str:
+    """One line of the session's numbers (--mc_stats)."""
+    st = session.stats()
+    return (f"[mc: history {st['history_tokens']} tokens, WC {st['wc_entries']}/{st['W']} entries "
+            f"(lod {st['lod_histogram']}), {st['refocuses']} refocuses, mean swap rate {st['mean_swap_rate']:.3f}, "
+            f"re-prefill {st['reprefill_per_token']:.2f} entries/token, KV <= {st['max_kv_entries']} entries, "
+            f"tree {st['tree_bytes'] / 1024:.1f} KiB]")
 
 
 class Chat:
@@ -128,6 +151,8 @@ class Chat:
             raise ContextFull(f"[{e}]") from None
         final = self.tokenizer.decode(reply)
         out.write(final[len(printed):] + "\n")
+        if getattr(a, "mc_stats", False) and getattr(self.generator, "session", None) is not None:
+            out.write(mc_stats_line(self.generator.session) + "\n")
         if not stopped and len(reply) == max_tokens and max_tokens < a.max_tokens:
             out.write(f"[reply cut off: the model's context of {self.sequence_len} tokens is full. {self.fix_hint}, "
                       f"or restart with --mc for conversations longer than the context.]\n")
@@ -170,18 +195,30 @@ def main(argv=None) -> int:
         model, tokenizer, meta = load_model(args.source, device, phase="eval", model_tag=args.model_tag, step=args.step)
     except (CheckpointError, TokenizerError, ValueError) as e:
         die(str(e))
-    generator = make_generator(model, tokenizer, args.mc)
-    chat = Chat(generator, tokenizer, model.config.sequence_len, args, device.type, unbounded=args.mc)
-    if args.prompt:
-        chat.fix_hint = "Shorten the prompt"
+    telemetry = None
+    if args.mc:
+        from mc.telemetry import provider_from_env
+
         try:
-            chat.reply(args.prompt, sys.stdout)
-        except ContextFull as e:
-            print(e, file=sys.stderr, flush=True)
-            return 1
+            telemetry = provider_from_env("megacontext-chat")
+        except (ValueError, RuntimeError) as e:
+            die(str(e))
+    generator = make_generator(model, tokenizer, args.mc, args, telemetry)
+    chat = Chat(generator, tokenizer, model.config.sequence_len, args, device.type, unbounded=args.mc)
+    try:
+        if args.prompt:
+            chat.fix_hint = "Shorten the prompt"
+            try:
+                chat.reply(args.prompt, sys.stdout)
+            except ContextFull as e:
+                print(e, file=sys.stderr, flush=True)
+                return 1
+            return 0
+        interactive(chat)
         return 0
-    interactive(chat)
-    return 0
+    finally:
+        if telemetry is not None:
+            telemetry.shutdown()
 
 
 if __name__ == "__main__":

@@ -23,6 +23,8 @@ Cadences are token counts of rollout sequences (prompt + reply, summed over all 
 --eval_every runs pass@k on the first --eval_examples held-out questions (k = 1..--eval_samples
 samples at --temperature), --save_every saves a checkpoint. Output: chatrl_checkpoints/<tag>,
 report/chat_rl_curve.jsonl (train_loss = -J, plus mean reward), report section "Chat RL".
+--resume=auto continues from this stage's newest checkpoint (a finished run exits: "already complete"); a
+NaN/inf loss or gradient stops training with a debug checkpoint, or skips the step (--nonfinite=skip).
 """
 
 import argparse
@@ -53,6 +55,7 @@ from nanochat.checkpoint_manager import (
     latest_step,
     load_checkpoint,
     save_checkpoint,
+    step_dir,
 )
 from nanochat.common import (
     autocast_ctx,
@@ -65,7 +68,16 @@ from nanochat.common import (
     print0,
 )
 from nanochat.report import get_report
-from nanochat.training import CurveLog, crossed, resume_problem
+from nanochat.training import (
+    CurveLog,
+    NonFiniteGuard,
+    complete,
+    crossed,
+    restore_rng,
+    resume_problem,
+    resume_step,
+    rng_state,
+)
 
 RESUME_MUST_MATCH = ("task", "examples_per_step", "num_samples", "seed", "init_lr_frac", "max_new_tokens",
                      "temperature", "top_k", "num_iterations")
@@ -104,6 +116,9 @@ def build_parser():
     a("--model_tag", default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
     a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    a("--nonfinite", default="stop", choices=["stop", "skip"],
+      help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
+    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
     return p
 
 
@@ -160,11 +175,13 @@ def rollout(engine, tokenizer, task, conversation, num_samples, batch_size, args
     return out
 
 
-def policy_gradient_backward(model, rows, num_sampled: float, world_size: int, batch_size: int, pad_id: int, device):
+def policy_gradient_backward(model, rows, num_sampled: float, world_size: int, batch_size: int, pad_id: int, device,
+                             guard=None, step: int = 0):
     """Backpropagate -J for rows [(ids, mask, advantage)] in micro-batches of batch_size rows.
     J_local = Σ_rows A Σ_{t: mask[t+1]=1} log π(ids[t+1] | ids[:t+1]); each micro-batch backpropagates
     -J_micro × world_size / num_sampled (num_sampled = N of the whole step, all processes), so after the
-    gradient average over processes the gradient is that of -J / N. Returns J_local (detached, float64)."""
+    gradient average over processes the gradient is that of -J / N. Returns J_local (detached, float64).
+    guard: a NonFiniteGuard that watches each micro-batch's loss of optimizer step `step` (1-based)."""
     objective = torch.zeros((), dtype=torch.float64, device=device)
     for k in range(0, len(rows), batch_size):
         chunk = rows[k:k + batch_size]
@@ -173,7 +190,11 @@ def policy_gradient_backward(model, rows, num_sampled: float, world_size: int, b
         with autocast_ctx(torch.device(device).type):
             logp = -model(x, y, loss_reduction="none")  # [b, L] log-probs of the targets, 0 where y == -1
         term = (logp * adv[:, None]).sum()
-        (-term * (world_size / max(num_sampled, 1))).backward()
+        loss = -term * (world_size / max(num_sampled, 1))
+        if guard is not None:
+            loss = guard.poison(loss, step, k // batch_size)
+            guard.watch(k // batch_size, loss)
+        loss.backward()
         objective += term.detach().double()
     return objective
 
@@ -216,22 +237,19 @@ def main(argv=None):
         die(f"{e} (--source={args.source})")
     checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS["rl"], args.model_tag or src_tag)
     start_step, meta, optim_states = 0, None, None
-    if args.resume not in ("", "none"):
-        if args.resume != "auto" and not args.resume.isdigit():
-            die(f"--resume={args.resume!r}: use '' (fresh), 'auto' (latest checkpoint) or a step number")
-        step_to_load = latest_step(checkpoint_dir) if args.resume == "auto" else int(args.resume)
-        if step_to_load is not None:
-            try:
-                _, optim_states, meta, rank_state = load_checkpoint(checkpoint_dir, step_to_load, device,
-                                                                    load_optimizer=True, rank=rank)
-                model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
-            except (CheckpointError, FileNotFoundError) as e:
-                die(str(e))
-            problem = resume_problem(meta, user_config, RESUME_MUST_MATCH, world_size)
-            if problem:
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
-            start_step = meta["step"]
-            torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))
+    step_to_load = resume_step(args.resume, checkpoint_dir)
+    if step_to_load is not None:
+        try:
+            _, optim_states, meta, rank_state = load_checkpoint(checkpoint_dir, step_to_load, device,
+                                                                load_optimizer=True, rank=rank)
+            model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
+        except (CheckpointError, FileNotFoundError) as e:
+            die(str(e))
+        problem = resume_problem(meta, user_config, RESUME_MUST_MATCH, world_size)
+        if problem:
+            die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
+        start_step = meta["step"]
+        restore_rng(rank_state, device)
     if meta is None:
         src_dir = os.path.join(src_root, src_tag)
         src_step = args.source_step if args.source_step >= 0 else latest_step(src_dir)
@@ -263,6 +281,10 @@ def main(argv=None):
     except (FileNotFoundError, ValueError, RuntimeError, ImportError, OSError) as e:
         die(f"cannot load the {args.task} task: {e}")
     num_iterations = args.num_iterations if args.num_iterations > 0 else max(1, len(train_task) // args.examples_per_step)
+    if meta is not None and complete("chat_rl", checkpoint_dir, start_step, num_iterations):
+        compute_cleanup()
+        return
+    guard = NonFiniteGuard(args.nonfinite, device, model, mc_modules, args.debug_inject_nan_step)
 
     # ----------------------------------------------------------------------------------------------
     wandb_run = init_wandb(args.run, "nanochat-rl", user_config, master)
@@ -270,13 +292,18 @@ def main(argv=None):
            f"{args.num_samples} samples, {num_iterations} steps")
     log_curve = CurveLog(os.path.join(base_dir, "report", "chat_rl_curve.jsonl"), master, start_step).log
 
-    def save(step):
+    def save(step, directory=checkpoint_dir, extra_meta=None):
         m = {"step": step, "model_config": vars(model.config), "user_config": user_config, "world_size": world_size,
-             "tokens": tokens, "source": args.source, "source_tag": src_tag, "pass_at_k": last_pass, **mc_meta(model)}
-        save_checkpoint(checkpoint_dir, step, model_state_for_save(model), [o.state_dict() for o in optimizers], m,
-                        rank=rank, world_size=world_size, extra_rank_state={"cpu_rng": torch.get_rng_state().tolist()},
-                        keep_last_n=args.keep_last)
-        print0(f"saved checkpoint {checkpoint_dir}/step_{step:06d}")
+             "tokens": tokens, "source": args.source, "source_tag": src_tag, "pass_at_k": last_pass, **mc_meta(model),
+             **(extra_meta or {})}
+        save_checkpoint(directory, step, model_state_for_save(model), [o.state_dict() for o in optimizers], m,
+                        rank=rank, world_size=world_size, extra_rank_state=rng_state(device),
+                        keep_last_n=args.keep_last if directory == checkpoint_dir else None)
+        print0(f"saved checkpoint {step_dir(directory, step)}")
+        return step_dir(directory, step)
+
+    def save_debug(step, message):  # the state before `step` (1-based), under debug/: resume never loads it
+        return save(step, os.path.join(checkpoint_dir, "debug"), {"step": step - 1, "nonfinite": message})
 
     # ----------------------------------------------------------------------------------------------
     # The loop. Step s evaluates/saves the model as it is after s steps, then trains step s+1.
@@ -326,20 +353,22 @@ def main(argv=None):
         n_sampled, n_tokens, reward_sum, n_rollouts, skipped_now = counts.tolist()
         skipped += int(skipped_now)
         objective = policy_gradient_backward(model, rows, n_sampled, world_size, args.device_batch_size,
-                                             tokenizer.get_bos_token_id(), device)
+                                             tokenizer.get_bos_token_id(), device, guard, step + 1)
         if ddp:
             average_gradients(all_params)
             dist.all_reduce(objective, op=dist.ReduceOp.SUM)
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
         lrm = 1.0 - step / num_iterations
+        finite = guard.check(step + 1, all_params, args.grad_clip, save_debug)  # finite → clip; else stop or skip
         for opt in optimizers:
-            for group in opt.param_groups:
-                group["lr"] = group["initial_lr"] * lrm
-            opt.step()
+            if finite:
+                for group in opt.param_groups:
+                    group["lr"] = group["initial_lr"] * lrm
+                opt.step()
             opt.zero_grad(set_to_none=True)
         tokens_prev, tokens = tokens, tokens + int(n_tokens)
         progress.update(1)
+        if not finite:
+            continue
         loss = -(objective.item() / max(n_sampled, 1))
         mean_reward = reward_sum / max(n_rollouts, 1)
         if not math.isfinite(loss):
@@ -355,7 +384,7 @@ def main(argv=None):
 
     summary = {"Task": args.task, "Source": f"{args.source}/{src_tag}", "Iterations": num_iterations,
                "Examples per step": args.examples_per_step, "Samples per example": args.num_samples,
-               "Rollout tokens": tokens, "Questions skipped (too long)": skipped, "First mean reward": rewards_log[0] if rewards_log else None,
+               "Rollout tokens": tokens, "Questions skipped (too long)": skipped, "Skipped non-finite steps": guard.skipped, "First mean reward": rewards_log[0] if rewards_log else None,
                "Last mean reward": rewards_log[-1] if rewards_log else None,
                **{f"pass@{k + 1}": p for k, p in enumerate(last_pass or [])},
                "Training time (min)": round((time.time() - t_start) / 60, 2)}

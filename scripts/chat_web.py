@@ -3,6 +3,7 @@ Chat with a trained model in the browser, or through any OpenAI-compatible clien
 
     python -m scripts.chat_web                      # latest SFT checkpoint, http://127.0.0.1:8000
     python -m scripts.chat_web -i mid -g d20 -s 650 --num_gpus 8 --host 0.0.0.0 --port 8000
+    python -m scripts.chat_web --mc                 # an MC checkpoint: conversations longer than the context
 
 Endpoints
 - GET  /                     the chat page (nanochat/ui.html: one offline file, no CDN)
@@ -24,7 +25,12 @@ A reply is cut where the model's context (sequence_len) ends: max_tokens is lowe
 prompt leaves (finish_reason "length"). A prompt that leaves no room is an ordinary 400; so is any
 ContextTooLongError of the Engine, since the first token is awaited before a response is sent.
 Text is streamed in whole UTF-8 characters: a token that ends inside a multi-byte character is held
-back until the next token completes it (Utf8StreamDecoder).
+back until the next token completes it (nanochat.engine.Utf8StreamDecoder).
+
+--mc (an MC checkpoint): workers run nanochat.engine.MCEngine. Requests are stateless (each carries the
+whole conversation), so each builds a fresh MegaContext session from its full message list (ingest all,
+refocus, generate): same request + seed, same reply; no per-conversation server state. No context cut
+applies then (the request limits bound the work); only a history too long for W is a 400.
 """
 
 import argparse
@@ -43,7 +49,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from nanochat.common import autocast_ctx, autodetect_device_type, die, get_base_dir
-from nanochat.engine import ContextTooLongError, Engine
+from nanochat.engine import ContextTooLongError, Engine, MCEngine, Utf8StreamDecoder
 
 # ----------------------------------------------------------------------------- request limits
 MAX_MESSAGES = 500              # messages per request
@@ -142,33 +148,6 @@ def parse_chat_request(body, defaults, openai=False) -> ChatParams:
     return ChatParams(clean, _number(body, "max_tokens", *MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True),
                       _number(body, "temperature", *TEMPERATURE_RANGE, defaults["temperature"], integer=False),
                       _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed)
-
-
-# ----------------------------------------------------------------------------- UTF-8 safe streaming
-class Utf8StreamDecoder:
-    """Turns a stream of token ids into text pieces that never split a multi-byte UTF-8 character.
-
-    Byte-level BPE tokens are byte strings: "é" (2 bytes) or an emoji (4 bytes) can be spread over
-    several tokens. Decoding a token alone then yields U+FFFD. So tokens collect in `pending` until
-    their decoded text no longer ends in U+FFFD; flush() emits whatever is left at the end.
-    (An invalid byte in the middle stays U+FFFD once later text follows: nothing waits forever.)
-    """
-
-    def __init__(self, tokenizer):
-        self.tokenizer = tokenizer
-        self.pending = []
-
-    def push(self, token_id) -> str:
-        self.pending.append(token_id)
-        text = self.tokenizer.decode(self.pending)
-        if text.endswith("\ufffd") and len(self.pending) < 4:  # a character has at most 4 bytes
-            return ""
-        self.pending = []
-        return text
-
-    def flush(self) -> str:
-        text, self.pending = self.tokenizer.decode(self.pending) if self.pending else "", []
-        return text
 
 
 # ----------------------------------------------------------------------------- workers
@@ -277,8 +256,10 @@ async def start_generation(pool, params) -> tuple:
         prompt = pool.workers[0].tokenizer.render_for_completion({"messages": params.messages})
     except ValueError as e:
         raise RequestError(400, f"bad conversation: {e}", param="messages") from e
-    # the model's context (GPTConfig.sequence_len), when the worker's engine exposes its model
-    limit = getattr(getattr(getattr(pool.workers[0].engine, "model", None), "config", None), "sequence_len", None)
+    # the model's context (GPTConfig.sequence_len), when the worker's engine exposes its model and has one
+    engine = pool.workers[0].engine
+    limit = None if getattr(engine, "unbounded", False) else \
+        getattr(getattr(getattr(engine, "model", None), "config", None), "sequence_len", None)
     if limit is not None:
         if len(prompt) >= limit:
             raise too_long(f"{len(prompt)} prompt tokens, the context holds {limit} tokens including the reply")
@@ -440,8 +421,9 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
 
 
 # ----------------------------------------------------------------------------- command line
-def load_workers(source, model_tag, step, device_type, num_gpus):
-    """One Worker per device with the checkpoint loaded; -> (workers, model_id)."""
+def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
+    """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
+    (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
     from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, load_model
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
@@ -458,7 +440,10 @@ def load_workers(source, model_tag, step, device_type, num_gpus):
     workers = []
     for device in devices:
         model, tokenizer, _meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
-        workers.append(Worker(Engine(model, tokenizer), tokenizer, device, name=device))
+        # MCEngine refuses a vanilla checkpoint with the fix (MCSessionError, a ValueError: main() dies with it)
+        engine = MCEngine(model, tokenizer, reuse_session=False, **(mc_kwargs or {})) if mc else \
+            Engine(model, tokenizer)
+        workers.append(Worker(engine, tokenizer, device, name=device))
     return workers, f"nanochat-{source}-{model_tag}-step{step}"
 
 
@@ -475,7 +460,12 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=0.8, help="default when a request sets none")
     parser.add_argument("--top_k", type=int, default=50, help="default when a request sets none")
     parser.add_argument("--max_tokens", type=int, default=512, help="default when a request sets none")
+    parser.add_argument("--mc", action="store_true", help="MegaContext session per request (an MC checkpoint)")
+    parser.add_argument("--mc_infer_wc_length", type=int, default=None, help="--mc: working-context budget W")
+    parser.add_argument("--mc_infer_refocus_interval", type=int, default=None, help="--mc: tokens between refocuses")
     args = parser.parse_args(argv)
+    if not args.mc and (args.mc_infer_wc_length is not None or args.mc_infer_refocus_interval is not None):
+        die("--mc_infer_wc_length / --mc_infer_refocus_interval only apply with --mc")
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
@@ -483,7 +473,9 @@ def main(argv=None):
         die(f"--num_gpus must be at least 1, got {args.num_gpus}")
     device_type = args.device_type or autodetect_device_type()
     try:
-        workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus)
+        workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
+                                         mc=args.mc, mc_kwargs={"W": args.mc_infer_wc_length,
+                                                                "refocus_interval": args.mc_infer_refocus_interval})
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}

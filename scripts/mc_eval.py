@@ -8,61 +8,53 @@ Long-context quality of one checkpoint, MegaContext conditions side by side.
     torchrun --standalone --nproc_per_node=8 -m scripts.mc_eval # items split over ranks, gathered on rank 0
 
 What it measures (mc/eval_conditions.py has the definitions and the math):
-- conditions FULL, RECENCY, MEANPOOL, MC, SHUFFLED, ORACLE: the same history seen through different
-  working-context plans; all but FULL keep the last W tokens raw (W = --wc_length, default
-  sequence_len / 4) and differ only in what stands for the tokens before that cut;
+- conditions FULL, RECENCY, MEANPOOL, MC, MC-fixed, MC-LensNet, SHUFFLED, ORACLE: the same history
+  seen through different working-context plans; all but FULL keep the last W tokens raw (W =
+  --wc_length, default sequence_len / 4) and differ only in what stands for the tokens before that
+  cut. MC-fixed, MC-LensNet and ORACLE get the same focus budget: the coarsest covering's entries + E
+  (--focus_budget), spent by recency (MC-fixed), by one LensNet + allocator refocus (MC-LensNet,
+  mc/focus.py; "not available: <reason>" when the checkpoint has no LensNet) or on the needles' blocks
+  (ORACLE); every block of results reports the mean entries each condition read;
 - NLL and gap recovery R = (NLL_recency - NLL_cond) / (NLL_recency - NLL_full) with bootstrap 95% CIs
   over documents (mc/stats.py), on three token sets reported separately: the horizon (last H window
   targets), the boundary (the first 64 targets after the cut: local continuity) and the long-range
   answer tokens (recalled values whose source lies before the cut);
 - exact match of recalled answers (greedy decoding of the answer tokens = argmax equal to the answer
   at every answer position given the true prefix: the two agree token by token until the first miss)
-  on needle-in-a-haystack probes at m x W tokens (--probe_multipliers, default 4; passkeys and
-  key-value facts, one in four straddling a block boundary; mc/eval_data.py), on the documents'
-  long-range recalls, and on --tasks rows;
+  on needle-in-a-haystack probes at m x W tokens (--probe_multipliers, default 4,16; passkeys and
+  key-value facts, half of each straddling a block boundary, reported separately; mc/eval_data.py),
+  on associative recall (K ledger pairs far before the cut, one query per refocus in the raw window;
+  mc/eval_tasks.py), on the documents' long-range recalls, and on --tasks rows. Histories longer than
+  sequence_len work for every condition but FULL (skipped there): they read <= W + gists + E entries;
 - the GistNet diagnostic: NLL of the 64 tokens after the block just before the cut when that block is
   raw, replaced by its learned gist, by its mean-pool, or dropped (keys masked out).
 Validity: the long-range result counts only when FULL itself shows the skill: >= 90% exact match on
 in-context recalls (the probes where FULL fits, else the documents' recalls) and NLL_RECENCY -
 NLL_FULL >= 0.02 nats on the long-range set. Otherwise JSON "valid" is false, "validity_reasons" says
-why, the long-range R moves to "gap_recovery_unvalidated", and the table prints NOT VALID.
+why, the long-range R moves to "gap_recovery_unvalidated", and the table prints NOT VALID. Probe and
+associative-recall blocks carry their own validity (FULL's exact match on that task).
 
 Efficiency: documents are batched (--batch_size); per batch one GistNet pass per gist type (the MC
-tree, mc/tree.py) and ONE GPT forward per condition over all items: every condition is a plan ->
-mc/working_context.build_working_context -> inputs_embeds + per-entry rotary (mc/positions.py) +
-key-padding mask. bf16 autocast on CUDA.
+tree, mc/tree.py), one refocus for MC-LensNet, and ONE GPT forward per condition over all items
+(mc/eval_run.py). bf16 autocast on CUDA.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import time
-from dataclasses import dataclass
 
 import torch
-import torch.distributed as dist
-import torch.nn.functional as F
 
-from mc.eval_conditions import (
-    BOUNDARY_TOKENS,
-    CONDITIONS,
-    answer_mask,
-    covering_plan,
-    diagnostic_plans,
-    full_plan,
-    oracle_plan,
-    pad_left,
-    recency_plan,
-    window_masks,
-)
+from mc.eval_conditions import BOUNDARY_TOKENS
 from mc.eval_data import doc_item, probe_items, read_tasks, task_item, text_item
 from mc.eval_report import summarize
+from mc.eval_run import Setup, diagnose_batch, evaluate_batch, item_recalls, item_sets, run_items  # noqa: F401
+from mc.eval_tasks import assoc_items
 from mc.gistnet import GistNet
-from mc.positions import rope_cos_sin
-from mc.tree import MegaContextTree
-from mc.working_context import build_working_context
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
-from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, get_base_dir, print0
+from nanochat.common import compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataset import iter_documents, resolve_source
 from nanochat.report import get_report
 
@@ -82,10 +74,19 @@ def build_parser():
     p.add_argument("--data_split", default="val", choices=["train", "val"], help="split of --data_dir")
     p.add_argument("--tasks", default="", help="JSONL file of {context, question, answer} rows")
     p.add_argument("--num_probes", type=int, default=64, help="needle probes per length (0 = none)")
-    p.add_argument("--probe_multipliers", default="4", help="probe history lengths as multiples of W, e.g. 4,16")
+    p.add_argument("--probe_multipliers", default="4,16", help="probe history lengths as multiples of W, e.g. 4,16")
+    p.add_argument("--num_assoc", type=int, default=16, help="associative-recall sequences (0 = none)")
+    p.add_argument("--assoc_pairs", type=int, default=8, help="K: key-value pairs per sequence")
+    p.add_argument("--assoc_queries", type=int, default=4, help="queries per sequence (one refocus each)")
+    p.add_argument("--assoc_multiplier", type=int, default=4, help="associative-recall history length in multiples of W")
+    p.add_argument("--focus_budget", type=int, default=0,
+                   help="E: entries beyond the covering for MC-fixed, MC-LensNet, ORACLE (0 = 4 x (block_size - 1))")
+    p.add_argument("--allocator_iterations", type=int, default=0,
+                   help="allocator iterations of MC-LensNet's refocus (0 = max(checkpoint's, max_lod): enough "
+                        "for LOD2 -> LOD1 -> raw in one refocus)")
     p.add_argument("--batch_size", type=int, default=8, help="items per forward")
     p.add_argument("--gists", default="auto", choices=["auto", "learned", "mean"],
-                   help="gists of MC/SHUFFLED/ORACLE: the checkpoint's GistNet (learned) or mean pooling")
+                   help="gists of the MC conditions: the checkpoint's GistNet (learned) or mean pooling")
     p.add_argument("--block_size", type=int, default=0, help="tokens per gist (0 = the checkpoint's, else 32)")
     p.add_argument("--max_lod", type=int, default=0, help="coarsest gist level (0 = the checkpoint's, else 2)")
     p.add_argument("--positional_type", default="", choices=["", "simple", "gaussian"],
@@ -95,201 +96,6 @@ def build_parser():
     p.add_argument("--seed", type=int, default=0, help="seed for data and bootstrap")
     p.add_argument("--out", default="", help="JSON output (default $NANOCHAT_BASE_DIR/mc_eval/<source>-<tag>-<step>.json)")
     return p
-
-
-@dataclass
-class Setup:
-    model: torch.nn.Module
-    gistnet: torch.nn.Module      # the gists of MC / SHUFFLED / ORACLE
-    meanpool: torch.nn.Module     # GistNet type mean
-    W: int
-    H: int
-    block_size: int
-    max_lod: int
-    positional_type: str
-    batch_size: int
-
-    @property
-    def seq_len(self):
-        return self.model.config.sequence_len
-
-
-# -------------------------------------------------------------------------------------------------
-# forward passes
-
-
-def forward_tail(setup, parts, keep: int, key_drop=None):
-    """One GPT forward over working contexts from several groups, right-aligned and padded together.
-
-    parts: list of (wc, targets [b, w]) with targets the window's tokens (the last w entries of each
-    row). Returns (nll [R, keep], correct [R, keep]) float/bool numpy, aligned to the right (-1 targets
-    give nll 0, correct False). key_drop: optional list of bool [b, L_g] entries to hide as keys."""
-    L = max(wc.valid.size(1) for wc, _ in parts)
-    cat = lambda name, v: torch.cat([pad_left(getattr(wc, name), L, v) for wc, _ in parts])
-    emb, pos, span, valid = cat("embeddings", 0.0), cat("positions", 0.0), cat("span_len", 0), cat("valid", False)
-    if key_drop is not None:
-        valid = valid & ~torch.cat([pad_left(d, L, False) for d in key_drop])
-    tgt = torch.cat([pad_left(t, keep, -1) for _, t in parts])
-    model = setup.model
-    cos, sin = rope_cos_sin(pos, model.config.n_embd // model.config.n_head, span, setup.positional_type)
-    logits = model(inputs_embeds=emb, cos_sin_override=(cos, sin), key_padding_mask=None if valid.all() else valid)
-    tail = logits[:, -keep:].float()
-    nll = F.cross_entropy(tail.reshape(-1, tail.size(-1)), tgt.reshape(-1), ignore_index=-1, reduction="none")
-    correct = (tail.argmax(-1) == tgt) & (tgt >= 0)
-    return nll.view(tgt.shape).cpu().numpy(), correct.cpu().numpy()
-
-
-def _cyclic_units(level, n):
-    """[1, n, C]: the units of one donor row, repeated cyclically to n (a donor may be shorter)."""
-    return level[:1, torch.arange(n, device=level.device) % level.size(1)]
-
-
-def donor_levels(groups, g, stash):
-    """Gist levels from ANOTHER document for group g (SHUFFLED): the next row of the same group when it
-    has two or more rows, else another group of the batch, else the previous batch (stash); None if none."""
-    levels = groups[g]["learned"]
-    if levels[0].size(0) >= 2:
-        return [levels[0]] + [lv.roll(1, 0) for lv in levels[1:]]
-    others = [groups[h]["learned"] for h in range(len(groups)) if h != g] + ([stash] if stash is not None else [])
-    for donor in others:
-        if all(d.size(1) > 0 or lv.size(1) == 0 for d, lv in zip(donor[1:], levels[1:])):
-            return [levels[0]] + [_cyclic_units(d, lv.size(1)) if lv.size(1) else lv for d, lv in zip(donor[1:], levels[1:])]
-    return None
-
-
-def _trees(setup, x):
-    """(lod0, learned levels, mean levels) for a batch of histories x [b, T]: one GistNet pass per level."""
-    lod0 = setup.model.transformer.wte(x)
-    mean = MegaContextTree.build(lod0, setup.meanpool, setup.block_size, setup.max_lod).levels
-    learned = mean if setup.gistnet is setup.meanpool else \
-        MegaContextTree.build(lod0, setup.gistnet, setup.block_size, setup.max_lod).levels
-    return lod0, learned, mean
-
-
-def plans_for(setup, cond, items, T):
-    """int8 [b, T] plans of one condition for items of history length T (None: condition not run)."""
-    W, bs, lod = setup.W, setup.block_size, setup.max_lod
-    if cond == "FULL":
-        return full_plan(T).expand(len(items), T) if T <= setup.seq_len else None
-    if cond == "RECENCY":
-        return recency_plan(T, W).expand(len(items), T)
-    if cond == "ORACLE":
-        return torch.stack([oracle_plan(T, W, it.needles, bs, lod) for it in items])
-    return covering_plan(T, W, bs, lod).expand(len(items), T)
-
-
-@torch.inference_mode()
-def evaluate_batch(setup, items, stash=None):
-    """Score every condition on a batch of items. Returns (results, entries, stash): results[k][cond] =
-    (nll [Wr], correct [Wr]) numpy over item k's window targets; entries[cond] = WC lengths."""
-    device = setup.model.get_device()
-    by_T = {}
-    for k, it in enumerate(items):
-        by_T.setdefault(it.T, []).append(k)
-    groups = []
-    for T, ks in by_T.items():
-        ids = torch.tensor([items[k].ids for k in ks], dtype=torch.long, device=device)
-        lod0, learned, mean = _trees(setup, ids[:, :T])
-        groups.append({"T": T, "ks": ks, "ids": ids, "learned": learned, "mean": mean, "Wr": min(setup.W, T)})
-    results = [dict() for _ in items]
-    entries = {}
-    for cond in CONDITIONS:
-        parts, rows = [], []
-        for g, grp in enumerate(groups):
-            plans = plans_for(setup, cond, [items[k] for k in grp["ks"]], grp["T"])
-            levels = {"MEANPOOL": grp["mean"], "SHUFFLED": None}.get(cond, grp["learned"])
-            if cond == "SHUFFLED":
-                levels = donor_levels(groups, g, stash)
-            if plans is None or levels is None:
-                continue
-            wc = build_working_context(plans.to(device), levels, setup.block_size)
-            parts.append((wc, grp["ids"][:, grp["T"] - grp["Wr"] + 1:]))
-            rows += [(k, grp["Wr"]) for k in grp["ks"]]
-            entries.setdefault(cond, []).extend(wc.valid.sum(1).tolist())
-        if not parts:
-            continue
-        nll, correct = forward_tail(setup, parts, max(w for _, w in rows))
-        for r, (k, w) in enumerate(rows):
-            results[k][cond] = (nll[r, -w:], correct[r, -w:])
-    return results, entries, groups[0]["learned"]
-
-
-@torch.inference_mode()
-def diagnose_batch(setup, items):
-    """GistNet diagnostic per item: mean NLL of the F tokens after the block [c, c + bs), c = T - W - bs,
-    when that block is raw / one learned gist / one mean-pool gist / dropped. {k: {variant: nll}}."""
-    bs, W = setup.block_size, setup.W
-    F_ = min(BOUNDARY_TOKENS, W)
-    ks = [k for k, it in enumerate(items) if it.T - W - bs >= 0]
-    if not ks:
-        return {}
-    T = items[ks[0]].T
-    ks = [k for k in ks if items[k].T == T]
-    c = T - W - bs
-    Td = c + bs + F_
-    ids = torch.tensor([items[k].ids for k in ks], dtype=torch.long, device=setup.model.get_device())
-    lod0, learned, mean = _trees(setup, ids[:, :Td])
-    plans = {name: p.expand(len(ks), Td).to(ids.device) for name, p in diagnostic_plans(c, W, F_, bs).items()}
-    tgt = ids[:, Td - F_ + 1: Td + 1]
-    out = {}
-    for name, plan_name, levels in (("raw", "raw", [lod0]), ("gist", "gist", learned[:2]),
-                                    ("meanpool", "gist", mean[:2]), ("dropped", "raw", [lod0])):
-        wc = build_working_context(plans[plan_name], levels, bs)
-        drop = None
-        if name == "dropped":
-            drop = [(wc.span_start >= c) & (wc.span_start < c + bs) & wc.valid]
-        nll, _ = forward_tail(setup, [(wc, tgt)], F_, key_drop=drop)
-        out[name] = nll.mean(1)
-    return {k: {name: float(v[i]) for name, v in out.items()} for i, k in enumerate(ks)}
-
-
-def run_items(setup, items, rank, world_size, diagnostic):
-    """Evaluate this rank's share of items in batches; gather everything on every rank."""
-    mine = [k for k in range(len(items)) if k % world_size == rank]
-    results, entries, diag, stash = {}, {}, {}, None
-    for i in range(0, len(mine), setup.batch_size):
-        ks = mine[i: i + setup.batch_size]
-        batch = [items[k] for k in ks]
-        with autocast_ctx(setup.model.get_device().type):
-            res, ent, stash = evaluate_batch(setup, batch, stash)
-            dg = diagnose_batch(setup, batch) if diagnostic else {}
-        results.update({ks[j]: r for j, r in enumerate(res)})
-        diag.update({ks[j]: d for j, d in dg.items()})
-        for c, v in ent.items():
-            entries.setdefault(c, []).extend(v)
-    if world_size > 1:
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, (results, entries, diag))
-        results, entries, diag = {}, {}, {}
-        for res, ent, dg in gathered:
-            results.update(res)
-            diag.update(dg)
-            for c, v in ent.items():
-                entries.setdefault(c, []).extend(v)
-    return [results[k] for k in range(len(items))], entries, [diag.get(k) for k in range(len(items))]
-
-
-# -------------------------------------------------------------------------------------------------
-# per-item token-set sums (what the statistics resample)
-
-
-def item_sets(item, res, W, H):
-    """{set: {cond: (nll_sum, count)}} for the horizon, boundary and long-range sets of one document."""
-    masks = window_masks(item.T, W, H)
-    masks["long_range"] = answer_mask(item.T, W, [a.span for a in item.answers if a.long_range])
-    return {name: {c: (float(nll[m].sum()), int(m.sum())) for c, (nll, _) in res.items()} for name, m in masks.items()}
-
-
-def item_recalls(item, res, W, only_long_range):
-    """{cond: [exact match per answer]}: every answer token argmax-correct."""
-    out = {}
-    for c, (_, correct) in res.items():
-        out[c] = [bool(correct[answer_mask(item.T, W, [a.span])].all()) for a in item.answers
-                  if a.long_range or not only_long_range]
-    return out
-
-
-# -------------------------------------------------------------------------------------------------
 
 
 def _checkpoint_settings(args, model, meta):
@@ -308,6 +114,37 @@ def _checkpoint_settings(args, model, meta):
     if args.gists == "learned" and learned is None:
         die("--gists=learned but the checkpoint has no GistNet (a vanilla checkpoint); use --gists=auto or mean")
     return learned, bs, max_lod, pos
+
+
+def _focus_settings(args, model, max_lod):
+    """(lensnet or None, MCConfig for refocus or None, JSON info). MC-LensNet uses the checkpoint's
+    allocator knobs with two changes: the budget is the eval's W_alloc (soft max length 0 = W_alloc),
+    and the iterations default to max(checkpoint's, max_lod) - one refocus per query has to be able to
+    take a gist from the coarsest level down to raw, which the inference session does over several
+    refocuses (mc/focus.py)."""
+    mc_config = getattr(model, "mc_config", None)
+    modules = getattr(model, "mc_modules", None)
+    lensnet = getattr(modules, "lensnet", None) if modules is not None else None
+    if args.allocator_iterations < 0:
+        die(f"--allocator_iterations={args.allocator_iterations} must be >= 0 (0 = max(checkpoint's, max_lod))")
+    reason = None
+    if mc_config is None:
+        reason = "the checkpoint has no MegaContext modules (a vanilla checkpoint)"
+    elif mc_config.lensnet_type == "none":
+        reason = "the checkpoint was trained with --lensnet_type=none (fixed focus, no LensNet)"
+    elif lensnet is None:
+        reason = "the checkpoint holds no LensNet (trained before LensNet existed)"
+    if reason is not None:
+        return None, None, {"available": False, "reason": reason}
+    iters = args.allocator_iterations or max(mc_config.allocator_iterations, max_lod)
+    cfg = dataclasses.replace(mc_config, allocator_iterations=iters, allocator_soft_max_length=0)
+    head_zero = bool((lensnet.head_out.weight == 0).all())
+    knobs = {k: getattr(cfg, k) for k in ("allocator_type", "allocator_iterations", "allocator_max_replacements",
+                                          "allocator_expand_threshold", "allocator_collapse_threshold")}
+    info = {"available": True, "reason": None, "allocator": knobs, "head_zero": head_zero,
+            "note": "LensNet's head is all zeros (never trained): every score is 0, so the allocator makes no "
+                    "edit and MC-LensNet reads the bare covering" if head_zero else None}
+    return lensnet.eval(), cfg, info
 
 
 def main(argv=None):
@@ -338,10 +175,17 @@ def main(argv=None):
         die(f"--probe_multipliers={args.probe_multipliers!r} must be comma-separated integers, e.g. 4,16")
     if any(m < 2 for m in multipliers):
         die("--probe_multipliers must be >= 2 (the needle has to lie before the last-W window)")
+    if args.focus_budget < 0:
+        die(f"--focus_budget={args.focus_budget} must be >= 0 (0 = 4 x (block_size - 1))")
+    E = args.focus_budget or 4 * (bs - 1)
+    if args.num_assoc > 0 and args.assoc_multiplier < 2:
+        die(f"--assoc_multiplier={args.assoc_multiplier} must be >= 2 (the pairs have to lie before the last-W window)")
     gist_source = "learned" if (learned is not None and args.gists != "mean") else "mean"
     meanpool = GistNet(model.config.n_embd, bs, gistnet_type="mean")
     gistnet = learned.to(device).eval() if gist_source == "learned" else meanpool
-    setup = Setup(model, gistnet, meanpool, W, H, bs, max_lod, pos_type, args.batch_size)
+    lensnet, focus_cfg, lens_info = _focus_settings(args, model, max_lod)
+    setup = Setup(model, gistnet, meanpool, W, H, bs, max_lod, pos_type, args.batch_size, focus_budget=E,
+                  lensnet=lensnet, focus_cfg=focus_cfg, generator=torch.Generator().manual_seed(args.seed))
     piece_bytes = tokenizer.token_bytes().numpy()
 
     # ---------------------------------------------------------------------------------------------
@@ -376,14 +220,23 @@ def main(argv=None):
             die(f"--tasks file {args.tasks} does not exist; give a JSONL file of {{context, question, answer}} rows")
         except (OSError, ValueError) as e:
             die(str(e))
-    print0(f"mc_eval: {args.source}/{model_tag} step {step}, W={W} H={H} T={T_doc}, gists={gist_source}, "
-           f"{len(docs)} docs, {sum(map(len, probes.values()))} probes, {len(tasks)} tasks")
+    assoc = []
+    if args.num_assoc > 0:
+        try:
+            assoc = assoc_items(tokenizer, piece_bytes, args.num_assoc, args.assoc_multiplier * W, W, bs,
+                                args.assoc_pairs, args.assoc_queries, seed=args.seed)
+        except ValueError as e:
+            die(str(e))
+    print0(f"mc_eval: {args.source}/{model_tag} step {step}, W={W} H={H} T={T_doc}, gists={gist_source}, E={E}, "
+           f"MC-LensNet {'on' if lensnet is not None else 'not available: ' + lens_info['reason']}; "
+           f"{len(docs)} docs, {sum(map(len, probes.values()))} probes, {len(assoc)} assoc queries, {len(tasks)} tasks")
 
     # ---------------------------------------------------------------------------------------------
     # evaluate
-    doc_res, entries, diag = run_items(setup, docs, rank, world_size, bool(args.diagnostic))
-    probe_res = {m: run_items(setup, its, rank, world_size, False)[0] for m, its in probes.items()}
-    task_res = run_items(setup, tasks, rank, world_size, False)[0] if tasks else []
+    doc_res, doc_meta, diag = run_items(setup, docs, rank, world_size, bool(args.diagnostic))
+    probe_out = {m: run_items(setup, its, rank, world_size, False)[:2] for m, its in probes.items()}
+    task_res, task_meta = run_items(setup, tasks, rank, world_size, False)[:2] if tasks else ([], [])
+    assoc_res, assoc_meta = run_items(setup, assoc, rank, world_size, False)[:2] if assoc else ([], [])
     if rank != 0:
         compute_cleanup()
         return None
@@ -396,12 +249,19 @@ def main(argv=None):
                 ("mean pooling (checkpoint has no learned GistNet)" if learned is None else "mean pooling (--gists=mean)"),
                 "boundary_tokens": BOUNDARY_TOKENS, "n_boot": args.n_boot, "seed": args.seed, "device": str(device),
                 "data": f"dir:{args.data_dir}:{args.data_split}" if args.data_dir else "synthetic:val",
-                "tasks": args.tasks or None, "probe_multipliers": multipliers}
+                "tasks": args.tasks or None, "probe_multipliers": multipliers, "focus_budget": E,
+                "assoc": {"sequences": args.num_assoc, "pairs": args.assoc_pairs, "queries": args.assoc_queries,
+                          "history_tokens": args.assoc_multiplier * W} if assoc else None,
+                "lensnet": lens_info}
     doc_stats = {"sets": [item_sets(it, r, W, H) for it, r in zip(docs, doc_res)],
-                 "recalls": [item_recalls(it, r, W, True) for it, r in zip(docs, doc_res)], "diagnostic": diag}
-    probe_stats = {m: [(it, item_recalls(it, r, W, False)) for it, r in zip(probes[m], probe_res[m])] for m in probes}
+                 "recalls": [item_recalls(it, r, W, True) for it, r in zip(docs, doc_res)], "diagnostic": diag,
+                 "meta": doc_meta}
+    probe_stats = {m: [(it, item_recalls(it, r, W, False), mt) for it, r, mt in zip(probes[m], *probe_out[m])]
+                   for m in probes}
     task_stats = [item_recalls(it, r, W, False) for it, r in zip(tasks, task_res)]
-    result, table, summary = summarize(settings, doc_stats, probe_stats, task_stats, entries, args.n_boot, args.seed)
+    assoc_stats = [(it, item_recalls(it, r, W, False), mt) for it, r, mt in zip(assoc, assoc_res, assoc_meta)]
+    result, table, summary = summarize(settings, doc_stats, probe_stats, task_stats, args.n_boot, args.seed,
+                                       assoc_stats=assoc_stats, task_meta=task_meta)
     result["checkpoint"] = {"source": args.source, "model_tag": model_tag, "step": step, "sequence_len": T_seq,
                             "n_layer": model.config.n_layer, "n_embd": model.config.n_embd,
                             "vocab_size": model.config.vocab_size, "mc": learned is not None}

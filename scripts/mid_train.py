@@ -11,11 +11,14 @@ the loop lives here as run_stage(stage, argv) and both scripts call it.
 
 What happens, top to bottom:
   1. flags, distributed init; the starting model: --source checkpoint (load_model) or, with
-     --resume, this stage's own checkpoint with its optimizers, loader position and RNG
-  2. the train/val conversation mixtures (scripts pass a function split -> Task) and ChatLoaders
-     (nanochat/chat_data.py: rows of T+1 tokens, targets -1 except assistant tokens)
+     --resume, this stage's own checkpoint with its optimizers, loader position and RNG (when that is
+     already the final step: "already complete", exit 0)
+  2. the train/val conversation mixtures (scripts pass a function split -> Task; both stages' mixtures
+     live in nanochat/chat_train.py) and ChatLoaders (nanochat/chat_data.py: rows of T+1 tokens,
+     targets -1 except assistant tokens)
   3. the loop: val bpb (assistant tokens) / checkpoint on token cadences, then one optimizer step of
-     grad_accum micro-batches; lr warmup → flat → linear warmdown
+     grad_accum micro-batches; lr warmup → flat → linear warmdown. A NaN/inf loss or gradient stops
+     training with a debug checkpoint, or (--nonfinite=skip) drops that step (nanochat/training.py)
   4. a final checkpoint and a report section ("Midtraining" / "Chat SFT")
 
 The loss of one optimizer step is the mean over every supervised token of the step (all
@@ -54,7 +57,9 @@ from tqdm import tqdm
 
 from nanochat.adamw import average_gradients
 from nanochat.chat_data import ChatLoader
+from nanochat.chat_train import add_mid_mixture_flags as add_mixture_flags  # the midtraining mixture
 from nanochat.chat_train import (
+    make_mid_task,
     mc_forward,
     mc_meta,
     mc_optimizer_params,
@@ -71,6 +76,7 @@ from nanochat.checkpoint_manager import (
     latest_step,
     load_checkpoint,
     save_checkpoint,
+    step_dir,
 )
 from nanochat.common import (
     autocast_ctx,
@@ -87,7 +93,19 @@ from nanochat.common import (
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
-from nanochat.training import CurveLog, all_reduce_sum, crossed, lr_multiplier, resume_problem
+from nanochat.training import (
+    CurveLog,
+    NonFiniteGuard,
+    all_reduce_sum,
+    complete,
+    crossed,
+    loss_parts,
+    lr_multiplier,
+    restore_rng,
+    resume_problem,
+    resume_step,
+    rng_state,
+)
 
 # Per-stage defaults and names. "rows" = default rows per optimizer step (total_batch_size = rows × T).
 STAGES = {
@@ -144,6 +162,9 @@ def build_parser(stage: str, add_mixture_flags=None):
     a("--model_tag", default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
     a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    a("--nonfinite", default="stop", choices=["stop", "skip"],
+      help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
+    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
     if add_mixture_flags is not None:
         add_mixture_flags(p)
     return p
@@ -172,25 +193,20 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     model_tag = args.model_tag or src_tag
     checkpoint_dir = os.path.join(out_root, model_tag)
     start_step, loader_state, resumed_meta, optim_states = 0, None, None, None
-    if args.resume not in ("", "none"):
-        if args.resume != "auto" and not args.resume.isdigit():
-            die(f"--resume={args.resume!r}: use '' (fresh), 'auto' (latest checkpoint) or a step number")
-        step_to_load = latest_step(checkpoint_dir) if args.resume == "auto" else int(args.resume)
-        if step_to_load is None:
-            print0(f"--resume=auto: no checkpoint in {checkpoint_dir} yet, starting fresh")
-        else:
-            try:
-                _, optim_states, resumed_meta, rank_state = load_checkpoint(
-                    checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
-                model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
-            except (CheckpointError, FileNotFoundError) as e:
-                die(str(e))
-            problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size)
-            if problem:
-                die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
-            start_step = resumed_meta["step"]
-            loader_state = rank_state["loader"]
-            torch.set_rng_state(torch.tensor(rank_state["cpu_rng"], dtype=torch.uint8))
+    step_to_load = resume_step(args.resume, checkpoint_dir)
+    if step_to_load is not None:
+        try:
+            _, optim_states, resumed_meta, rank_state = load_checkpoint(
+                checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+            model, tokenizer, _ = build_model(checkpoint_dir, step_to_load, device, phase="train")
+        except (CheckpointError, FileNotFoundError) as e:
+            die(str(e))
+        problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size)
+        if problem:
+            die(f"cannot resume {checkpoint_dir} step {step_to_load}: {problem}")
+        start_step = resumed_meta["step"]
+        loader_state = rank_state["loader"]
+        restore_rng(rank_state, device)
     if resumed_meta is not None:
         src_tag = resumed_meta.get("source_tag", src_tag)
     else:
@@ -250,6 +266,12 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         progress_of = lambda step: min(train_loader.cursor / (args.num_epochs * n_train), 1.0)
     else:
         die("no training horizon: set --num_iterations or --num_epochs")
+    # A stage whose final checkpoint is the one resumed says so and exits (a re-run recipe passes it in seconds);
+    # with --num_epochs the end is where the resumed loader has already walked its passes.
+    final_step = num_iterations or (start_step if progress_of(start_step) >= 1.0 else start_step + 1)
+    if resumed_meta is not None and complete(d["prog"], checkpoint_dir, start_step, final_step):
+        compute_cleanup()
+        return
 
     # ----------------------------------------------------------------------------------------------
     # Optimizers (MC modules included), compile, MC controller.
@@ -280,6 +302,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             wc_len = controller.target_wc_length(T)
         except ValueError as e:
             die(f"the checkpoint's MegaContext config does not fit --max_seq_len={T}: {e}")
+        if resumed_meta is not None:  # LensNet's EMAs (mc/controller.py), same on every rank
+            controller.load_lens_state((resumed_meta.get("mc_train_state") or {}).get("lens"))
         mc_status = (f"trained through MCController: micro-batches with rows longer than the working context "
                      f"W={wc_len} (packed rows of {T} tokens)")
     if mc_modules is not None:
@@ -293,14 +317,22 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
            f"{total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × {grad_accum_steps} grad accum; {horizon}")
     log_curve = CurveLog(os.path.join(base_dir, "report", f"{d['prog']}_curve.jsonl"), master, start_step).log
 
-    def save(step, loader_state_now):
+    def save(step, loader_state_now, directory=checkpoint_dir, extra_meta=None):
         meta = {"step": step, "model_config": vars(orig_model.config), "user_config": user_config,
                 "world_size": world_size, "device_batch_size": B, "max_seq_len": T, "stage": stage,
-                "val_bpb": last_val_bpb, "source": args.source, "source_tag": src_tag, **mc_meta(orig_model)}
-        rank_state = {"loader": loader_state_now, "cpu_rng": torch.get_rng_state().tolist()}
-        save_checkpoint(checkpoint_dir, step, model_state_for_save(orig_model), [o.state_dict() for o in optimizers],
-                        meta, rank=rank, world_size=world_size, extra_rank_state=rank_state, keep_last_n=args.keep_last)
-        print0(f"saved checkpoint {checkpoint_dir}/step_{step:06d}")
+                "val_bpb": last_val_bpb, "source": args.source, "source_tag": src_tag, **mc_meta(orig_model),
+                **(extra_meta or {})}
+        if controller is not None:
+            meta["mc_train_state"] = {"lens": controller.lens_state_dict()}
+        rank_state = {"loader": loader_state_now, **rng_state(device)}
+        save_checkpoint(directory, step, model_state_for_save(orig_model), [o.state_dict() for o in optimizers],
+                        meta, rank=rank, world_size=world_size, extra_rank_state=rank_state,
+                        keep_last_n=args.keep_last if directory == checkpoint_dir else None)
+        print0(f"saved checkpoint {step_dir(directory, step)}")
+        return step_dir(directory, step)
+
+    def save_debug(step, message):  # the state before `step` (1-based), under debug/: resume never loads it
+        return save(step, state_before_step, os.path.join(checkpoint_dir, "debug"), {"step": step - 1, "nonfinite": message})
 
     def evaluate_val():
         steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
@@ -318,6 +350,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     loss_sum = torch.zeros((), device=device, dtype=torch.float64)  # Σ token losses since the last log
     target_sum = torch.zeros((), device=device, dtype=torch.float64)
     supervised_total, skipped_steps, mc_rows, train_time = 0, 0, 0, 0.0
+    guard = NonFiniteGuard(args.nonfinite, device, orig_model, mc_modules, args.debug_inject_nan_step)
     interval_tokens, interval_time = 0, 0.0
     model.train()
     progress = tqdm(total=num_iterations, initial=start_step, desc=d["prog"], unit="step",
@@ -353,6 +386,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             skipped_steps += 1
             print0(f"step {step + 1}: no supervised tokens in any row (all targets masked); skipping the update")
         else:
+            step_loss, parts = torch.zeros((), device=device, dtype=torch.float64), None
             for k, (x, y) in enumerate(batches):
                 if controller is not None and x.size(1) > wc_len:
                     # the controller's loss is a mean (full-sequence LM loss over y's targets + variant loss):
@@ -362,24 +396,28 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                     result = mc_forward(controller, x, y, step, torch.arange(row0, row0 + B, device=x.device))
                     loss = result.loss * (n_k * world_size / n_global)
                     token_loss_sum = result.lm_loss * n_k
-                    mc_rows += x.size(0)
+                    mc_rows, parts = mc_rows + x.size(0), loss_parts(result.metrics)
                 else:
                     with autocast_ctx(device_type):
                         loss, token_loss_sum = micro_batch_loss(model, x, y, n_global, world_size)
-                loss_sum += token_loss_sum.double()
+                loss = guard.poison(loss, step + 1, k)
+                guard.watch(k, loss, parts)
+                step_loss += token_loss_sum.double()
                 loss.backward()
-            target_sum += n_targets
-            supervised_total += n_global
+            if controller is not None:
+                controller.commit_step(all_reduce_sum)  # LensNet's EMAs advance once per optimizer step
             if ddp:
                 # Average gradients across processes before clipping: the clip sees the global gradient.
                 average_gradients(all_params)
-            if args.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(all_params, args.grad_clip)
-            lrm = lr_multiplier(progress_of(step), args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
-            for opt in optimizers:
-                for group in opt.param_groups:
-                    group["lr"] = group["initial_lr"] * lrm
-                opt.step()
+            if guard.check(step + 1, all_params, args.grad_clip, save_debug):  # finite → clip; else stop or skip
+                loss_sum += step_loss
+                target_sum += n_targets
+                supervised_total += n_global
+                lrm = lr_multiplier(progress_of(step), args.warmup_ratio, args.warmdown_ratio, args.final_lr_frac)
+                for opt in optimizers:
+                    for group in opt.param_groups:
+                        group["lr"] = group["initial_lr"] * lrm
+                    opt.step()
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
         synchronize(device_type)
@@ -421,6 +459,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         "Iterations": step, "Total batch size": total_batch_size, "Grad accum steps": grad_accum_steps,
         "World size": world_size, "Training tokens (row slots)": step * total_batch_size,
         "Supervised tokens (this run)": supervised_total, "Skipped all-masked steps": skipped_steps,
+        "Skipped non-finite steps": guard.skipped,
         "Truncated conversations (this rank)": train_loader.truncated,
         "Final val bpb": last_val_bpb, "Minimum val bpb": min_val_bpb if min_val_bpb < float("inf") else None,
         "MegaContext": mc_status, "MC rows": mc_rows,
@@ -432,52 +471,6 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                                                "val bpb = bits per byte of the assistant tokens of the val mixture."])
     wandb_run.finish()
     compute_cleanup()
-
-
-# --------------------------------------------------------------------------------------------------
-# The midtraining mixture.
-def add_mixture_flags(p):
-    a = p.add_argument
-    a("--mixture", default="offline", choices=["offline", "full"],
-      help="offline: SyntheticRecallChat + SpellingBee + Identity; full adds SmolTalk, MMLU aux train, GSM8K (HF hub)")
-    a("--custom_json", default="", help="a .jsonl of conversations (CustomJSON format) to mix in")
-    a("--data_dir", default="", help="local hub snapshots for --mixture full (<dir>/<hub id>/...; default: the hub)")
-    a("--recall_examples", type=int, default=20000, help="SyntheticRecallChat train conversations")
-    a("--recall_context_chars", type=int, default=2000, help="characters of context per recall conversation")
-    a("--spelling_examples", type=int, default=20000, help="SpellingBee train conversations")
-    a("--identity_repeats", type=int, default=4, help="times the Identity conversations appear per epoch")
-    a("--val_examples", type=int, default=500, help="conversations per offline validation task")
-
-
-def make_mid_task(args, split):
-    """TaskMixture of the midtraining tasks for split 'train' or 'val' (see --mixture)."""
-    from nanochat.chat_train import hub_kw
-    from tasks.common import TaskMixture
-    from tasks.identity import Identity
-    from tasks.spellingbee import SpellingBee
-    from tasks.synthetic_chat import SyntheticRecallChat
-
-    if split == "train":
-        tasks = [SyntheticRecallChat("train", args.recall_examples, args.recall_context_chars, seed=0),
-                 SpellingBee("train", args.spelling_examples, seed=0)]
-        tasks += [Identity() for _ in range(args.identity_repeats)]
-        if args.custom_json:
-            from tasks.customjson import CustomJSON
-            tasks.append(CustomJSON(args.custom_json))
-        if args.mixture == "full":
-            from tasks import gsm8k, mmlu, smoltalk
-            tasks += [smoltalk.SmolTalk("train", **hub_kw(args.data_dir, smoltalk.HUB_PATH)),
-                      mmlu.MMLU("auxiliary_train", "train", **hub_kw(args.data_dir, mmlu.HUB_PATH)),
-                      gsm8k.GSM8K("main", "train", **hub_kw(args.data_dir, gsm8k.HUB_PATH))]
-    else:
-        tasks = [SyntheticRecallChat("val", args.val_examples, args.recall_context_chars, seed=0),
-                 SpellingBee("val", args.val_examples, seed=0)]
-        if args.mixture == "full":
-            from tasks import gsm8k, mmlu, smoltalk
-            tasks += [smoltalk.SmolTalk("test", **hub_kw(args.data_dir, smoltalk.HUB_PATH)),
-                      mmlu.MMLU("all", "test", stop=5200, **hub_kw(args.data_dir, mmlu.HUB_PATH)),
-                      gsm8k.GSM8K("main", "test", stop=420, **hub_kw(args.data_dir, gsm8k.HUB_PATH))]
-    return TaskMixture(tasks, seed=args.seed)
 
 
 def main(argv=None):

@@ -101,7 +101,7 @@ def test_ddp_two_processes_match_one(env):
     (["--data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--head_dim=48"], "not a multiple of --head_dim"),
     (["--mc_num_random_variants=8"], "MegaContext flags do nothing in a vanilla run"),
-    (["--mc", "--mc_lens_loss_weight=0.5"], "LensNet and the focus allocator have not landed"),
+    (["--resume=latest"], "--resume='latest': use '' (fresh), 'auto' (latest checkpoint) or a step number"),
 ])
 def test_bad_flags_give_one_clear_error(env, flags, message):
     r = run_train(env, "--num_iterations=1", "--device_batch_size=8", *flags)

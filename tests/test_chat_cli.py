@@ -1,11 +1,13 @@
 """Tests for scripts/chat_cli.py against a tiny SFT checkpoint in a temporary NANOCHAT_BASE_DIR:
 one-shot -p (as a real subprocess), interactive mode driven through stdin, a conversation that
-outgrows the context, streaming of multi-byte characters, and the --mc errors."""
+outgrows the context, streaming of multi-byte characters, the --mc errors, and --mc end to end: a tiny
+MegaContext checkpoint carries one session through a conversation several times longer than its context."""
 
-import importlib.util
 import io
 import itertools
 import os
+import re
+import shutil
 import subprocess
 import sys
 from dataclasses import asdict
@@ -13,6 +15,8 @@ from dataclasses import asdict
 import pytest
 import torch
 
+from mc.config import MCConfig
+from mc.modules import MCModules, mc_state_dict
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.synthetic import synthetic_texts
@@ -40,6 +44,28 @@ def base_dir(tmp_path_factory):
         model.lm_head.weight[tok.get_bos_token_id()] = 0
     save_checkpoint(str(base / "chatsft_checkpoints" / "tiny"), 5, model.state_dict(), None,
                     {"model_config": asdict(cfg)})
+    return str(base)
+
+
+@pytest.fixture(scope="module")
+def mc_base_dir(base_dir, tmp_path_factory):
+    """A second $NANOCHAT_BASE_DIR (same tokenizer) holding an MC checkpoint: chatsft_checkpoints/tinymc."""
+    base = tmp_path_factory.mktemp("nanochat_mc_base")
+    shutil.copytree(os.path.join(base_dir, "tokenizer"), base / "tokenizer")
+    tok = RustBPETokenizer.from_directory(str(base / "tokenizer"))
+    cfg = GPTConfig(sequence_len=SEQ_LEN, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2, n_embd=32)
+    mc_cfg = MCConfig(block_size=8, max_lod=2, recent_tokens=8, train_wc_length=40, infer_refocus_interval=16,
+                      gistnet_layers=1, lensnet_layers=1)
+    torch.manual_seed(0)
+    model = GPT(cfg)
+    model.init_weights()
+    modules = MCModules.from_config(mc_cfg, cfg.n_embd)
+    with torch.no_grad():
+        torch.nn.init.normal_(model.lm_head.weight, std=0.3)
+        model.lm_head.weight[tok.encode_special("<|assistant_end|>")] = 0
+        model.lm_head.weight[tok.get_bos_token_id()] = 0
+    save_checkpoint(str(base / "chatsft_checkpoints" / "tinymc"), 5, {**model.state_dict(), **mc_state_dict(modules)},
+                    None, {"model_config": asdict(cfg), "mc_config": asdict(mc_cfg)})
     return str(base)
 
 
@@ -131,24 +157,39 @@ def test_streaming_holds_back_partial_characters(env):
     assert chat.tokens[-1] == tok.encode_special("<|assistant_end|>")
 
 
-def test_mc_flag_errors(env, capsys, monkeypatch):
-    with pytest.raises(SystemExit) as e:
+def test_mc_flag_errors(env, mc_base_dir, capsys, monkeypatch):
+    with pytest.raises(SystemExit) as e:  # a vanilla checkpoint
         run_main(["--mc", "-p", "hi", "--device_type", "cpu"])
     assert e.value.code != 0
-    assert "no MC modules" in capsys.readouterr().err
-    if importlib.util.find_spec("mc.session") is not None:
-        pytest.skip("mc.session exists: the 'not landed yet' error no longer applies")
-    real_load = chat_cli.load_model
+    err = capsys.readouterr().err
+    assert "no MC modules" in err and "--mc_enabled=1" in err and "Traceback" not in err
+    with pytest.raises(SystemExit):  # the MC-only flags need --mc
+        chat_cli.parse_args(["--mc_stats"])
+    assert "add --mc" in capsys.readouterr().err
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", mc_base_dir)
+    with pytest.raises(SystemExit):  # W + refocus interval must fit the context
+        run_main(["--mc", "-p", "hi", "--device_type", "cpu", "--mc_infer_wc_length", "60"])
+    assert "exceeds the model's sequence_len" in capsys.readouterr().err
 
-    def load_with_mc(*a, **kw):
-        model, tok, meta = real_load(*a, **kw)
-        model.mc_modules = torch.nn.Module()  # stands in for an MC checkpoint's modules
-        return model, tok, meta
 
-    monkeypatch.setattr(chat_cli, "load_model", load_with_mc)
-    with pytest.raises(SystemExit):
-        run_main(["--mc", "-p", "hi", "--device_type", "cpu"])
-    assert "has not landed" in capsys.readouterr().err
+def test_mc_conversation_longer_than_context(mc_base_dir, capsys, monkeypatch):
+    """--mc: one session carries a conversation several times the model's context; nothing is refused."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", mc_base_dir)
+    turns = "".join("tell me more about the river and the old mill\n" for _ in range(6)) + "quit\n"
+    code = run_main(["--mc", "--mc_stats", "-m", "20", "-t", "0", "--device_type", "cpu"], turns, monkeypatch)
+    assert code == 0
+    out = capsys.readouterr().out
+    assert out.count("Assistant: ") == 6 and "more than the model's context" not in out and "cut off" not in out
+    history = [int(h) for h in re.findall(r"\[mc: history (\d+) tokens", out)]
+    assert len(history) == 6 and history == sorted(history) and history[-1] > 4 * SEQ_LEN
+    wc = [int(w) for w in re.findall(r"WC (\d+)/40 entries", out)]
+    assert len(wc) == 6 and max(wc) < 40 + 16  # W, plus the raw tokens since the last refocus
+    kv = [int(k) for k in re.findall(r"KV <= (\d+) entries", out)]
+    assert max(kv) <= SEQ_LEN
+    # one-shot with a prompt longer than the context: answered, not refused
+    assert run_main(["--mc", "-p", "word " * 100, "-m", "8", "--device_type", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.out.strip()
 
 
 def test_bad_flags_and_missing_checkpoint(env, tmp_path, capsys, monkeypatch):

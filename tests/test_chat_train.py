@@ -203,7 +203,7 @@ def test_mid_then_sft_loss_falls_and_saves(env):
     assert os.path.exists(os.path.join(env, "report", "chat-sft.md"))
 
 
-def test_sft_resume_continues_exactly(env):
+def test_sft_resume_continues_exactly(env, capsys):
     common = ["--source=base", "--num_iterations=6", "--model_tag=resume", "--eval_every=-1", "--save_every=1536"]
     run_sft(*common)  # 512 tokens/step: checkpoints at steps 3 and 6
     uninterrupted = curve(env, "chat_sft")
@@ -214,6 +214,8 @@ def test_sft_resume_continues_exactly(env):
     assert sorted(resumed) == list(range(1, 7))
     for step in (4, 5, 6):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-5, abs=1e-6), step
+    run_sft(*common, "--resume=auto")  # finished: says so and leaves everything as it is
+    assert "chat_sft: already complete at step 6" in capsys.readouterr().out and curve(env, "chat_sft") == resumed
 
 
 def test_mc_modules_carried_through_midtraining(env, tmp_path, monkeypatch):

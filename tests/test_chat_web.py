@@ -5,7 +5,9 @@ scripts/chat_web.py against a tiny real GPT + tokenizer (CPU, seconds):
 - the OpenAI-compatible API: /v1/models, /v1/chat/completions plain and streaming, error shape;
 - a live uvicorn server on a free local port: the official `openai` client (plain + stream), raw httpx
   SSE like curl, concurrent requests on one worker, and a client that hangs up mid-stream;
-- loading a worker from a saved checkpoint, and CLI range checks.
+- loading a worker from a saved checkpoint, and CLI range checks;
+- --mc: MCEngine workers answer conversations longer than the context, the same reply for the same request,
+  and a vanilla checkpoint under --mc is refused with the fix.
 """
 
 import contextlib
@@ -20,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from nanochat.engine import ContextTooLongError, Engine
+from nanochat.engine import ContextTooLongError, Engine, MCEngine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.synthetic import synthetic_texts
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
@@ -465,3 +467,29 @@ def test_load_workers_from_checkpoint(tmp_path, monkeypatch, model, tokenizer):
 def test_cli_rejects_bad_flags(flags):
     with pytest.raises(SystemExit):
         chat_web.main(flags)
+
+
+# ----------------------------------------------------------------------------- --mc
+def test_mc_worker_serves_conversations_longer_than_the_context(tokenizer, model):
+    from tests.test_mc_session import tiny_mc_model
+
+    mc_model, _, _ = tiny_mc_model(vocab=tokenizer.get_vocab_size(), random_lens=False)  # sequence_len 64
+    with torch.no_grad():
+        mc_model.lm_head.weight.copy_(model.lm_head.weight)  # printable gibberish, like the vanilla model's
+    engine = MCEngine(mc_model, tokenizer, reuse_session=False)
+    msgs = [{"role": "user", "content": " ".join(f"word{i}" for i in range(300))},
+            {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and what came first?"}]
+    with TestClient(create_app([Worker(engine, tokenizer, "cpu")])) as c:
+        body = {"messages": msgs, "max_tokens": 12, "temperature": 1.0, "seed": 3}
+        out = c.post("/v1/chat/completions", json=body).json()
+        assert out["usage"]["prompt_tokens"] > 5 * mc_model.config.sequence_len
+        assert out["usage"]["completion_tokens"] == 12 and out["choices"][0]["finish_reason"] == "length"
+        assert c.post("/v1/chat/completions", json=body).json()["choices"] == out["choices"]  # stateless
+        events = sse_events(c.post("/chat/completions", json=body).text)
+        assert events[-1]["done"] is True and "".join(e.get("token", "") for e in events) == \
+            out["choices"][0]["message"]["content"]
+    assert engine.session.stats()["max_kv_entries"] <= mc_model.config.sequence_len
+    with pytest.raises(ValueError, match="--mc_enabled=1"):  # a vanilla checkpoint under --mc: the fix
+        MCEngine(model, tokenizer)
+    with pytest.raises(SystemExit):
+        chat_web.main(["--mc_infer_refocus_interval", "8"])  # without --mc

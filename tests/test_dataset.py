@@ -11,8 +11,13 @@ import io
 import itertools
 import json
 import os
+import random
 import re
+import signal
+import subprocess
+import sys
 import threading
+import time
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,6 +26,8 @@ import pytest
 from nanochat import dataset
 from nanochat.dataset import MAX_SHARD, download_shards, iter_documents, list_parquet_files, resolve_source, shard_name
 from nanochat.synthetic import synthetic_document
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def parquet_bytes(texts: list[str], row_group_size: int = 10) -> bytes:
@@ -69,6 +76,15 @@ class ShardHandler(http.server.BaseHTTPRequestHandler):
         body = data[start:]
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
+        if name in st["stall"] and not rng:  # send the first bytes, then hang until released (or the client dies)
+            self.wfile.write(body[:st["stall"][name]])
+            self.wfile.flush()
+            st["release"].wait(30)
+            try:
+                self.wfile.write(body[st["stall"][name]:])
+            except OSError:
+                pass
+            return
         if st["truncate"].get(name, 0) > 0:  # announce the full length, send half, hang up
             st["truncate"][name] -= 1
             body = body[:len(body) // 2]
@@ -80,11 +96,13 @@ def server():
     files = {shard_name(i): parquet_bytes([f"shard {i} doc {j} " * 20 for j in range(30)])
              for i in (0, 1, 2, MAX_SHARD)}
     srv = http.server.ThreadingHTTPServer(("127.0.0.1", 0), ShardHandler)
-    srv.state = {"files": files, "fail": {}, "truncate": {}, "corrupt": set(), "requests": []}
+    srv.state = {"files": files, "fail": {}, "truncate": {}, "corrupt": set(), "requests": [], "stall": {},
+                 "release": threading.Event()}
     thread = threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
     srv.url = f"http://127.0.0.1:{srv.server_address[1]}"
     yield srv
+    srv.state["release"].set()
     srv.shutdown()
     srv.server_close()
 
@@ -170,6 +188,34 @@ def test_missing_shard_fails_fast(server, tmp_path):
     with pytest.raises(RuntimeError, match="HTTP 404"):
         fetch(server, tmp_path, retries=5)
     assert len([r for r in server.state["requests"] if r[0] == shard_name(0)]) == 1
+
+
+def test_sigkilled_download_resumes(server, tmp_path):
+    """A real `python -m nanochat.dataset` SIGKILLed in the middle of a shard: the final name never appears,
+    the bytes that reached the disk stay in the .part, and the next run resumes it with a Range request."""
+    name = shard_name(0)
+    rng = random.Random(0)
+    data = parquet_bytes([rng.randbytes(40_000).hex() for _ in range(40)])  # ~3 MB, incompressible
+    server.state["files"][name] = data
+    server.state["stall"][name] = len(data) * 3 // 4
+    part = tmp_path / (name + ".part")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, "-m", "nanochat.dataset", "-n", "2", "-w", "1", "--retries", "1",
+                             "--base_url", server.url, "--data_dir", str(tmp_path)], cwd=REPO, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    t0 = time.time()
+    while not (part.exists() and part.stat().st_size >= 1 << 20):  # the downloader writes 1 MiB reads
+        assert proc.poll() is None and time.time() - t0 < 60, "the download never got going"
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    server.state["stall"].clear()
+    server.state["release"].set()
+    have = part.stat().st_size
+    assert 0 < have < len(data) and not (tmp_path / name).exists()
+    fetch(server, tmp_path)
+    assert (name, f"bytes={have}-") in server.state["requests"]
+    assert (tmp_path / name).read_bytes() == data and not part.exists()
 
 
 def test_cli_and_bad_counts(server, tmp_path):

@@ -26,7 +26,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 OPS_DOC = os.path.join(ROOT, "obsidian", "ops", "Training & Operations.md")
 
 SCRIPTS = ["base_train", "tok_train", "tok_eval", "base_loss", "base_eval", "mid_train", "chat_sft", "chat_rl",
-           "chat_eval", "chat_cli", "chat_web", "mc_eval", "mc_otel_preflight", "mc_bench_train"]
+           "chat_eval", "chat_cli", "chat_web", "mc_eval", "mc_otel_preflight", "mc_bench_train", "mc_bench",
+           "wandb_dashboard"]
 MODULES = [f"scripts.{s}" for s in SCRIPTS] + ["nanochat.dataset", "nanochat.report"]
 # shell recipes -> the files whose `case` arms parse their options
 SHELL = {"run10.sh": ["run10.sh"], "speedrun.sh": ["speedrun.sh", "dev/recipe_common.sh"],
@@ -36,7 +37,7 @@ FOREIGN = {"uv", "pip", "pip3", "pytest", "ruff", "torchrun", "git", "wandb", "d
            "maturin", "cargo", "rustup", "npm", "npx", "ssh", "rsync", "tmux", "screen", "ls", "tail", "grep", "sed",
            "find", "apt-get", "apt", "conda", "huggingface-cli", "hf", "test.sh", "kill", "du", "df", "tar"}
 # `--flag`-looking text that is a placeholder, not a flag
-PLACEHOLDERS = {"--key"}
+PLACEHOLDERS = {"--key", "--flag"}
 MC_PREFIXES = ("--mc_", "--allocator_", "--gistnet_", "--lensnet_")
 
 FLAG_RE = re.compile(r"(?<![\w-])(--[A-Za-z][\w-]*)(\*?)")

@@ -1,6 +1,8 @@
 """Tests for nanochat/engine.py: greedy parity with GPT.generate and a naive full-forward loop, KV-cache
 growth, batched sampling with independent first tokens, the calculator tool state machine (scripted fake
-model), the safe calculator, and the context-length error."""
+model), the safe calculator, and the context-length error; MCEngine (MegaContext session) with the same
+contract: greedy parity with a hand-driven MCSession, prompts far past the context, one session across
+turns, the calculator's forced tokens in the session's history, and its errors."""
 
 import itertools
 import time
@@ -15,6 +17,7 @@ from nanochat.engine import (
     CalculatorTimeout,
     ContextTooLongError,
     Engine,
+    MCEngine,
     evaluate_expression,
     use_calculator,
 )
@@ -276,3 +279,105 @@ def test_calculator_times_out():
     with pytest.raises(CalculatorTimeout):
         evaluate_expression(expr, timeout=0.0)
     assert use_calculator(expr, timeout=0.0) is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# MCEngine: the MegaContext session behind the same generate() contract
+
+
+def mc_model(tok, seed=0):
+    from tests.test_mc_session import tiny_mc_model
+
+    model, modules, cfg = tiny_mc_model(seed=seed, vocab=tok.get_vocab_size())
+    with torch.no_grad():  # replies that do not stop at once
+        model.lm_head.weight[tok.encode_special("<|assistant_end|>")] = 0
+        model.lm_head.weight[tok.get_bos_token_id()] = 0
+    return model, modules, cfg
+
+
+def long_prompt(tok, n_turns=12):
+    msgs = []
+    for i in range(n_turns):
+        msgs += [{"role": "user", "content": f"tell me about the river number {i} and the old mill"},
+                 {"role": "assistant", "content": f"the river {i} runs past the mill"}]
+    return tok.render_for_completion({"messages": msgs + [{"role": "user", "content": "and then?"}]})
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_mc_engine_matches_session_and_passes_the_context(tok):
+    from mc.session import MCSession
+
+    model, modules, cfg = mc_model(tok)
+    p = long_prompt(tok)
+    assert len(p) > 4 * model.config.sequence_len  # Engine would refuse this prompt
+    with pytest.raises(ContextTooLongError):
+        Engine(model, tok).generate(p, max_tokens=10)
+    modules.lensnet.calls = 0  # the stand-in LensNet's scores depend on its call count
+    eng = MCEngine(model, tok)
+    results, masks = eng.generate_batch(p, max_tokens=50, temperature=0.0)
+    assert results[0][: len(p)] == p and masks[0] == [0] * len(p) + [1] * (len(results[0]) - len(p))
+    assert len(results[0]) - len(p) >= 40
+    modules.lensnet.calls = 0
+    s = MCSession(model, modules, cfg)
+    s.ingest(p)
+    s.refocus()
+    assert results[0][len(p):] == list(itertools.islice(s.generate(50, temperature=0.0), len(results[0]) - len(p)))
+    st = eng.session.stats()
+    assert st["max_kv_entries"] <= model.config.sequence_len and st["refocuses"] >= 3
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_mc_engine_keeps_one_session_across_turns(tok):
+    model, _, _ = mc_model(tok, seed=1)
+    eng = MCEngine(model, tok)
+    first = eng.session
+    p1 = long_prompt(tok, 3)
+    (r1,), _ = eng.generate_batch(p1, max_tokens=20, temperature=0.0)
+    p2 = r1 + [tok.encode_special("<|assistant_end|>")] + tok.encode("more please", prepend="<|user_start|>",
+                                                                      append="<|user_end|>") \
+        + [tok.encode_special("<|assistant_start|>")]
+    (r2,), _ = eng.generate_batch(p2, max_tokens=20, temperature=0.0)
+    assert eng.session is first  # extended, not rebuilt
+    assert first.token_ids().tolist() == r2 and first.stats()["ingested_tokens"] == len(r2)
+    # a prompt that does not extend the history starts a new session; reuse_session=False always does
+    eng.generate_batch(p1, max_tokens=5)
+    assert eng.session is not first and eng.session.num_tokens == len(p1) + 5
+    fresh = MCEngine(model, tok, reuse_session=False)
+    fresh.generate_batch(p1, max_tokens=5)
+    s = fresh.session
+    fresh.generate_batch(s.token_ids().tolist(), max_tokens=5)
+    assert fresh.session is not s
+
+
+@pytest.mark.usefixtures("single_thread")
+def test_mc_engine_calculator_tokens_enter_the_session(tok, monkeypatch):
+    sp = tok.encode_special
+    model, _, _ = mc_model(tok, seed=2)
+    p = long_prompt(tok, 4)
+    expr, junk, tail = tok.encode("2+3"), tok.encode("X")[0], tok.encode(" ok")
+    script = iter([sp("<|python_start|>")] + expr + [sp("<|python_end|>")] + tail + [sp("<|assistant_end|>")]
+                  + [junk] * 10)
+    monkeypatch.setattr(engine_module, "sample_next_token", lambda logits, *a: torch.tensor([[next(script)]]))
+    eng = MCEngine(model, tok)
+    (r,), (m,) = eng.generate_batch(p, max_tokens=30, temperature=1.0)
+    forced = [sp("<|output_start|>")] + tok.encode("5") + [sp("<|output_end|>")]
+    want = [sp("<|python_start|>")] + expr + [sp("<|python_end|>")] + forced + tail
+    assert r[len(p):] == want
+    assert m[len(p):] == [1] * (len(expr) + 2) + [0] * len(forced) + [1] * len(tail)
+    # sampled and forced tokens alike are in the session's history (the stop token too)
+    assert eng.session.token_ids().tolist() == p + want + [sp("<|assistant_end|>")]
+
+
+def test_mc_engine_errors(tok):
+    model, _, _ = mc_model(tok, seed=3)
+    eng = MCEngine(model, tok)
+    with pytest.raises(ValueError, match="num_samples must be 1"):
+        eng.generate(prompt_ids(tok), num_samples=2)
+    with pytest.raises(ValueError, match="max_tokens"):
+        eng.generate(prompt_ids(tok), max_tokens=-1)
+    with pytest.raises(ValueError, match="vocab_size"):
+        eng.generate([tok.get_vocab_size()])
+    from mc.session import MCSessionError
+
+    with pytest.raises(MCSessionError, match="--mc_enabled=1"):
+        MCEngine(make_model(tok), tok)  # a vanilla model

@@ -223,7 +223,7 @@ def _tiny_gpt(seq_len=128, seed=0):
     return model.eval()
 
 
-def _setup(model, W, gist="transformer"):
+def _setup(model, W, gist="transformer", **kw):
     torch.manual_seed(1)
     learned = GistNet(64, 32, gistnet_type=gist, layers=1, n_head=2)
     if gist == "transformer":
@@ -231,7 +231,7 @@ def _setup(model, W, gist="transformer"):
             for p in learned.parameters():
                 p.normal_(0, 0.2)
     mean = GistNet(64, 32, gistnet_type="mean")
-    return mc_eval.Setup(model.eval(), learned.eval(), mean, W, W, 32, 2, "gaussian", 8)
+    return mc_eval.Setup(model.eval(), learned.eval(), mean, W, W, 32, 2, "gaussian", 8, **kw)
 
 
 def _random_items(n, T, seed=0):
@@ -243,7 +243,9 @@ def test_full_plan_equals_a_direct_forward_and_conditions_differ():
     model = _tiny_gpt()
     setup = _setup(model, W=32)
     items = _random_items(3, 128)
-    res, entries, _ = mc_eval.evaluate_batch(setup, items)
+    res, meta, _ = mc_eval.evaluate_batch(setup, items)
+    entries = {c: [m["entries"][c] for m in meta] for c in meta[0]["entries"]}
+    assert "MC-LensNet" not in entries and all(m["lens"] is None for m in meta)  # no LensNet in this setup
     ids = torch.tensor([it.ids for it in items])
     with torch.no_grad():
         direct = model(ids[:, :-1], targets=ids[:, 1:], loss_reduction="none")[:, -32:]
@@ -254,7 +256,8 @@ def test_full_plan_equals_a_direct_forward_and_conditions_differ():
     assert len({round(float(v), 6) for v in nll.values()}) >= 4  # FULL, RECENCY, MEANPOOL, MC differ
     assert not np.allclose(res[0]["MC"][0], res[0]["SHUFFLED"][0])  # gists of another document
     assert not np.allclose(res[0]["MC"][0], res[0]["MEANPOOL"][0])
-    np.testing.assert_allclose(res[0]["MC"][0], res[0]["ORACLE"][0])  # no needles: ORACLE is MC
+    np.testing.assert_allclose(res[0]["MC"][0], res[0]["ORACLE"][0])  # no needles, E = 0: ORACLE is MC
+    np.testing.assert_allclose(res[0]["MC"][0], res[0]["MC-fixed"][0])  # E = 0: MC-fixed is MC
 
 
 def test_full_equals_recency_when_the_document_fits_the_window():
@@ -263,7 +266,7 @@ def test_full_equals_recency_when_the_document_fits_the_window():
     items = _random_items(2, 64, seed=4) + _random_items(1, 40, seed=5)  # T <= W, two lengths in one batch
     res, _, _ = mc_eval.evaluate_batch(setup, items)
     for r in res:
-        for c in ("RECENCY", "MEANPOOL", "MC", "ORACLE"):
+        for c in ("RECENCY", "MEANPOOL", "MC", "MC-fixed", "ORACLE"):
             np.testing.assert_allclose(r[c][0], r["FULL"][0], rtol=1e-5, atol=1e-6)
             assert (r[c][1] == r["FULL"][1]).all()
 
@@ -300,20 +303,32 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
                                  "answer": "7351"}) + "\n")
     out = tmp_path / "mc.json"
     result = mc_eval.main(["--device_type=cpu", "--num_docs=4", "--num_probes=4", "--n_boot=100", "--batch_size=3",
-                           f"--tasks={tasks}", f"--out={out}"])
+                           "--num_assoc=1", "--assoc_pairs=4", "--assoc_queries=2", f"--tasks={tasks}", f"--out={out}"])
     data = json.loads(out.read_text())
     assert data == json.loads(json.dumps(result))
-    assert data["schema"] == "mc_eval/v1" and data["valid"] is False and data["validity_reasons"]
+    assert data["schema"] == "mc_eval/v2" and data["valid"] is False and data["validity_reasons"]
     assert data["settings"]["wc_length"] == 32 and data["settings"]["gists"] == "mean"
+    assert data["settings"]["focus_budget"] == 4 * 31 and data["settings"]["probe_multipliers"] == [4, 16]
     assert data["checkpoint"]["step"] == 7 and data["checkpoint"]["mc"] is False
+    # a vanilla checkpoint: MC-LensNet is reported as not available, with the reason
+    assert "vanilla" in data["not_available"]["MC-LensNet"] and data["settings"]["lensnet"]["available"] is False
+    assert "not available" in data["comparisons"]["MC-LensNet vs MC-fixed"]["all"]
     for name in ("horizon", "boundary"):
-        assert set(data["nll"][name]["nll"]) == {"FULL", "RECENCY", "MEANPOOL", "MC", "SHUFFLED", "ORACLE"}
+        assert set(data["nll"][name]["nll"]) == {"FULL", "RECENCY", "MEANPOOL", "MC", "MC-fixed", "SHUFFLED", "ORACLE"}
     assert data["nll"]["horizon"]["n_tokens"] == 4 * 32
     assert data["nll"]["long_range"]["gap_recovery"] is None and data["nll"]["long_range"]["valid"] is False
     assert data["probes"]["4xW"]["n"] == 4 and data["probes"]["4xW"]["all"]["FULL"]["n_answers"] == 4
+    assert "FULL" not in data["probes"]["16xW"]["all"] and data["probes"]["16xW"]["history_tokens"] == 512
+    assert data["probes"]["16xW"]["straddling"]["MC"]["n_answers"] == 2  # half of the probes straddle
     assert data["tasks"]["MC"]["n_answers"] == 1 and data["gistnet_diagnostic"]["n_docs"] == 4
+    assert data["assoc"]["n"] == 2 and data["assoc"]["all"]["ORACLE"]["n_answers"] == 2
+    assert data["assoc"]["valid"] is False and set(data["assoc"]["by_query"]) == {"1", "2"}
+    ent = data["mean_wc_entries"]
+    # T = 128, W = 32: 3 LOD1 gists; E = 124 entries open all three (3 x 31 = 93 <= 124): MC-fixed reads all raw
+    assert ent["MC"] == 35 and ent["MC-fixed"] == 128 and ent["RECENCY"] == 32
     printed = capsys.readouterr().out
     assert "NOT VALID" in printed and "| metric | FULL | RECENCY |" in printed
+    assert "MC-LensNet: not available: the checkpoint has no MegaContext modules" in printed
     report = (base_dir / "report" / "mc-evaluation.md").read_text()
     assert "NOT VALID" in report and "- valid: False" in report
 
@@ -321,7 +336,8 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
 def test_bad_flags_stop_with_a_clear_error(base_dir, capsys):
     for flags, msg in ((["--wc_length=40"], "multiple of the block size"), (["--horizon=64"], "--horizon"),
                        (["--doc_tokens=100"], "--doc_tokens"), (["--gists=learned"], "no GistNet"),
-                       (["--probe_multipliers=x"], "--probe_multipliers")):
+                       (["--probe_multipliers=x"], "--probe_multipliers"), (["--focus_budget=-1"], "--focus_budget"),
+                       (["--assoc_multiplier=1"], "--assoc_multiplier"), (["--assoc_queries=9"], "--assoc_queries")):
         with pytest.raises(SystemExit):
             mc_eval.main(["--device_type=cpu", "--num_docs=1", "--num_probes=0", *flags])
         assert msg in capsys.readouterr().err
@@ -335,7 +351,7 @@ def test_data_dir_text_has_no_long_range_set(base_dir, tmp_path):
         (texts / f"doc{i}.txt").write_text(next(gen))
     out = tmp_path / "dir.json"
     data = mc_eval.main(["--device_type=cpu", f"--data_dir={texts}", "--num_docs=2", "--num_probes=0", "--n_boot=50",
-                         "--diagnostic=0", f"--out={out}"])
+                         "--diagnostic=0", "--num_assoc=0", f"--out={out}"])
     assert data["settings"]["data"].startswith("dir:") and data["nll"]["horizon"]["n_docs"] == 1  # val = doc 0 only
     assert data["nll"]["long_range"]["n_tokens"] == 0 and data["valid"] is False
     assert any("no long-range answer tokens" in r for r in data["validity_reasons"])
@@ -359,22 +375,45 @@ def test_mc_checkpoint_uses_its_learned_gistnet(base_dir, tmp_path):
     save_checkpoint(str(base_dir / "base_checkpoints" / "mc"), 3, {**model.state_dict(), **mc_state_dict(modules)},
                     None, {"model_config": vars(model.config), "mc_config": dataclasses.asdict(cfg)})
     data = mc_eval.main(["--device_type=cpu", "--model_tag=mc", "--num_docs=3", "--num_probes=2", "--n_boot=50",
-                         f"--out={tmp_path / 'mc.json'}"])
+                         "--num_assoc=1", "--assoc_pairs=4", "--assoc_queries=2", f"--out={tmp_path / 'mc.json'}"])
     assert data["settings"]["gists"] == "learned" and data["checkpoint"]["mc"] is True
     assert data["settings"]["positional_type"] == "simple"
+    # the checkpoint's LensNet runs: every block has MC-LensNet results, refocus stats and entries
+    lens = data["settings"]["lensnet"]
+    assert lens["available"] and lens["allocator"]["allocator_iterations"] == 2 and not data["not_available"]
+    assert "MC-LensNet" in data["nll"]["horizon"]["gap_recovery"] and data["lensnet_focus"]["n"] == 3
+    for block in (data["probes"]["4xW"], data["probes"]["16xW"], data["assoc"]):
+        assert "MC-LensNet" in block["all"] and block["lensnet_focus"]["n"] >= 2
+        ent = block["mean_wc_entries"]
+        # the same cap; MC-fixed spends all of it (or opens every gist when the history is short)
+        assert ent["MC-LensNet"] <= ent["MC-fixed"] == min(ent["MC"] + 4 * 31, block["history_tokens"])
+    assert set(data["comparisons"]) == {"MC-LensNet vs MC-fixed", "MC-LensNet vs MEANPOOL"}
+    assert set(data["comparisons"]["MC-LensNet vs MC-fixed"]) >= {"R horizon", "probe EM 4xW", "probe EM 16xW", "assoc EM"}
     h = data["nll"]["horizon"]["nll"]
     assert h["MC"]["value"] != h["MEANPOOL"]["value"] and h["MC"]["value"] != h["SHUFFLED"]["value"]
     d = data["gistnet_diagnostic"]["nll"]
     assert d["gist"]["value"] != d["meanpool"]["value"]
     with pytest.raises(SystemExit):  # its GistNet was trained on 32-token blocks
         mc_eval.main(["--device_type=cpu", "--model_tag=mc", "--num_docs=1", "--num_probes=0", "--block_size=16"])
+    # trained with --lensnet_type=none: MC-LensNet is "not available: <reason>", never silently dropped
+    cfg_none = MCConfig(gistnet_layers=1, lensnet_type="none")
+    save_checkpoint(str(base_dir / "base_checkpoints" / "fixed"), 3,
+                    {**model.state_dict(), **mc_state_dict(MCModules.from_config(cfg_none, 64))}, None,
+                    {"model_config": vars(model.config), "mc_config": dataclasses.asdict(cfg_none)})
+    data = mc_eval.main(["--device_type=cpu", "--model_tag=fixed", "--num_docs=2", "--num_probes=0", "--n_boot=20",
+                         "--num_assoc=0", "--diagnostic=0", f"--out={tmp_path / 'fixed.json'}"])
+    assert "--lensnet_type=none" in data["not_available"]["MC-LensNet"]
+    assert "MC-LensNet" not in data["nll"]["horizon"]["nll"] and "MC-fixed" in data["nll"]["horizon"]["nll"]
 
 
 def test_summarize_valid_and_invalid_paths():
     from mc.eval_report import summarize
 
     rng = np.random.default_rng(0)
-    nll = {"FULL": 1.0, "RECENCY": 2.0, "MEANPOOL": 1.9, "MC": 1.5, "SHUFFLED": 2.1, "ORACLE": 1.1}
+    nll = {"FULL": 1.0, "RECENCY": 2.0, "MEANPOOL": 1.9, "MC": 1.5, "MC-fixed": 1.45, "MC-LensNet": 1.2,
+           "SHUFFLED": 2.1, "ORACLE": 1.1}
+    meta = {"entries": {c: 40 for c in nll}, "lens": {"expands": 1, "collapses": 0, "changed": True,
+                                                      "score_abs_mean": 0.5, "score_max": 0.9}}
 
     def docs(gap_scale):
         sets, recalls = [], []
@@ -384,22 +423,33 @@ def test_summarize_valid_and_invalid_paths():
             per = {c: ((1.0 + (v - 1.0) * gap_scale + noise) * n, n) for c, v in nll.items()}
             sets.append({"horizon": per, "boundary": per, "long_range": per})
             recalls.append({c: [c in ("FULL", "ORACLE")] * 2 for c in nll})
-        return {"sets": sets, "recalls": recalls, "diagnostic": [{"raw": 1.0, "gist": 1.1, "meanpool": 1.2,
-                                                                  "dropped": 1.3}] * 12}
+        return {"sets": sets, "recalls": recalls, "meta": [meta] * 12,
+                "diagnostic": [{"raw": 1.0, "gist": 1.1, "meanpool": 1.2, "dropped": 1.3}] * 12}
 
     probe = EvalItem([0] * 129, "probe", info={"fact": "passkey", "straddle": False})
-    probes = {4: [(probe, {c: [c == "FULL"] for c in nll})] * 10}
+    probes = {4: [(probe, {c: [c == "FULL"] for c in nll}, meta)] * 10}
     settings = {"gists": "learned", "boundary_tokens": 64}
-    entries = {c: [40.0] for c in nll}
-    result, md, summary = summarize(settings, docs(1.0), probes, [], entries, 200, 0)
-    assert result["valid"] and not result["validity_reasons"]
+    result, md, summary = summarize(settings, docs(1.0), probes, [], 200, 0)
+    assert result["valid"] and not result["validity_reasons"] and result["probes"]["4xW"]["valid"]
     r = result["nll"]["long_range"]["gap_recovery"]["MC"]
     assert r["value"] == pytest.approx(0.5, abs=0.02) and r["lo"] <= 0.5 <= r["hi"]
     assert "NOT VALID" not in md and "valid (FULL shows the skill" in md and summary["gap recovery"] == r["value"]
+    # tight CIs: MC-LensNet (R 0.8) vs MC-fixed (0.55) and MEANPOOL (0.1) do not overlap
+    assert result["comparisons"]["MC-LensNet vs MC-fixed"]["R long_range"] == "no overlap"
+    assert "MC-LensNet vs MEANPOOL: R horizon: CIs do not overlap" in md
+    assert result["mean_wc_entries"]["MC-LensNet"] == 40 and result["lensnet_focus"]["frac_changed"] == 1.0
     # FULL cannot recall in the probes, and no gap to recover: not valid, no R number anywhere for long range
-    probes_bad = {4: [(probe, {c: [False] for c in nll})] * 10}
-    result, md, summary = summarize(settings, docs(0.01), probes_bad, [], entries, 200, 0)
+    probes_bad = {4: [(probe, {c: [False] for c in nll}, meta)] * 10}
+    result, md, summary = summarize(settings, docs(0.01), probes_bad, [], 200, 0)
     assert not result["valid"] and len(result["validity_reasons"]) == 2
     assert result["nll"]["long_range"]["gap_recovery"] is None
     assert "gap_recovery_unvalidated" in result["nll"]["long_range"]
-    assert md.count("NOT VALID") == 5 and summary["gap recovery"] == "NOT VALID"  # 4 R cells + the banner
+    row = next(line for line in md.splitlines() if line.startswith("| R long-range"))
+    assert row.count("NOT VALID") == 6  # every condition but the two references
+    assert "**Long-range result NOT VALID**" in md and "Probes @4xW: NOT VALID" in md
+    assert summary["gap recovery"] == "NOT VALID" and not result["probes"]["4xW"]["valid"]
+    assert result["comparisons"]["MC-LensNet vs MC-fixed"]["R long_range"] == "NOT VALID"
+    # a LensNet that edits nothing anywhere is called out (MC-LensNet then equals MC)
+    meta["lens"] = {**meta["lens"], "changed": False, "expands": 0}
+    _, md, _ = summarize(settings, docs(1.0), probes, [], 50, 0)
+    assert "MC-LensNet made no edit in any item" in md

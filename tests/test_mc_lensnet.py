@@ -161,14 +161,27 @@ def test_stability_helpers():
     assert policy_kl(torch.zeros(2, 3), valid) == 0
     assert policy_kl(s, valid) > 0
     bs = BudgetSmoother(0.5)
-    p1 = bs.penalty(torch.tensor([[0.2, 0.2, 0.0], [0.6, 0.6, 0.6]]), valid)  # means 0.2, 0.6; ema init 0.4
+    p1 = bs.penalty(torch.tensor([[0.2, 0.2, 0.0], [0.6, 0.6, 0.6]]), valid)  # means 0.2, 0.6; target 0.4
     torch.testing.assert_close(p1, torch.tensor(0.04))
-    torch.testing.assert_close(bs.ema, torch.tensor(0.4))
+    assert bs.ema.value is None  # nothing committed inside the step
+    bs.penalty(torch.tensor([[0.0, 0.0, 0.0], [0.0, 0.0, 0.0]]), valid)  # second micro-batch: means 0, 0
+    bs.commit()
+    torch.testing.assert_close(bs.ema.value, torch.tensor(0.2))  # mean of the step's 4 rows
+    bs.penalty(torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 1.0]]), valid)
+    bs.commit()
+    torch.testing.assert_close(bs.ema.value, torch.tensor(0.6))  # 0.5 * 0.2 + 0.5 * 1.0
     an = AdvantageNormalizer(0.5)
     d = torch.tensor([[0.0, 1.0, 3.0]])
     cand = torch.tensor([[False, True, True]])
-    torch.testing.assert_close(an.update(d, cand), torch.tensor(1.0))
-    torch.testing.assert_close(an.normalize(2 * d, cand), 2 * d / (1.5 + 1e-6))
+    gap = d[:, None, :] - d[:, :, None]
+    torch.testing.assert_close(an.weights(gap, d, cand), (gap / (1.0 + 1e-6)).clamp(0, 3))  # own spread 1.0
+    an.commit()
+    torch.testing.assert_close(an.weights(2 * gap, 2 * d, cand), (2 * gap / (1.0 + 1e-6)).clamp(0, 3))
+    an.commit()  # spread 2.0 observed: EMA 0.5 * 1 + 0.5 * 2
+    torch.testing.assert_close(an.ema.value, torch.tensor(1.5))
+    restored = AdvantageNormalizer(0.5)
+    restored.load_state_dict(an.state_dict())
+    torch.testing.assert_close(restored.ema.value, torch.tensor(1.5))
 
 
 def _planted_delta(plan, marker, B, V, g):

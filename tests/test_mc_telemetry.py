@@ -280,6 +280,17 @@ def test_preflight_fails_clearly_on_non_2xx():
     assert "HTTP 404" in lines[-1] and "/v1/traces" in lines[-1], lines
 
 
+def test_preflight_fails_clearly_when_receiver_never_answers():
+    """A port that accepts the connection (listen backlog) but never answers: a timeout, said as such."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        lines = []
+        assert not mc_otel_preflight.preflight(url, timeout=0.5, log=lines.append)
+    assert "timed out after 0.5 s" in lines[-1] and "--timeout" in lines[-1], lines
+
+
 def self_signed_cert(tmp_path):
     if shutil.which("openssl") is None:
         pytest.skip("openssl CLI not available")

@@ -73,11 +73,12 @@ def test_mc_loss_falls_and_gistnet_is_checkpointed(env, monkeypatch):
 
     ckpt = os.path.join(env, "base_checkpoints", "falls", "step_000030")
     state = torch.load(os.path.join(ckpt, "model.pt"))
-    mc_keys = [k for k in state if k.startswith("mc.gistnet.")]
-    assert mc_keys
+    mc_keys = [k for k in state if k.startswith(("mc.gistnet.", "mc.lensnet."))]
+    assert any(k.startswith("mc.gistnet.") for k in mc_keys) and any(k.startswith("mc.lensnet.") for k in mc_keys)
     with open(os.path.join(ckpt, "meta.json")) as f:
         meta = json.load(f)
     assert meta["mc_config"]["num_random_variants"] == 2 and meta["mc_config"]["block_size"] == 8
+    assert meta["mc_train_state"]["lens"]["adv_scale"]["value"] > 0  # LensNet's EMA, restored on resume
     optim = torch.load(os.path.join(ckpt, "optim_rank0.pt"), weights_only=False)
     n_opt = sum(len(g["params"]) for o in optim for g in o["param_groups"])
     gpt_params = sum(1 for k in state if not k.startswith("mc."))

@@ -54,7 +54,8 @@ def test_reset_log_generate(base, tmp_path):
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert headings == ["Environment", "Tokenizer training", "Base model training", "Base model loss",
                         "Base model evaluation", "Midtraining", "Chat evaluation sft", "My extra experiment",
-                        "Loss curves", "Summary"]
+                        "Loss curves", "MegaContext curves", "Summary"]
+    assert "Not drawn: this run's base_train curve has no MegaContext metrics (a vanilla run)" in md
     assert "- Parameters: 1,234,567" in md and "- Peak memory (MiB): -" in md and "- CORE metric: 0.1235" in md
     png = rdir / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -109,3 +110,93 @@ def test_cli(base, tmp_path):
     r = subprocess.run([sys.executable, "-m", "nanochat.report", "bogus"], cwd=tmp_path, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "invalid choice" in r.stderr
+
+
+# -------------------------------------------------------------------------------------------------
+# MegaContext curves: baseline vs MC loss, LOD mix, ΔNLL (small fixture curves)
+
+def mc_rows(n=12, lod_frac=False, deltas=True, slash=True):
+    """An MC run's base_train curve as the trainer writes it (+ the MC fields the report reads)."""
+    rows = []
+    for s in range(1, n + 1):
+        row = {"step": s, "tokens": s * 4096, "train_loss": 6.0 - 0.2 * s, "mc_token_loss": 6.3 - 0.2 * s,
+               "mc_loss_lod0": 6.5 - 0.18 * s}
+        lod = {f"mc/lod_loss/{L}": 6.0 + L - 0.2 * s for L in range(3)}
+        if deltas:
+            lod.update({"mc/adv_delta_mean": 0.2 - 0.01 * s, "mc/adv_delta_p95": 0.5 - 0.02 * s})
+        if lod_frac:
+            lod.update({"mc/lod_frac/0": 0.6, "mc/lod_frac/1": 0.3, "mc/lod_frac/2": 0.1})
+        row.update(lod if slash else {k.replace("/", "_"): v for k, v in lod.items()})
+        rows.append(row)
+    return rows + [{"step": n, "tokens": n * 4096, "val_bpb": 1.2}]
+
+
+def mc_part(md):
+    return md.split("## MegaContext curves", 1)[1].split("\n## ", 1)[0]
+
+
+def test_mc_curves_baseline_vs_mc(base, tmp_path):
+    report = rp.get_report()
+    report.reset()
+    _write_curve(base / "report" / "base_train_curve.jsonl", mc_rows())
+    vanilla = tmp_path / "vanilla_run"
+    (vanilla / "report").mkdir(parents=True)
+    _write_curve(vanilla / "report" / "base_train_curve.jsonl",
+                 [{"step": s, "tokens": s * 4096, "train_loss": 6.1 - 0.2 * s} for s in range(1, 13)])
+    md = open(report.generate(compare=[str(vanilla)])).read()
+    part = mc_part(md)
+    png = base / "report" / "mc_curves.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "![MegaContext curves](mc_curves.png)" in part
+    assert re.search(r"loss vs tokens: this run \(MC\); vanilla \([^)]*/vanilla_run\)", part), part
+    assert "loss per level of detail (mc/lod_loss/L, L = [0, 1, 2])" in part
+    assert "ΔNLL@H: mc/adv_delta_mean and p95 of this run (MC)" in part
+    assert "NOT DRAWN" not in part
+    assert f"![MegaContext curves]({png})" in open(tmp_path / "report.md").read()
+    report.reset()
+    assert not png.exists()
+
+
+def test_mc_curves_name_missing_fields(base):
+    report = rp.get_report()
+    _write_curve(base / "report" / "base_train_curve.jsonl",
+                 [{"step": s, "tokens": s * 10, "train_loss": 3.0, "mc_token_loss": 3.2, "mc_loss_lod0": 3.4}
+                  for s in range(1, 5)])
+    part = mc_part(open(report.generate(copy_to=None)).read())
+    assert "LOD mix: NOT DRAWN: this run (MC)'s curve rows carry neither mc/lod_frac/L nor mc/lod_loss/L" in part
+    assert "ΔNLL@H: NOT DRAWN: this run (MC)'s curve rows carry no mc/adv_delta_mean" in part
+
+
+def test_mc_curves_lod_fractions_and_underscore_names(base):
+    report = rp.get_report()
+    _write_curve(base / "report" / "base_train_curve.jsonl", mc_rows(lod_frac=True, slash=False))
+    part = mc_part(open(report.generate(copy_to=None)).read())
+    assert "LOD mix: fraction of WC entries per level (mc/lod_frac/L, L = [0, 1, 2])" in part
+    assert "ΔNLL@H: mc/adv_delta_mean" in part
+
+
+def test_compare_errors_and_vanilla_only(base, tmp_path):
+    report = rp.get_report()
+    with pytest.raises(FileNotFoundError, match="no curve file at"):
+        report.generate(copy_to=None, compare=[str(tmp_path / "nowhere")])
+    _write_curve(base / "report" / "base_train_curve.jsonl", [{"step": 1, "tokens": 10, "train_loss": 3.0}])
+    other = tmp_path / "mc.jsonl"
+    _write_curve(other, mc_rows(4))
+    part = mc_part(open(report.generate(copy_to=None, compare=[str(other)])).read())
+    assert "this run (vanilla); MC (" in part and "ΔNLL@H: mc/adv_delta_mean and p95 of MC (" in part
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(base))
+    r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "--compare", str(tmp_path / "nope")],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "no curve file at" in r.stderr, r.stderr
+
+
+def test_plots_skipped_loudly_without_matplotlib(base, monkeypatch, capsys):
+    report = rp.get_report()
+    _write_curve(base / "report" / "base_train_curve.jsonl", mc_rows(4))
+    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    md = open(report.generate(copy_to=None)).read()
+    assert md.count("plots skipped: matplotlib is not installed") == 2  # loss curves and MC curves
+    assert "![" not in md
+    assert "plots skipped" in capsys.readouterr().err

@@ -2,6 +2,7 @@
 tiny real SFT checkpoint of tests/test_chat_cli.py (its base_dir fixture)."""
 
 import io
+import json
 import os
 import subprocess
 import sys
@@ -16,10 +17,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FAST_SMOKE = ["--max_tokens", "8", "-t", "0", "--device_type", "cpu"]
 
 
-def write_sections(base, titles):
+def write_sections(base, titles, generate=True):
+    """Fake report sections (and report.md generated from them, as the recipes do at the end)."""
     report = Report(os.path.join(base, "report"))
     for title in titles:
         report.log(section=title, data=[{"val bpb": 0.9}])
+    if generate:
+        report.generate(copy_to=None)
 
 
 def run_cli(base, *args):
@@ -87,3 +91,43 @@ def test_failed_smoke_prompt_fails(tmp_path):
     assert validate(base, "Hi", smoke_timeout=120, smoke_args=FAST_SMOKE, out=out) == 1
     text = out.getvalue()
     assert "FAILED:  exit code" in text and "smoke prompt failed" in text
+
+
+def test_report_file_missing_stale_or_without_plots(tmp_path):
+    base = str(tmp_path)
+    titles = [title for _, title, _ in EXPECTED_SECTIONS]
+    write_sections(base, titles, generate=False)
+    out = io.StringIO()
+    assert validate(base, None, out=out) == 1
+    assert "PROBLEM  report.md: report.md not generated (run python -m nanochat.report generate)" in out.getvalue()
+    write_sections(base, titles)
+    report_md = os.path.join(base, "report", "report.md")
+    os.utime(report_md, (1, 1))  # older than the sections: a stage re-ran after generate
+    out = io.StringIO()
+    assert validate(base, None, out=out) == 1 and "stale" in out.getvalue()
+    with open(report_md, "a") as f:
+        f.write("\nplots skipped: matplotlib is not installed in this Python (x)\n")
+    out = io.StringIO()
+    assert validate(base, None, out=out) == 1 and "report.md has no plots" in out.getvalue()
+
+
+def test_mc_checkpoint_requires_mc_eval_and_curves_are_listed(tmp_path):
+    base = str(tmp_path)
+    step_dir = os.path.join(base, "base_checkpoints", "d4_mc", "step_000120")
+    os.makedirs(step_dir)
+    with open(os.path.join(step_dir, "meta.json"), "w") as f:
+        json.dump({"step": 120, "mc_config": {"block_size": 32}}, f)
+    os.makedirs(os.path.join(base, "report"))
+    with open(os.path.join(base, "report", "base_train_curve.jsonl"), "w") as f:
+        f.writelines(json.dumps({"step": s, "tokens": s * 8192, "train_loss": 3.0}) + "\n" for s in (1, 120))
+    write_sections(base, [title for _, title, _ in EXPECTED_SECTIONS])
+    out = io.StringIO()
+    assert validate(base, None, out=out) == 1
+    text = out.getvalue()
+    assert "base d4_mc: step 120 (MC)" in text
+    assert "MISSING  MC evaluation  <- written by: python -m scripts.mc_eval --model_tag d4_mc" in text
+    assert "curve    base_train_curve.jsonl: step 120, 983,040 tokens, 2 rows" in text
+    write_sections(base, ["MC evaluation"])
+    out = io.StringIO()
+    assert validate(base, None, out=out) == 0, out.getvalue()
+    assert f"({len(EXPECTED_SECTIONS) + 1}/{len(EXPECTED_SECTIONS) + 1} present" in out.getvalue()

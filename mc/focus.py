@@ -1,0 +1,69 @@
+"""
+One refocus: LensNet scores the current working context, the allocator edits the plan.
+
+    plan, state, info = refocus(lensnet, plan, levels, cfg, W)
+
+This is the step the inference session (mc/session.py) runs at every user turn and every
+--mc_infer_refocus_interval tokens, and the step mc_eval's MC-LensNet condition runs once per probe.
+Training never calls it: there LensNet only learns (mc/lens_loss.py) from the random variants.
+
+Inputs
+  lensnet   mc.lensnet.LensNet, or None for fixed focus (--lensnet_type=none): every score is 0, so
+            the allocator makes only the forced collapses that fit the plan into W
+  plan      int8 [R, T] over the whole history (0 raw, l >= 1 inside a LOD-l gist; no -1), legal
+            (block-aligned) with the last recent_tokens raw
+  levels    the tree's levels [LOD0 [R, T, C] (or None if not cached), LOD1, ...] (MegaContextTree.levels)
+  cfg       MCConfig: block_size, max_lod, recent_tokens and the --allocator_* knobs
+  W         the working-context budget in entries
+  state     the hysteresis state returned by the previous refocus (None the first time)
+Returns (new_plan int8 [R, T], new_state int8 [R, T], info) with info = the allocator's stats plus
+"scores" (the LensNet scores [R, L] of the OLD working context, detached) and "changed" (bool [R]:
+whether the plan changed).
+
+LensNet sees the working context the model currently reads, so a gist it wants refined must already
+be in it; expanding a LOD2 gist to raw takes two refocuses (LOD2 -> LOD1 children inherit the score
+inside one allocator call, see mc/allocator.py, so with allocator_iterations >= 2 it happens in one).
+"""
+
+import torch
+
+from mc.allocator import allocate
+from mc.working_context import build_working_context
+
+
+def first_changed_token(old_plan: torch.Tensor, new_plan: torch.Tensor) -> torch.Tensor:
+    """long [R]: the first token position where the plans differ (T where they are equal). Every WC
+    entry whose span starts before it is unchanged, so a KV cache is valid up to there."""
+    R, T = new_plan.shape
+    diff = old_plan != new_plan
+    pos = torch.arange(T, device=new_plan.device).expand(R, T)
+    return torch.where(diff, pos, T).min(1).values
+
+
+@torch.no_grad()
+def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tensor | None = None,
+            generator: torch.Generator | None = None, recent_tokens: int | None = None, wc=None):
+    """LensNet scores + allocator edits (module docstring). recent_tokens overrides cfg.recent_tokens
+    (mc_eval protects its whole raw window). wc: the plan's WorkingContext when the caller already has it
+    (right-aligned or unpadded; the inference session builds its entries from token ids without a LOD0
+    table); levels is then not read."""
+    if plan.ndim != 2:
+        raise ValueError(f"plan must be [rows, T], got shape {tuple(plan.shape)}")
+    recent = cfg.recent_tokens if recent_tokens is None else recent_tokens
+    if wc is None:
+        wc = build_working_context(plan, levels, cfg.block_size, align="right")
+    if lensnet is None:
+        scores = torch.zeros(wc.valid.shape, dtype=torch.float32, device=plan.device)
+    else:
+        ref = next(lensnet.parameters())
+        scores = lensnet(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
+                         span_len=wc.span_len, valid=wc.valid).float()
+    # the allocator's edit selection runs on the CPU (a short loop over <= max_replacements edits)
+    new_plan, new_state, stats = allocate(plan.cpu(), scores.cpu(), W, cfg, cfg.block_size, cfg.max_lod, recent,
+                                          state=None if state is None else state.cpu(), generator=generator,
+                                          align="right")
+    new_plan, new_state = new_plan.to(plan.device), new_state.to(plan.device)
+    info = dict(stats)
+    info["scores"] = scores.detach()
+    info["changed"] = (new_plan != plan).any(1)
+    return new_plan, new_state, info

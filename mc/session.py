@@ -1,0 +1,484 @@
+"""
+MCSession: MegaContext inference. A chat or document of any length, decoded at a bounded cost per token.
+
+    s = MCSession(model, model.mc_modules, model.mc_config)   # W, refocus_interval: defaults below
+    s.ingest(prompt_ids); s.refocus()                          # a user turn
+    for tok in s.generate(64, temperature=0): ...              # or next_logits() / append_token(id)
+    s.stats()                                                  # swap rate, re-prefill, memory, ...
+
+State (batch 1):
+- the MegaContextTree of the whole history (mc/tree.py): every token goes in, LOD1/LOD2 gists are made
+  as blocks complete. LOD0 is never stored (cache_lod0=False whatever the checkpoint says): the session
+  keeps the token ids (4 bytes per token) and re-embeds the <= W raw entries of the working context
+  with wte, which is far cheaper than C floats per token.
+- the plan, int8 [1, T]: level of detail of every history token (mc/working_context.py); full
+  coverage; new tokens join it raw. The working context (WC) is its entry list: an entry starts at
+  token t iff plan[t] = l and t % bs**l == 0 and spans bs**l tokens. Kept as two CPU vectors
+  (span_start, lod), appended to for every new token and recomputed from the plan after a refocus.
+- the allocator's hysteresis state, int8 [1, T].
+- a KV cache over the WC entries, unpadded, in entry order: cache slot i holds entry i. Each entry
+  is fed to the GPT as inputs_embeds (wte(id) for a raw token, the gist for a gist) with its own
+  rotary angles, cos_sin_override = mc.positions.rope_cos_sin(position, span_len, positional_type):
+  position = the entry's absolute history position (last token of its span, as in training), computed
+  directly for any position, so histories past the GPT's rotary table (10 x sequence_len) work.
+  Invariant: the cache holds a prefix of the current entry list.
+
+Refocus (refocus(); automatically every refocus_interval ingested/appended tokens; the engine also
+calls it at every user turn): mc.focus.refocus = LensNet scores the current WC (lensnet None = fixed
+focus: every score 0, only forced collapses) and the allocator edits the plan under W (step 0, the
+hard fit, collapses the lowest-scored groups until entries <= W). When a long ingest left more than
+W + refocus_interval entries, a score-free hard fit runs first so LensNet never sees more entries than
+the model does.
+
+Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
+before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
+with k = #{new entries with span_start < t*} the first min(k, cached) cache slots stay valid:
+KVCache.set_pos truncates to that, and next_logits() re-runs every entry from there in ONE forward.
+(Causal attention: an unchanged entry after the first changed one sat behind different keys and at
+another cache slot, so it is recomputed too.) Accounting, per refocus:
+    reprefill = #{new entries with span_start < end of the history the cache covered} - kept
+i.e. the entries recomputed only because of the refocus (not the new tokens every decoder must feed).
+
+Budget. W = mc_config.wc_length(sequence_len) capped at sequence_len - refocus_interval. Right after a
+refocus entries <= W; between refocuses each token adds one raw entry, and a refocus runs before the
+count passes W + refocus_interval, so the KV cache never exceeds W + refocus_interval <= sequence_len
+entries and a decode step costs the same at any history length. The per-refocus work over the plan
+(allocator, entry list) is O(T) vectorised tensor ops on 1-byte-per-token maps, amortised over
+refocus_interval tokens. Largest history: its most compressed covering must fit W (about
+(W - recent_tokens - max_lod * (bs - 1)) * bs**max_lod tokens); beyond that HistoryTooLongError.
+
+Metrics (stats(), and telemetry events through mc.telemetry.emit_event, one set per refocus):
+- swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
+- residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
+- budget_used = entries / W; expands / collapses / forced edits; allocator iterations
+- reprefill_tokens (this refocus), reprefill_per_token = re-prefilled entries / appended tokens
+- history_tokens, wc_entries, max_kv_entries, tree_bytes (memory held by the history state)
+Events: focus_allocator, inference_update, mc_tree_snapshot, working_context_snapshot.
+"""
+
+import dataclasses
+import time
+import uuid
+
+import torch
+
+from mc.allocator import allocate
+from mc.focus import first_changed_token
+from mc.focus import refocus as focus_refocus
+from mc.positions import rope_cos_sin
+from mc.telemetry import NoOpTelemetryProvider, emit_event
+from mc.tree import MegaContextTree
+from mc.working_context import WorkingContext, entry_starts
+from nanochat.engine import ContextTooLongError
+from nanochat.gpt import sample_next_token
+from nanochat.kv_cache import KVCache
+
+VANILLA_FIX = ("train with MegaContext: `python -m scripts.base_train --mc_enabled=1` "
+               "(or `bash run10.sh --profile mc`), "
+               "then continue mid/SFT from that checkpoint; or chat without --mc within the model's context")
+
+
+class MCSessionError(ValueError):
+    """The model/checkpoint or the session settings cannot run a MegaContext session (the message says why)."""
+
+
+class HistoryTooLongError(ContextTooLongError):
+    """Even the most compressed covering of the history no longer fits W entries."""
+
+
+class _Buffer:
+    """A 1-D CPU tensor with spare capacity: appending k values costs O(k) amortised (no O(T) cat per token)."""
+
+    def __init__(self, dtype):
+        self.data, self.n = torch.empty(64, dtype=dtype), 0
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+    def extend(self, values: torch.Tensor):
+        k = values.numel()
+        if self.n + k > self.data.numel():
+            grown = torch.empty(max(2 * (self.n + k), 64), dtype=self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n: self.n + k] = values
+        self.n += k
+
+    def append(self, value):
+        """One scalar (the per-token decode path: no temporary tensors)."""
+        if self.n == self.data.numel():
+            grown = torch.empty(2 * self.n, dtype=self.data.dtype)
+            grown[: self.n] = self.data[: self.n]
+            self.data = grown
+        self.data[self.n] = value
+        self.n += 1
+
+    def set(self, values: torch.Tensor):
+        self.n = 0
+        self.extend(values)
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+class MCSession:
+    def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
+                 refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
+                 seed: int = 0, ingest_chunk: int = 8192):
+        """mc_modules / mc_config default to model.mc_modules / model.mc_config (checkpoint_manager.build_model);
+        W, refocus_interval default as in the module docstring; telemetry: a mc.telemetry provider (NoOp);
+        seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest."""
+        mc_modules = mc_modules if mc_modules is not None else getattr(model, "mc_modules", None)
+        cfg = mc_config if mc_config is not None else getattr(model, "mc_config", None)
+        seq_len = model.config.sequence_len
+        if mc_modules is None or cfg is None:
+            raise MCSessionError(f"this model has no MegaContext modules (model.mc_modules is None: a vanilla "
+                                 f"checkpoint, no GistNet/LensNet weights or meta['mc_config']); {VANILLA_FIX} of "
+                                 f"{seq_len} tokens")
+        interval = cfg.infer_refocus_interval if refocus_interval is None else refocus_interval
+        if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+            raise MCSessionError(f"--mc_infer_refocus_interval={interval!r} must be an integer >= 1")
+        if W is None:
+            W = min(cfg.wc_length(seq_len), seq_len - interval)
+        if isinstance(W, bool) or not isinstance(W, int) or W < 1:
+            raise MCSessionError(f"the working-context budget W={W!r} must be an integer >= 1")
+        if W + interval > seq_len:
+            raise MCSessionError(f"W={W} + refocus_interval={interval} = {W + interval} exceeds the model's "
+                                 f"sequence_len={seq_len}: between refocuses the WC grows by up to refocus_interval "
+                                 f"raw tokens; lower W (--mc_infer_wc_length) or --mc_infer_refocus_interval")
+        if W <= cfg.recent_tokens:
+            raise MCSessionError(f"W={W} must exceed --allocator_recent_tokens={cfg.recent_tokens} (the raw tail); "
+                                 f"raise W (--mc_infer_wc_length), or with the default W lower "
+                                 f"--mc_infer_refocus_interval")
+        self.model, self.mc_modules, self.cfg = model, mc_modules, cfg
+        self.lensnet = mc_modules.lensnet
+        self.W, self.refocus_interval, self.max_entries = W, interval, W + interval
+        self.device = torch.device(device) if device is not None else model.get_device()
+        self.telemetry = telemetry or NoOpTelemetryProvider()
+        self.session_id = session_id or uuid.uuid4().hex[:12]
+        self.ingest_chunk = ingest_chunk
+        self.generator = torch.Generator().manual_seed(seed)  # stochastic_greedy draws (CPU, like the allocator)
+        self.bs, self.max_lod = cfg.block_size, cfg.max_lod
+        c = model.config
+        self.head_dim = c.n_embd // c.n_head
+        self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False)
+        self._ids, self._plan = _Buffer(torch.int32), _Buffer(torch.int8)
+        self._starts, self._lods = _Buffer(torch.long), _Buffer(torch.long)
+        self.state = None  # allocator hysteresis, int8 [1, <= T]
+        self.kv = KVCache(1, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device=self.device)
+        self._logits = None  # [V] after the last cached entry
+        self._rope = None  # (first position, cos, sin) table for decode steps (_cos_sin)
+        self._since_refocus = 0
+        self.last = {}  # the last refocus's metrics
+        self.totals = dict(refocuses=0, expands=0, collapses=0, forced=0, reprefill_entries=0, forward_entries=0,
+                           generated_tokens=0, ingested_tokens=0, max_kv_entries=0, swap_rate_sum=0.0,
+                           refocus_ms=0.0)
+        self._window = dict(generated=0, busy_s=0.0)  # since the last inference_update
+
+    # ------------------------------------------------------------------ views
+    @property
+    def num_tokens(self) -> int:
+        return self._ids.n
+
+    @property
+    def num_entries(self) -> int:
+        return self._starts.n
+
+    @property
+    def plan(self) -> torch.Tensor:
+        """int8 [1, T] (CPU): the level of detail of every history token."""
+        return self._plan.view()[None]
+
+    def token_ids(self) -> torch.Tensor:
+        """int32 [T] (CPU): the whole history."""
+        return self._ids.view()
+
+    def entries(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(span_start, lod), long [L] each (CPU): the working context in order."""
+        return self._starts.view(), self._lods.view()
+
+    def memory_bytes(self) -> dict:
+        """Bytes held per part (allocations, spare capacity included)."""
+        t = self.tree
+        tree = sum(b.numel() * b.element_size() for b in t._buf if b is not None)
+        tree += 0 if t.tail is None else t.tail.numel() * t.tail.element_size()
+        hist = self._ids.nbytes() + self._plan.nbytes() + (0 if self.state is None else self.state.numel())
+        kv = 0 if self.kv.k is None else 2 * self.kv.k.numel() * self.kv.k.element_size()
+        wc = self._starts.nbytes() + self._lods.nbytes()
+        return {"tree": tree, "history": hist, "working_context": wc, "kv_cache": kv}
+
+    # ------------------------------------------------------------------ history
+    @torch.inference_mode()
+    def ingest(self, token_ids):
+        """Append tokens (a prompt, a user turn, a document, ...) to the history. Refocuses when
+        refocus_interval tokens have arrived since the last refocus (once per call)."""
+        self._add(token_ids)
+        if self._since_refocus >= self.refocus_interval:
+            self.refocus()
+
+    @torch.inference_mode()
+    def append_token(self, token_id: int):
+        """One generated (or forced) token; the next next_logits() feeds it through the GPT."""
+        t0 = time.perf_counter()
+        self.ingest([int(token_id)])
+        self.totals["generated_tokens"] += 1
+        self._window["generated"] += 1
+        self._window["busy_s"] += time.perf_counter() - t0
+
+    def _add(self, token_ids):
+        V = self.model.config.vocab_size
+        wte = self.model.transformer.wte
+        if isinstance(token_ids, (list, tuple)) and len(token_ids) == 1 and isinstance(token_ids[0], int):
+            tok = token_ids[0]  # the decode step: one token, plain Python where possible
+            if not 0 <= tok < V:
+                raise ValueError(f"token ids must lie in [0, {V}) (the model's vocab_size), got {tok}")
+            self.tree.append(wte(torch.tensor([[tok]], device=self.device)))
+            T = self.num_tokens
+            for buf, value in ((self._ids, tok), (self._plan, 0), (self._starts, T), (self._lods, 0)):
+                buf.append(value)
+            self._since_refocus += 1
+            self.totals["ingested_tokens"] += 1
+            return
+        ids = torch.as_tensor(token_ids, dtype=torch.long).flatten().cpu()
+        n = ids.numel()
+        if n == 0:
+            return
+        if int(ids.min()) < 0 or int(ids.max()) >= V:
+            raise ValueError(f"token ids must lie in [0, {V}) (the model's vocab_size)")
+        for chunk in ids.split(self.ingest_chunk):  # bounded GistNet batch for huge documents
+            self.tree.append(wte(chunk.to(self.device))[None])
+        T0 = self.num_tokens
+        self._ids.extend(ids.to(torch.int32))
+        self._plan.extend(torch.zeros(n, dtype=torch.int8))  # new tokens are raw...
+        self._starts.extend(torch.arange(T0, T0 + n))  # ...and each is one new entry at the end
+        self._lods.extend(torch.zeros(n, dtype=torch.long))
+        self._since_refocus += n
+        self.totals["ingested_tokens"] += n
+
+    def _set_plan(self, plan: torch.Tensor, first_changed: int = 0):
+        """Install a new plan [1, T] and recompute the entry list from the first changed token on: entries
+        starting before t0 = first_changed rounded down to a top-level span are unchanged (an aligned
+        t0 keeps every level's alignment in the suffix), so the work is O(T - t0), not O(T)."""
+        top = self.bs ** self.max_lod
+        t0 = first_changed // top * top
+        self._plan.set(plan[0].to(torch.int8))
+        keep = int(torch.searchsorted(self._starts.view(), t0)) if t0 else 0
+        tail = plan[:, t0:]
+        starts = entry_starts(tail, self.bs, max_level=self.max_lod)[0].nonzero()[:, 0]
+        self._starts.n, self._lods.n = keep, keep
+        self._starts.extend(starts + t0)
+        self._lods.extend(tail[0, starts].long())
+
+    # ------------------------------------------------------------------ the working context
+    def _embed(self, a: int, b: int, raw_only: bool = False) -> torch.Tensor:
+        """[b - a, C] input embeddings of entries a..b-1: wte(id) for raw tokens, the tree's gist otherwise."""
+        starts, lods = self._starts.view()[a:b], self._lods.view()[a:b]
+        wte = self.model.transformer.wte
+        raw_ids = self._ids.view()
+        if raw_only:  # the decode step: only raw tokens
+            return wte(raw_ids[starts].long().to(self.device))
+        out = torch.empty(b - a, wte.embedding_dim, dtype=wte.weight.dtype, device=self.device)
+        for level in range(self.max_lod + 1):  # a loop over levels, not entries
+            m = lods == level
+            if not bool(m.any()):
+                continue
+            idx = starts[m]
+            rows = wte(raw_ids[idx].long().to(self.device)) if level == 0 else \
+                self.tree.level(level)[0, (idx // self.bs ** level).to(self.device)]
+            out[m.to(self.device)] = rows.to(out.dtype)
+        return out
+
+    def _cos_sin(self, a: int, b: int, raw_only: bool = False):
+        """(cos, sin) [1, b - a, 1, hd/2] for entries a..b-1. Raw-only chunks (decode steps) are consecutive
+        positions: sliced from a table of the next 1024 positions, refreshed when they pass its end (a raw
+        token has span 1, where gaussian == simple, mc/positions.py)."""
+        starts, lods = self._starts.view()[a:b], self._lods.view()[a:b]
+        if raw_only:
+            p, n = int(starts[0]), b - a
+            if self._rope is None or not self._rope[0] <= p <= p + n <= self._rope[0] + self._rope[1].size(1):
+                pos = torch.arange(p, p + max(n, 1024), device=self.device)
+                self._rope = (p, *rope_cos_sin(pos[None], self.head_dim))
+            p0, cos, sin = self._rope
+            return cos[:, p - p0: p - p0 + n], sin[:, p - p0: p - p0 + n]
+        span = torch.tensor(self.bs).pow(lods)
+        pos = (starts + span - 1).to(self.device)  # last token of the span (as in training)
+        return rope_cos_sin(pos[None], self.head_dim, span.to(self.device)[None], self.cfg.positional_type)
+
+    def working_context(self) -> WorkingContext:
+        """The current WC as a mc.working_context.WorkingContext [1, L] (no padding)."""
+        starts, lods = (x.to(self.device)[None] for x in self.entries())
+        span = torch.tensor(self.bs, device=self.device).pow(lods)
+        L = starts.size(1)
+        return WorkingContext(self._embed(0, L)[None], (starts + span - 1).float(), lods, starts, span,
+                              torch.ones(1, L, dtype=torch.bool, device=self.device),
+                              torch.zeros(1, dtype=torch.long, device=self.device))
+
+    # ------------------------------------------------------------------ decoding
+    @torch.inference_mode()
+    def next_logits(self) -> torch.Tensor:
+        """float32 [V]: the next-token distribution's logits given the whole history. Feeds every entry
+        not in the KV cache yet (new tokens, or the re-prefill after a refocus) in one forward."""
+        t0 = time.perf_counter()
+        n, c = self.num_entries, self.kv.get_pos()
+        if n == 0:
+            raise ValueError("the session is empty: ingest at least one token (e.g. the BOS token) first")
+        if c < n or self._logits is None:
+            if c == n:  # nothing new but no logits kept: recompute the last entry
+                self.kv.set_pos(c - 1)
+                c -= 1
+            if n > self.model.config.sequence_len:  # cannot happen: refocus keeps n <= W + interval
+                raise RuntimeError(f"working context of {n} entries exceeds sequence_len")
+            raw_only = not bool(self._lods.view()[c:n].any())
+            logits = self.model(inputs_embeds=self._embed(c, n, raw_only)[None],
+                                cos_sin_override=self._cos_sin(c, n, raw_only), kv_cache=self.kv, last_only=True)
+            self._logits = logits[0, -1]
+            self.totals["forward_entries"] += n - c
+            self.totals["max_kv_entries"] = max(self.totals["max_kv_entries"], n)
+        self._window["busy_s"] += time.perf_counter() - t0
+        return self._logits
+
+    def generate(self, max_tokens: int, temperature: float = 1.0, top_k: int | None = None, seed: int = 42,
+                 stop_tokens=()):
+        """Yield up to max_tokens sampled token ids (each appended to the history); stops after a stop token."""
+        rng = torch.Generator(device=self.device)
+        rng.manual_seed(seed)
+        stop = set(stop_tokens)
+        for _ in range(max_tokens):
+            tok = int(sample_next_token(self.next_logits()[None], rng, temperature, top_k)[0, 0])
+            self.append_token(tok)
+            yield tok
+            if tok in stop:
+                return
+
+    # ------------------------------------------------------------------ refocus
+    def _capacity_error(self, e):
+        bs, L, R = self.bs, self.max_lod, self.cfg.recent_tokens
+        cap = max(self.W - R - L * (bs - 1), 0) * bs ** L
+        return HistoryTooLongError(
+            f"the history of {self.num_tokens} tokens no longer fits the MegaContext working context even fully "
+            f"compressed (W={self.W} entries, --mc_block_size={bs}, --mc_max_lod={L}, --allocator_recent_tokens={R}; "
+            f"this W holds about {cap} tokens). Start a new chat, or use a checkpoint with a larger --mc_max_lod "
+            f"or W ({e})")
+
+    def _allocate(self, fn, *args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except ValueError as e:
+            if "cannot be collapsed" in str(e):
+                raise self._capacity_error(e) from None
+            raise
+
+    def _hard_fit(self):
+        """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats."""
+        cfg = dataclasses.replace(self.cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+        old = self.plan.clone()
+        plan, self.state, stats = self._allocate(allocate, old, torch.zeros(old.shape), self.W, cfg,
+                                                 self.bs, self.max_lod, self.cfg.recent_tokens, state=self.state,
+                                                 scores_are_token_map=True)
+        self._set_plan(plan, int(first_changed_token(old, plan)[0]))
+        return stats
+
+    @torch.inference_mode()
+    def refocus(self) -> dict:
+        """LensNet + allocator (mc.focus.refocus), then truncate the KV cache at the first changed entry.
+        Returns this refocus's metrics (also in stats()["last"] and sent as telemetry)."""
+        if self.num_tokens == 0:
+            return {}
+        t0 = time.perf_counter()
+        old_plan = self.plan.clone()
+        old_starts, old_lods = (x.clone() for x in self.entries())
+        cached = self.kv.get_pos()
+        fitted = self.num_entries > self.max_entries
+        forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
+        new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, self.W,
+                                                    state=self.state, generator=self.generator,
+                                                    wc=self.working_context() if self.lensnet is not None else
+                                                    self._score_free_wc())
+        # KV: entries starting before the first changed token are unchanged (module docstring)
+        t_star = int(first_changed_token(old_plan, new_plan)[0])
+        t_fit = int(first_changed_token(old_plan, self.plan)[0]) if fitted else t_star  # the hard fit's edits
+        self._set_plan(new_plan, min(t_star, t_fit))
+        starts, lods = self.entries()
+        k = int((starts < t_star).sum())
+        keep = min(k, cached)
+        self.kv.set_pos(keep)
+        if keep < cached:
+            self._logits = None
+        cached_end = int(old_starts[cached - 1] + self.bs ** int(old_lods[cached - 1])) if cached else 0
+        reprefill = max(int((starts < cached_end).sum()) - keep, 0)
+        # swap rate / residency: entries identified by (span_start, lod)
+        key = lambda s, l: s * (self.max_lod + 1) + l  # noqa: E731
+        new_keys, old_keys = key(starts, lods), key(old_starts, old_lods)
+        swap = float((~torch.isin(new_keys, old_keys)).float().mean()) if len(new_keys) else 0.0
+        residency = float(torch.isin(old_keys, new_keys).float().mean()) if len(old_keys) else 1.0
+        n = self.num_entries
+        last = dict(swap_rate=swap, residency=residency, reprefill_entries=reprefill, first_changed_entry=k,
+                    expands=int(info["expands"][0]), collapses=int(info["collapses"][0]),
+                    forced=forced + int(info["forced"][0]), iterations=int(info["iterations"]),
+                    budget_used=n / self.W, wc_entries=n, history_tokens=self.num_tokens,
+                    refocus_ms=1000 * (time.perf_counter() - t0))
+        T = self.totals
+        T["refocuses"] += 1
+        for name in ("expands", "collapses", "forced"):
+            T[name] += last[name]
+        T["reprefill_entries"] += reprefill
+        T["swap_rate_sum"] += swap
+        T["refocus_ms"] += last["refocus_ms"]
+        self.last = last
+        self._since_refocus = 0
+        self._emit(last)
+        return dict(last)
+
+    def _score_free_wc(self) -> WorkingContext:
+        """Fixed focus: the scores are all 0, so only the entry count matters (no embeddings needed)."""
+        L = self.num_entries
+        z = torch.zeros(1, L, dtype=torch.long)
+        return WorkingContext(torch.zeros(1, L, 0), z.float(), z, z, z, torch.ones(1, L, dtype=torch.bool),
+                              torch.zeros(1, dtype=torch.long))
+
+    # ------------------------------------------------------------------ metrics
+    def stats(self) -> dict:
+        T = self.totals
+        mem = self.memory_bytes()
+        gen = T["generated_tokens"]
+        lods = self._lods.view()
+        return {
+            "history_tokens": self.num_tokens, "wc_entries": self.num_entries, "W": self.W,
+            "refocus_interval": self.refocus_interval, "kv_entries": self.kv.get_pos(),
+            "max_kv_entries": T["max_kv_entries"],
+            "lod_histogram": torch.bincount(lods, minlength=self.max_lod + 1).tolist(),
+            "budget_used": self.num_entries / self.W, "refocuses": T["refocuses"],
+            "expands": T["expands"], "collapses": T["collapses"], "forced": T["forced"],
+            "generated_tokens": gen, "ingested_tokens": T["ingested_tokens"],
+            "reprefill_entries": T["reprefill_entries"], "forward_entries": T["forward_entries"],
+            "reprefill_per_token": T["reprefill_entries"] / max(gen, 1),
+            "mean_swap_rate": T["swap_rate_sum"] / max(T["refocuses"], 1),
+            "mean_refocus_ms": T["refocus_ms"] / max(T["refocuses"], 1),
+            "tree_bytes": mem["tree"] + mem["history"], "kv_cache_bytes": mem["kv_cache"],
+            "bytes_per_token": (mem["tree"] + mem["history"]) / max(self.num_tokens, 1),
+            "last": dict(self.last),
+        }
+
+    def _emit(self, last: dict):
+        sid, step = self.session_id, self.totals["refocuses"]
+        w, self._window = self._window, dict(generated=0, busy_s=0.0)
+        emit_event(self.telemetry, "focus_allocator", {
+            "session_id": sid, "expands": last["expands"], "collapses": last["collapses"], "forced": last["forced"],
+            "iterations": last["iterations"], "budget_used": float(last["budget_used"])})
+        emit_event(self.telemetry, "inference_update", {
+            "session_id": sid, "tokens_ingested": self.num_tokens, "wc_length": self.num_entries,
+            "swap_rate": last["swap_rate"], "residency": last["residency"],
+            "reprefill_tokens": last["reprefill_entries"], "generated_tokens": w["generated"],
+            "decode_ms_per_token": 1000 * w["busy_s"] / max(w["generated"], 1),
+            "reprefill_per_token": self.totals["reprefill_entries"] / max(self.totals["generated_tokens"], 1)})
+        hist = torch.bincount(self._lods.view(), minlength=self.max_lod + 1).tolist()
+        lod_rows = [self.num_tokens] + [self.tree.num_entries(level) for level in range(1, self.max_lod + 1)]
+        mem = self.memory_bytes()
+        emit_event(self.telemetry, "mc_tree_snapshot", {
+            "session_id": sid, "step": step, "lod0_entries": lod_rows[0], "lod1_entries": lod_rows[1],
+            "lod2_entries": lod_rows[2] if self.max_lod >= 2 else 0, "memory_bytes": mem["tree"] + mem["history"]})
+        coarse = (self._lods.view() != 0).flip(0)  # the raw tail: trailing lod-0 entries (one token each)
+        raw_tail = int(coarse.int().argmax()) if bool(coarse.any()) else self.num_tokens
+        emit_event(self.telemetry, "working_context_snapshot", {
+            "session_id": sid, "step": step, "wc_length": self.num_entries, "max_length": self.W,
+            "lod_histogram": hist, "covered_tokens": self.num_tokens, "recent_raw_tokens": raw_tail})

@@ -1,0 +1,142 @@
+"""
+MCTrainStep: the trainer's side of an MC micro-step (scripts/base_train.py), around an MCController.
+
+- global row ids from the loader contract (micro-batch k of optimizer step n on rank r holds global rows
+  n*R + (k*world + r)*B + [0, B), R = total_batch_size / T, nanochat/dataloader.py), which seed the
+  variants of each row, so any micro-batch/process split draws the same variants;
+- the once-per-optimizer-step commit of LensNet's EMAs (after the step's last micro-batch forward,
+  all-reduced over ranks), see MCController.commit_step;
+- metric/timing accumulation between log lines (MetricMeter) and the log-time summary (W&B dict,
+  telemetry, band alerts, one compact stdout line); MC_MEMORY_DEBUG snapshots at log steps.
+Plus describe() (the start-up lines) and raise_recompile_limit() (torch.compile and the packed shapes).
+"""
+
+import math
+import os
+import traceback
+
+import torch
+
+from mc.config import MCConfig
+from mc.controller import MCController, MCControllerError
+from mc.timing import MetricMeter
+from nanochat.common import autocast_ctx
+
+
+def _all_reduce_sum(t: torch.Tensor):
+    """Sum over ranks in place when torch.distributed is running (the EMA statistics of one step)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(t)
+
+
+class MCTrainStep:
+    """The trainer's MC micro-step: __call__(x, y, step, micro, log_step) -> (loss, lm_loss); log(...) at log time;
+    state_dict()/load_state_dict() for checkpoints (LensNet's EMAs)."""
+
+    def __init__(self, controller: MCController, rows_per_step: int, B: int, rank: int, world_size: int,
+                 report_dir: str, memory_debug: bool = False, fail=None, telemetry=None):
+        """fail(message): called (after printing the traceback) when the MC step fails, e.g. the trainer's
+        die(); it must not return. Default: the MCControllerError propagates.
+        telemetry: a mc.telemetry provider; log() emits mc_timing and mc_batch_counters to it."""
+        self.controller, self.rows_per_step, self.B = controller, rows_per_step, B
+        self.rank, self.world_size = rank, world_size
+        self.report_dir, self.memory_debug, self.fail = report_dir, memory_debug, fail
+        self.telemetry = telemetry
+        self.meter = MetricMeter()
+        self.grad_accum_steps = rows_per_step // (B * world_size)
+        from mc.alerts import BandMonitor  # the seed-003 telemetry bands (train/mfu is the trainer's)
+
+        device_type = controller.model.get_device().type
+        bands = ("mc/adv_delta_mean", "mc/adv_delta_p95", "mc/token_loss", "mc/variants_total",
+                 "mc/preference_corr_mean", "mc/lens_loss")
+        if device_type == "cuda":  # the 200 ms latency band is a GPU figure; tiny CPU runs always exceed it
+            bands += ("mc/time_controller_ms",)
+        self.alerts = BandMonitor(device_type, controller.cfg.num_random_variants, B, warmup_steps=100,
+                                  telemetry=telemetry, only=bands)
+
+    def state_dict(self) -> dict:
+        return {"lens": self.controller.lens_state_dict()}
+
+    def load_state_dict(self, state: dict | None):
+        self.controller.load_lens_state((state or {}).get("lens"))
+
+    def _failed(self, e: MCControllerError, what: str):
+        if self.fail is None:
+            raise e
+        traceback.print_exc()
+        self.fail(f"{e}\n{what}")
+
+    def __call__(self, x, y, step: int, micro: int, log_step: bool):
+        row0 = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.B
+        row_ids = torch.arange(row0, row0 + x.size(0), device=x.device)
+        memory_log = None
+        if self.memory_debug and log_step and micro == 0:
+            os.makedirs(self.report_dir, exist_ok=True)
+            suffix = f"_rank{self.rank}" if self.rank else ""
+            memory_log = os.path.join(self.report_dir, f"mc_memory_step{step + 1}{suffix}.txt")
+        try:
+            with autocast_ctx(x.device.type):  # the trainer's autocast (bf16 on CUDA), as for the vanilla forward
+                result = self.controller.process_batch(x, y, step, row_ids=row_ids, memory_log=memory_log)
+        except MCControllerError as e:
+            self._failed(e, "training stopped: the MegaContext step failed (no fallback to the vanilla loss)")
+        if micro == self.grad_accum_steps - 1:
+            # after the step's last forward: every micro-batch of this step used the same EMA values
+            self.controller.commit_step(_all_reduce_sum)
+        self.meter.add(result.metrics)
+        self.meter.add_timer(result.timer, prefix="mc/time_")
+        return result.loss, result.lm_loss
+
+    def log(self, step: int, step_ms: float, grad_accum_steps: int):
+        """(metrics for W&B, one stdout line) averaged since the last call. Non-finite MC losses are named
+        in the line; stopping (or skipping the step) is the trainer's NonFiniteGuard's job, which runs
+        before this (--nonfinite=stop never gets here). The controller's share of a step = its per-micro-step time x accum
+        / step time (its forwards included); build share = tree + sampling, the work vanilla never does."""
+        try:
+            m = self.meter.means()
+        finally:
+            self.meter.reset()
+        bad = [name for name in ("mc/token_loss", "mc/total_loss", "mc/lens_loss") if not math.isfinite(m.get(name, 0.0))]
+        m["mc/grad_accum_steps"] = grad_accum_steps
+        m["mc/time_step_ms"] = step_ms
+        m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
+        m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
+        if self.telemetry is not None:
+            from mc.telemetry import emit_training_metrics
+            emit_training_metrics(self.telemetry, step, m)
+        nan = float("nan")
+        lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
+        line = (f"  mc | tok {m.get('mc/token_loss', nan):.4f} | base {m.get('train/loss_lod0', nan):.4f} | {lods}"
+                f" | Δ {m.get('mc/adv_delta_mean', nan):+.3f} (p95 {m.get('mc/adv_delta_p95', nan):+.3f})"
+                f" | W {m.get('mc/wc_length', 0):.0f} | ctl {m.get('mc/time_controller_ms', 0):.0f}ms×{grad_accum_steps}"
+                f" = {100 * m['mc/controller_share']:.0f}% of step (build {100 * m['mc/build_share']:.0f}%)")
+        if bad:
+            line += f"\n  mc | non-finite {', '.join(bad)} in this log interval (steps skipped by --nonfinite=skip)"
+        line += "".join("\n" + a.line for a in self.alerts.check(step, m))
+        if "mc/lens_loss" in m:
+            line += (f"\n  lens | loss {m['mc/lens_loss']:.4f} | pref corr {m.get('mc/preference_corr_mean', nan):+.3f}"
+                     f" | span corr {m.get('mc/pref_span_corr', nan):+.3f} | |score| {m.get('mc/policy_score_abs_mean', nan):.3f}"
+                     f" | pairs {m.get('mc/lens_pairs', nan):.1f}")
+        return m, line
+
+
+def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
+    """The trainer's start-up lines about MC (plan: mc.auto_batch.BatchPlan)."""
+    text = (f"megacontext: W={cfg.wc_length(T)} entries (anneal from {cfg.wc_anneal_start_frac:g}×T), "
+            f"{cfg.num_random_variants} variants + recency baseline per row, block {cfg.block_size}, max LOD "
+            f"{cfg.max_lod}, GistNet {cfg.gistnet_type} ({n_params:,} params); auto-batch "
+            f"{'on' if cfg.auto_batch else 'off'}: {plan.device_batch_size} rows × {plan.grad_accum_steps} accum "
+            f"(row cost ≈{plan.multiplier:.2f}× vanilla, divisor {plan.divisor})")
+    if cfg.auto_batch and not plan.fits:
+        text += (f"\nmegacontext: warning: an MC row costs ≈{plan.multiplier:.2f}× a vanilla row but the micro-batch "
+                 f"cannot shrink below 1 row; expect more memory than the vanilla run")
+    return text
+
+
+def raise_recompile_limit(limit: int = 64):
+    """torch.compile: the packed forward sees a new padded length each time W crosses a pad quantum (at
+    most ~16 over a run); keep dynamo from falling back to eager after its default 8 recompiles."""
+    import torch._dynamo as dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(dynamo.config, name):
+            setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
