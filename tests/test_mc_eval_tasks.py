@@ -92,7 +92,7 @@ def _rigged_lensnet(direction: torch.Tensor, bias: float) -> LensNet:
         lens.in_proj.weight[0] = direction
         lens.feat_proj.weight[0, 2] = -bias
         lens.feat_proj.weight[1, 2] = 1.0
-        lens.head_out.weight[0, 0] = 4.0
+        lens.head_out.weight[0, 0] = 4.0 * lens.d_model  # the readout is divided by its fan-in
     return lens.eval()
 
 
