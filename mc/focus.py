@@ -17,8 +17,18 @@ Inputs
   W         the working-context budget in entries
   state     the hysteresis state returned by the previous refocus (None the first time)
 Returns (new_plan int8 [R, T], new_state int8 [R, T], info) with info = the allocator's stats plus
-"scores" (the LensNet scores [R, L] of the OLD working context, detached) and "changed" (bool [R]:
-whether the plan changed).
+"scores" (the centred scores [R, L] the allocator saw, of the OLD working context), "gist_reference"
+([R], the row's mean raw gist score that was subtracted) and "changed" (bool [R]: whether the plan
+changed).
+
+Scores are centred on the row's gists before the allocator reads them:
+    s'_e = clamp(s_e - mean_{gists g of the row} s_g, -1, 1)
+LensNet learns from preferences between variants (mc/lens_loss.py), which fix score DIFFERENCES, not
+their level: measured on a CPU MC run (lab notebook, 2026-11-23) it learned "raw beats gist" and
+scored every gist below -0.5, so absolute thresholds (--allocator_expand_threshold 0.1) never fired and
+its ranking among gists was never used. Centred, a gist is expanded when LensNet rates it
+expand_threshold above the row's average gist (same run: MC-LensNet gap recovery 0.68 -> 0.84 with
+~1 expansion per item). A fresh LensNet (all 0) and fixed focus (lensnet None) are unchanged by it.
 
 LensNet sees the working context the model currently reads, so a gist it wants refined must already
 be in it; expanding a LOD2 gist to raw takes two refocuses (LOD2 -> LOD1 children inherit the score
@@ -58,6 +68,9 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
         ref = next(lensnet.parameters())
         scores = lensnet(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
                          span_len=wc.span_len, valid=wc.valid).float()
+    gist = (wc.valid & (wc.lod >= 1)).float()
+    reference = (scores * gist).sum(1) / gist.sum(1).clamp(min=1.0)  # rows without gists: 0
+    scores = (scores - reference[:, None]).clamp(-1.0, 1.0) * wc.valid
     # the allocator's edit selection runs on the CPU (a short loop over <= max_replacements edits)
     new_plan, new_state, stats = allocate(plan.cpu(), scores.cpu(), W, cfg, cfg.block_size, cfg.max_lod, recent,
                                           state=None if state is None else state.cpu(), generator=generator,
@@ -65,5 +78,6 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
     new_plan, new_state = new_plan.to(plan.device), new_state.to(plan.device)
     info = dict(stats)
     info["scores"] = scores.detach()
+    info["gist_reference"] = reference.detach()
     info["changed"] = (new_plan != plan).any(1)
     return new_plan, new_state, info

@@ -137,7 +137,8 @@ def test_lensnet_favouring_one_block_expands_that_block():
 def test_fixed_and_lensnet_plans_share_the_budget_and_keep_the_window_raw():
     T, W, E = 1024 + 256, 64, 4 * 31
     levels, u = _levels(3, T)
-    setup = _focus_setup(_rigged_lensnet(u, bias=-4.0), W, E)  # every gist wants detail
+    levels[1][:, 32:36] = 10 * u  # four LOD1 gists want detail, the rest do not (scores are row-centred)
+    setup = _focus_setup(_rigged_lensnet(u, bias=4.0), W, E)
     plans, stats = lensnet_plans(setup, T, 3, levels)
     fixed = fixed_focus_plan(T, W, E, BS, 2)
     base = covering_plan(T, W, BS, 2)
@@ -156,8 +157,9 @@ def test_fixed_and_lensnet_plans_share_the_budget_and_keep_the_window_raw():
     for m in meta:
         e = m["entries"]
         assert "FULL" not in e and e["RECENCY"] == W and e["MC"] == plan_entries(base, BS)
-        assert e["MC-fixed"] == e["MC-LensNet"] == e["ORACLE"] == e["MC"] + E  # no needles: ORACLE = MC-fixed
-        assert m["lens"]["expands"] == 4
+        assert e["MC-fixed"] == e["ORACLE"] == e["MC"] + E  # no needles: ORACLE = MC-fixed
+        # MC-LensNet spends at most the same budget, one block (bs - 1 entries) per expansion
+        assert e["MC-LensNet"] == e["MC"] + (BS - 1) * m["lens"]["expands"] <= e["MC"] + E
     assert all(len(r["MC-LensNet"][0]) == W for r in res)
 
 
