@@ -21,7 +21,7 @@ iteration (LOD2 -> LOD1 -> raw), and a collapsed group carries its members' mean
 One call:
 0. Hard fit. If a row has more than W entries (e.g. the history grew since the last refocus),
    collapse its lowest-scored collapse groups, whatever their score and hysteresis, until it fits
-   (ValueError if even the fully collapsed covering does not fit). Counted in stats["forced"].
+   (PlanDoesNotFitError, a ValueError, if even the fully collapsed covering does not fit). Counted in stats["forced"].
 1. `allocator_iterations` times, per row: candidates are expand entries with score >= expand_threshold
    and collapse groups with score <= collapse_threshold that the hysteresis state allows; at most
    `allocator_max_replacements` edits are applied, in priority order (greedy: largest |score| first;
@@ -49,6 +49,10 @@ scores and the state are tensor ops over all rows); the allocator runs at refocu
 import torch
 
 from mc.working_context import check_plan, entry_starts
+
+
+class PlanDoesNotFitError(ValueError):
+    """Even the most collapsed covering of the history has more than W entries (the history outgrew W)."""
 
 
 def entry_scores_to_token_map(plan: torch.Tensor, scores: torch.Tensor, block_size: int, max_lod: int | None = None,
@@ -246,7 +250,7 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
             progress |= bool(pick)
         if not progress:
             r = over[0]
-            raise ValueError(f"plan row {r} has {n[r]} entries and cannot be collapsed to W={W} "
+            raise PlanDoesNotFitError(f"plan row {r} has {n[r]} entries and cannot be collapsed to W={W} "
                              f"(block_size={bs}, max_lod={max_lod}, recent_tokens={recent_tokens})")
 
     # 1. greedy iterations

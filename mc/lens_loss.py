@@ -168,7 +168,20 @@ class _StepEMA:
         self._acc = None
 
 
-class AdvantageNormalizer:
+class _EMAHolder:
+    """commit / state_dict / load_state_dict of a helper whose only state is one _StepEMA (self.ema)."""
+
+    def commit(self, all_reduce=None):
+        self.ema.commit(all_reduce)
+
+    def state_dict(self):
+        return self.ema.state_dict()
+
+    def load_state_dict(self, state, device=None):
+        self.ema.load_state_dict(state, device)
+
+
+class AdvantageNormalizer(_EMAHolder):
     """Pair weights w_ij = clamp(gap_ij / scale, 0, 3) on a scale that is stable across training.
 
     scale = a per-step EMA (beta = --mc_lens_adv_norm_beta) of the per-sample ΔNLL spread
@@ -192,15 +205,6 @@ class AdvantageNormalizer:
         scale = spread[:, None, None] if self.ema.value is None else self.ema.value
         return (gap / (scale + self.eps)).clamp(0.0, 3.0)
 
-    def commit(self, all_reduce=None):
-        self.ema.commit(all_reduce)
-
-    def state_dict(self):
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state, device=None):
-        self.ema.load_state_dict(state, device)
-
 
 def policy_kl(scores: torch.Tensor, valid: torch.Tensor, ref_scores: torch.Tensor | None = None,
               temperature: float = 1.0) -> torch.Tensor:
@@ -216,7 +220,7 @@ def policy_kl(scores: torch.Tensor, valid: torch.Tensor, ref_scores: torch.Tenso
     return _masked_mean(kl, rows, 0)
 
 
-class BudgetSmoother:
+class BudgetSmoother(_EMAHolder):
     """Penalty mean_r (b_r - m)^2: b_r = mean ŝ over row r's valid entries (the row's net demand to
     expand or collapse), m = a per-step EMA (beta = --mc_lens_budget_smooth_beta) of the mean b_r;
     before the first commit m = this micro-batch's mean (detached). Keeps the allocator's demand from
@@ -231,15 +235,6 @@ class BudgetSmoother:
         self.ema.observe((b.detach() * rows).sum(), rows.sum())
         target = _masked_mean(b.detach(), rows, 0) if self.ema.value is None else self.ema.value
         return _masked_mean((b - target).square(), rows, 0)
-
-    def commit(self, all_reduce=None):
-        self.ema.commit(all_reduce)
-
-    def state_dict(self):
-        return self.ema.state_dict()
-
-    def load_state_dict(self, state, device=None):
-        self.ema.load_state_dict(state, device)
 
 
 def _pearson(x, y, mask, dim):

@@ -62,7 +62,7 @@ import uuid
 
 import torch
 
-from mc.allocator import allocate
+from mc.allocator import PlanDoesNotFitError, allocate
 from mc.focus import first_changed_token
 from mc.focus import refocus as focus_refocus
 from mc.positions import rope_cos_sin
@@ -363,10 +363,8 @@ class MCSession:
     def _allocate(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except ValueError as e:
-            if "cannot be collapsed" in str(e):
-                raise self._capacity_error(e) from None
-            raise
+        except PlanDoesNotFitError as e:
+            raise self._capacity_error(e) from None
 
     def _hard_fit(self):
         """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats."""

@@ -21,12 +21,7 @@ from mc.config import MCConfig
 from mc.controller import MCController, MCControllerError
 from mc.timing import MetricMeter
 from nanochat.common import autocast_ctx
-
-
-def _all_reduce_sum(t: torch.Tensor):
-    """Sum over ranks in place when torch.distributed is running (the EMA statistics of one step)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(t)
+from nanochat.training import all_reduce_sum
 
 
 class MCTrainStep:
@@ -44,6 +39,7 @@ class MCTrainStep:
         self.telemetry = telemetry
         self.meter = MetricMeter()
         self.grad_accum_steps = rows_per_step // (B * world_size)
+        self.last_result = None  # the last MCResult (the trainer's NonFiniteGuard names its loss parts)
         from mc.alerts import BandMonitor  # the seed-003 telemetry bands (train/mfu is the trainer's)
 
         device_type = controller.model.get_device().type
@@ -81,7 +77,8 @@ class MCTrainStep:
             self._failed(e, "training stopped: the MegaContext step failed (no fallback to the vanilla loss)")
         if micro == self.grad_accum_steps - 1:
             # after the step's last forward: every micro-batch of this step used the same EMA values
-            self.controller.commit_step(_all_reduce_sum)
+            self.controller.commit_step(all_reduce_sum)
+        self.last_result = result
         self.meter.add(result.metrics)
         self.meter.add_timer(result.timer, prefix="mc/time_")
         return result.loss, result.lm_loss

@@ -164,21 +164,6 @@ def loss_parts(metrics: dict | None) -> dict:
     return {LOSS_PARTS[k]: v for k, v in (metrics or {}).items() if k in LOSS_PARTS and isinstance(v, torch.Tensor)}
 
 
-class KeepLastResult:
-    """Stands in for an MCController (delegates everything) and keeps the last MCResult it returned, so a trainer
-    can hand that result's loss components to NonFiniteGuard.watch through an MC step that returns only losses."""
-
-    def __init__(self, controller):
-        self.controller, self.last = controller, None
-
-    def process_batch(self, *args, **kwargs):
-        self.last = self.controller.process_batch(*args, **kwargs)
-        return self.last
-
-    def __getattr__(self, name):
-        return getattr(self.controller, name)
-
-
 def grad_norm(params) -> torch.Tensor:
     """The global L2 norm of the gradients, as clip_grad_norm_ computes it (0-d tensor, no host sync)."""
     grads = [p.grad for p in params if p.grad is not None]

@@ -64,7 +64,6 @@ from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import (
     CurveLog,
-    KeepLastResult,
     NonFiniteGuard,
     all_reduce_mean,
     complete,
@@ -334,7 +333,6 @@ def main(argv=None):
                               telemetry=telemetry)
         if resumed_meta is not None:
             mc_step.load_state_dict(resumed_meta.get("mc_train_state"))
-        mc_step.controller = mc_results = KeepLastResult(mc_step.controller)  # the guard names the MC loss parts
         train_forward = mc_step  # runs under the same autocast_ctx as the vanilla forward
     else:
         def train_forward(x, y, step, micro, log_step):
@@ -407,7 +405,7 @@ def main(argv=None):
         for micro in range(grad_accum_steps):
             loss, lm_loss = train_forward(x, y, step, micro, log_step)
             loss = guard.poison(loss, step + 1, micro)
-            guard.watch(micro, loss, loss_parts(mc_results.last.metrics) if mc_enabled else None)
+            guard.watch(micro, loss, loss_parts(mc_step.last_result.metrics) if mc_enabled else None)
             step_loss += lm_loss
             (loss / grad_accum_steps).backward()
             loader_state_in_hand = train_loader.state_dict()
