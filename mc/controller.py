@@ -259,7 +259,8 @@ class MCController:
                                                align="right", check=False)
                     x_full = torch.cat([x, y[:, -1:]], dim=1)  # [B, T+1]: every entry gets a target
                     targets = targets_for(wc, x_full)
-                    cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type)
+                    cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type,
+                                          rope_fraction=self.model.config.rope_fraction)
                     emb, cos, sin = self._to_model_dtype(wc.embeddings), self._to_model_dtype(cos), self._to_model_dtype(sin)
             with self._phase(timer, "base_forward", step, memory):
                 lm_loss = self.forward_model(x, y)

@@ -7,12 +7,20 @@ x = ids[0..T), targets y[t] = ids[t + 1]: the raw entry of token t predicts ids[
 [s, s + n) predicts ids[s + n] (mc/working_context.py). Plans are int8 [T] over the history
 (0 raw, l >= 1 inside a LOD-l gist, -1 not in the working context).
 
-The shared raw window. Every condition except FULL keeps the same last W tokens raw: [T - W, T),
-cut = T - W, a multiple of block_size (the caller trims the oldest tokens to make it so). They differ
-only in what stands for the history before the cut, so any NLL difference on the window's tokens is
+The shared raw window. Every condition keeps at least the same last W tokens raw: [T - W, T),
+cut = T - W, a multiple of block_size (the caller trims the oldest tokens to make it so), and every
+condition is scored on those W targets. They differ only in what stands for the history before the
+cut (FULL and the RECENCY-EQ pair: more raw tokens), so any NLL difference on the window's tokens is
 caused by that representation:
     FULL      everything raw (only run when T fits the model's sequence_len)
     RECENCY   nothing: the window alone (the baseline a plain W-token model has)
+    RECENCY-EQ  RECENCY at equal entries: the last n raw tokens, n = the entries MC reads (the
+              covering's gists + W). Not the shared window: n >= W tokens raw, so it is the one
+              comparison that answers "are gists worth more than the same number of raw tokens?"
+              It is scored on the same window targets (the last W). Its cut T - n is NOT rounded to
+              a block: it has no gists, so nothing needs the alignment, and rounding would break
+              the exact entry match.
+    RECENCY-EQ-FOCUS  the same at the focus budget: n = the entries MC-fixed reads (covering + E)
     MEANPOOL  the coarsest gist covering of [0, cut), gists = mean of the block's embeddings
     MC        the same covering, gists from the checkpoint's GistNet
     MC-fixed  the covering plus E extra entries of detail spent by a fixed, non-learned policy:
@@ -23,9 +31,13 @@ caused by that representation:
               under the budget covering + E, the raw window protected (run by the script)
     SHUFFLED  the same covering, gists taken from ANOTHER document (if the model uses the gists'
               content, this must be worse than MC, and no better than RECENCY)
+    MC-KEYMATCH the covering plus E entries spent by a parameter-free scorer (MoBA-style): blocks
+              whose mean-pooled layer-0 keys best match the question's queries become raw
+              (mc/eval_keymatch.py)
     ORACLE    the covering with the blocks holding the needed facts expanded to raw tokens first;
-              what is left of E is then spent like MC-fixed, so ORACLE, MC-fixed and MC-LensNet
-              read the same number of entries whenever the needles cost <= E (else ORACLE uses more)
+              what is left of E is then spent like MC-fixed, so ORACLE, MC-fixed, MC-KEYMATCH and
+              MC-LensNet read the same number of entries whenever the needles cost <= E (else ORACLE
+              uses more; MC-KEYMATCH and MC-LensNet may use less when no further expansion fits)
 The coarsest covering ("the most recent tokens raw, then LOD1 gists, LOD2 for far history when long
 enough") is the covering the allocator starts from: token t < cut sits in the coarsest aligned unit
 [j bs^l, (j+1) bs^l) that lies entirely inside [0, cut), l <= max_lod. With cut = 2976, bs = 32:
@@ -46,7 +58,8 @@ Token sets, over the window's targets (index i = t - cut, t in [cut, T), target 
     long_range   answer tokens of recalls inside the horizon whose nearest source (the fact, or an
                  earlier repetition of its value) ends before the cut: no condition but FULL and
                  ORACLE sees it raw, so only memory of the far past can predict them
-Gap recovery R on a set = (NLL_RECENCY - NLL_cond) / (NLL_RECENCY - NLL_FULL) (see mc/stats.py).
+Gap recovery R on a set = (NLL_RECENCY - NLL_cond) / (NLL_RECENCY - NLL_FULL), and R_eq the same with
+RECENCY-EQ (or RECENCY-EQ-FOCUS) in place of RECENCY (REFERENCES; see mc/stats.py).
 
 Offset mapping. Recall annotations are char offsets into the text; the model sees tokens. Decoding
 each token on its own gives its byte length; cumulative sums give every token's byte start, and
@@ -61,8 +74,12 @@ import torch
 
 from mc.working_context import entry_counts
 
-CONDITIONS = ("FULL", "RECENCY", "MEANPOOL", "MC", "MC-fixed", "MC-LensNet", "SHUFFLED", "ORACLE")
-FOCUSED = ("MC-fixed", "MC-LensNet", "ORACLE")  # conditions that get the focus budget E
+CONDITIONS = ("FULL", "RECENCY", "RECENCY-EQ", "RECENCY-EQ-FOCUS", "MEANPOOL", "MC", "MC-fixed", "MC-KEYMATCH",
+              "MC-LensNet", "SHUFFLED", "ORACLE")
+FOCUSED = ("MC-fixed", "MC-KEYMATCH", "MC-LensNet", "ORACLE")  # conditions that get the focus budget E
+# the gap recoveries reported (JSON key: reference condition): R vs the W-token window, R_eq vs the raw
+# window at MC's entries, and vs the raw window at the focus conditions' entries
+REFERENCES = {"gap_recovery": "RECENCY", "gap_recovery_eq": "RECENCY-EQ", "gap_recovery_eq_focus": "RECENCY-EQ-FOCUS"}
 BOUNDARY_TOKENS = 64
 
 
@@ -77,6 +94,12 @@ def recency_plan(T: int, W: int) -> torch.Tensor:
     plan = torch.zeros(T, dtype=torch.int8)
     plan[: max(T - W, 0)] = -1
     return plan
+
+
+def equal_entries_plan(reference: torch.Tensor, block_size: int = 32) -> torch.Tensor:
+    """RECENCY-EQ(-FOCUS): int8 [T], the last n tokens raw, n = the entries the reference plan [T] reads.
+    The cut T - n need not be block-aligned (no gists), so the entry count matches exactly."""
+    return recency_plan(reference.numel(), plan_entries(reference, block_size))
 
 
 def check_cut(T: int, W: int, block_size: int) -> int:

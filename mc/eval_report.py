@@ -1,6 +1,6 @@
 """
 From per-item measurements to the numbers scripts/mc_eval.py reports: statistics, validity, the JSON
-document, the markdown table. Pure Python/numpy (no model).
+document (the markdown table is mc/eval_table.py). Pure Python/numpy (no model).
 
 Inputs (built by the script, one entry per item):
 - documents: sets[d][set][cond] = (summed NLL, token count) for set in horizon | boundary | long_range;
@@ -8,37 +8,55 @@ Inputs (built by the script, one entry per item):
   meta[d] = {"entries": {cond: WC length}, "lens": MC-LensNet refocus stats or None}
 - probes: {multiplier: [(EvalItem, {cond: [exact match]}, meta)]}; associative recall: [(EvalItem,
   {cond: [exact match]}, meta)]; tasks: [{cond: [exact match]}]
-Every block reports the mean WC entries of each condition, so the focus budget is visibly matched
-(MC-fixed = MC-LensNet's cap = ORACLE's whenever its needles fit in E).
+Every block (documents, each probe length, associative recall, tasks) reports the mean WC entries of
+every condition that ran in it (FULL = T, RECENCY = W, RECENCY-EQ = MC, RECENCY-EQ-FOCUS = MC-fixed), so
+the budgets are visibly matched (MC-fixed = MC-KEYMATCH's and MC-LensNet's cap = ORACLE's whenever its
+needles fit in E).
 
-Statistics (mc/stats.py): NLL is token-weighted within a set; CIs resample documents; gap recovery R is
-computed per replicate from the same resampled documents for every condition. Exact match: the share
-of answers reproduced exactly, weighted by answers per item, CIs resampling items.
+Statistics (mc/stats.py): NLL is token-weighted within a set; CIs resample documents; gap recovery is
+computed per replicate from the same resampled documents for every condition, against three references
+(REFERENCES): "gap_recovery" R vs RECENCY (the last W raw tokens), "gap_recovery_eq" R_eq vs RECENCY-EQ
+(the last n raw tokens, n = MC's entries: equal entries for MEANPOOL / MC / SHUFFLED) and
+"gap_recovery_eq_focus" vs RECENCY-EQ-FOCUS (n = MC-fixed's entries: equal entries for the focus
+conditions). Exact match: the share of answers reproduced exactly, weighted by answers per item, CIs
+resampling items.
 
 Validity (the long-range claim counts only when the model has the skill with everything in view):
     (1) FULL exact match on in-context recalls >= 0.90: the probes at the smallest length FULL fits,
         else the documents' long-range recalls (all in FULL's context);
     (2) NLL_RECENCY - NLL_FULL >= 0.02 nats on the long-range token set (else there is nothing to recover).
 If either fails, "valid" is false, "validity_reasons" says which and by how much, the long-range
-gap_recovery becomes null (the computed numbers move to gap_recovery_unvalidated) and the table prints
-NOT VALID in place of R. Probe blocks and the associative-recall block carry their own validity:
-FULL's exact match on that task >= 0.90 (for a length FULL cannot run, FULL's at the longest shorter
-length of the same task; none: not valid, the skill is unknown).
+gap recoveries become null (the computed numbers move to <key>_unvalidated) and the table prints
+NOT VALID in place of R. Probe blocks, the associative-recall block and the tasks carry their own
+validity: FULL's exact match on that task >= 0.90 (for a length FULL cannot run, FULL's at the longest
+shorter length of the same task; none: not valid, the skill is unknown).
 
-Comparisons: "MC-LensNet vs MC-fixed" and "MC-LensNet vs MEANPOOL", per metric (R per token set, EM
-per probe length and associative recall): whether the two 95% CIs overlap (mc/stats.ci_overlap).
+Coverage (which verdict vouches for which figure; validity_coverage). A figure is covered by validity
+when the verdict of its block passed: the documents' verdict ("valid") covers every documents figure
+(NLL and every R on horizon, boundary and long_range, and the documents' recall EM); each probe length,
+the associative-recall block and the tasks are covered by their own verdict; the GistNet diagnostic
+has no verdict (a mechanism check, not a quality claim) and is never covered. The JSON says so per
+figure ("covered_by_validity" in each nll set, probe block and the assoc block, and the map
+"covered_by_validity" {figure: bool}); the table marks every uncovered figure NOT_COVERED. Entry counts
+are budgets, not results, and carry no mark.
+
+Comparisons (COMPARE): learned focus vs recency, vs no learning and vs the parameter-free scorer, and
+that scorer vs recency, per metric (R per token set, EM per probe length and associative recall):
+whether the two 95% CIs overlap (mc/stats.ci_overlap); a metric its verdict does not cover is tagged.
 """
 
 import numpy as np
 
-from mc.eval_conditions import CONDITIONS
+from mc.eval_conditions import CONDITIONS, REFERENCES
+from mc.eval_table import NOT_COVERED, table
 from mc.stats import bootstrap_ci, ci_overlap, paired_bootstrap
 
 SETS = ("horizon", "boundary", "long_range")
 MIN_FULL_EM = 0.90
 MIN_GAP_NATS = 0.02
 SCHEMA = "mc_eval/v2"
-COMPARE = (("MC-LensNet", "MC-fixed"), ("MC-LensNet", "MEANPOOL"))
+COMPARE = (("MC-LensNet", "MC-fixed"), ("MC-LensNet", "MEANPOOL"), ("MC-LensNet", "MC-KEYMATCH"),
+           ("MC-KEYMATCH", "MC-fixed"))
 
 
 def em_stats(per_item: list, n_boot: int, seed: int) -> dict:
@@ -61,7 +79,8 @@ def nll_stats(sets: list, n_boot: int, seed: int) -> dict:
         return {}
     conds = [c for c in CONDITIONS if all(c in s["horizon"] for s in sets)]
     return {name: paired_bootstrap({c: [s[name][c][0] for s in sets] for c in conds},
-                                   [s[name][conds[0]][1] for s in sets], n_boot, seed) for name in SETS}
+                                   [s[name][conds[0]][1] for s in sets], n_boot, seed, references=REFERENCES)
+            for name in SETS}
 
 
 def diagnostic_stats(diag: list, n_boot: int, seed: int) -> dict | None:
@@ -207,128 +226,36 @@ def comparisons(result: dict) -> dict:
                 continue
             gr = s.get("gap_recovery") or {}
             ov = ci_overlap(gr.get(a), gr.get(b))
-            cmp[f"R {name}"] = "n/a (no R: FULL not run or no FULL-RECENCY gap)" if ov is None else \
-                ("overlap" if ov else "no overlap")
+            cmp[f"R {name}"] = ("n/a (no R: FULL not run or no FULL-RECENCY gap)" if ov is None else
+                                "overlap" if ov else "no overlap") + ("" if s["covered_by_validity"] else " " + NOT_COVERED)
         blocks = [(f"probe EM {m}", p) for m, p in result.get("probes", {}).items()]
         if result.get("assoc"):
             blocks.append(("assoc EM", result["assoc"]))
         for label, p in blocks:
             ov = ci_overlap(p["all"].get(a), p["all"].get(b))
             cmp[label] = ("n/a" if ov is None else "overlap" if ov else "no overlap") + \
-                ("" if p["valid"] else " (NOT VALID)")
+                ("" if p["covered_by_validity"] else " " + NOT_COVERED)
         out[key] = cmp
     return out
 
 
-# ------------------------------------------------------------------ formatting
-def _f(d, key="value", nd=3):
-    if not d or d.get(key) is None:
-        return "–"
-    s = f"{d[key]:.{nd}f}"
-    return s + (f" [{d['lo']:.{nd}f}, {d['hi']:.{nd}f}]" if d.get("lo") is not None else "")
-
-
-def _row(label, cells):
-    return f"| {label} | " + " | ".join(cells) + " |"
-
-
-
-
-def _em_rows(label, p, with_fact):
-    rows = [(f"{label} (n={p['n']})", p["all"])]
-    if with_fact:
-        rows += [("  passkey", p["by_fact"].get("passkey")), ("  key-value", p["by_fact"].get("kv"))]
-    rows += [("  value straddles a block", p["straddling"]), ("  value inside a block", p["not_straddling"])]
-    return rows
-
-
-def table(result: dict, conds: list) -> str:
-    lines = [_row("metric", conds), "|" + "---|" * (len(conds) + 1)]
-    nll, valid = result["nll"], result["valid"]
-    missing = result.get("not_available", {})
-    names = {"horizon": "horizon", "boundary": f"boundary (first {result['settings']['boundary_tokens']})",
-             "long_range": "long-range answers"}
-    for name in SETS:
-        s = nll.get(name)
-        if not s or not s["n_docs"]:
-            continue
-        lines.append(_row(f"NLL {names[name]} ({s['n_tokens']} tok, {s['n_docs']} docs)",
-                          [_f(s["nll"].get(c)) for c in conds]))
-        if "FULL" not in s["nll"]:
-            lines.append(_row(f"R {names[name]}", ["– (FULL not run: no reference)"] * len(conds)))
-            continue
-        rec = s.get("gap_recovery") or s.get("gap_recovery_unvalidated") or {}
-        cells = []
-        for c in conds:
-            if c in ("FULL", "RECENCY"):
-                cells.append("1 (ref)" if c == "FULL" else "0 (ref)")
-            elif c in missing:
-                cells.append("n/a")
-            elif name == "long_range" and not valid:
-                cells.append("NOT VALID")
-            else:
-                cells.append(_f(rec.get(c), nd=2) if c in rec else "–")
-        lines.append(_row(f"R {names[name]}", cells))
-    em_rows = [("doc recall EM (long-range)", result.get("doc_recalls"))]
+def validity_coverage(result: dict) -> dict:
+    """{figure: covered} (module docstring, "Coverage"); also writes "covered_by_validity" into each nll
+    set, probe block and the assoc block."""
+    cov = {}
+    for name, s in result["nll"].items():
+        s["covered_by_validity"] = cov[f"nll.{name}"] = result["valid"]
+    if result.get("doc_recalls"):
+        cov["doc_recalls"] = result["valid"]
     for m, p in result.get("probes", {}).items():
-        em_rows += _em_rows(f"probe EM @{m} ({p['history_tokens']} tok)", p, True)
-        em_rows.append(("  mean WC entries", p["mean_wc_entries"]))
-    a = result.get("assoc")
-    if a:
-        em_rows += _em_rows(f"assoc recall EM ({a.get('history_tokens')} tok, {a.get('pairs')} pairs)", a, False)
-        em_rows.append(("  mean WC entries", a["mean_wc_entries"]))
+        p["covered_by_validity"] = cov[f"probes.{m}"] = p["valid"]
+    if result.get("assoc"):
+        result["assoc"]["covered_by_validity"] = cov["assoc"] = result["assoc"]["valid"]
     if result.get("tasks"):
-        em_rows.append(("task EM", result["tasks"]))
-    for label, em in em_rows:
-        if not em:
-            continue
-        if label.endswith("entries"):
-            lines.append(_row(label, [f"{em[c]:.0f}" if c in em else "–" for c in conds]))
-            continue
-        n = max((v["n_answers"] for v in em.values()), default=0)
-        lines.append(_row(label if "(n=" in label else f"{label} (n={n})",
-                          ["n/a" if c in missing else _f(em.get(c), nd=2) for c in conds]))
-    ent = result.get("mean_wc_entries", {})
-    if ent:
-        lines.append(_row("mean WC entries (docs)", [f"{ent[c]:.0f}" if c in ent else "–" for c in conds]))
-    out = "\n".join(lines)
-    for c, why in missing.items():
-        out += f"\n\n{c}: not available: {why}."
-    if valid:
-        out += "\n\nLong-range result: valid (FULL shows the skill: " \
-               f"EM {result['validity_checks']['full_exact_match']:.2f}, FULL-RECENCY gap " \
-               f"{result['validity_checks']['full_recency_gap_long_range']:.3f} nats)."
-    else:
-        em = result["validity_checks"]["full_exact_match"]
-        out += "\n\n**Long-range result NOT VALID** — " + "; ".join(result["validity_reasons"]) + "." + \
-            (" The exact-match rows measure a model that cannot recall with everything in view: they are not "
-             "evidence for or against MC." if em is None or em < MIN_FULL_EM else "")
-    blocks = [(f"Probes @{m}", p) for m, p in result.get("probes", {}).items()] + ([("Associative recall", a)] if a else [])
-    for label, p in blocks:
-        out += f"\n{label}: " + ("valid" if p["valid"] else "NOT VALID") + f" — {p['validity']}."
-    for label, p in [("docs", {"lensnet_focus": result.get("lensnet_focus")})] + blocks:
-        f = p.get("lensnet_focus")
-        if f:
-            out += (f"\nMC-LensNet refocus ({label}): plan changed in {100 * f['frac_changed']:.0f}% of {f['n']} items, "
-                    f"{f['mean_expands']:.2f} expands / item, mean |score| of the gists {f['score_abs_mean']:.3f}, "
-                    f"mean max score {f['score_max_mean']:.3f}.")
-    focus = [p.get("lensnet_focus") for _, p in [("", {"lensnet_focus": result.get("lensnet_focus")})] + blocks]
-    focus = [f for f in focus if f]
-    if focus and all(f["frac_changed"] == 0 for f in focus):
-        out += ("\nMC-LensNet made no edit in any item (no gist scored >= the expand threshold): here it reads "
-                "exactly MC's covering, and its numbers equal MC's.")
-    note = (result["settings"].get("lensnet") or {}).get("note")
-    if note:
-        out += f"\nNote: {note}."
-    for key, cmp in result.get("comparisons", {}).items():
-        words = lambda v: "CIs " + v.replace("no overlap", "do not overlap") if v.startswith(("overlap", "no ")) else v
-        out += f"\n{key}: " + "; ".join(f"{m}: {words(v)}" for m, v in cmp.items()) + "."
-    d = result.get("gistnet_diagnostic")
-    if d:
-        out += (f"\n\nGistNet diagnostic ({d['n_docs']} docs; NLL of the {result['settings']['boundary_tokens']} "
-                f"tokens after the block before the cut; ΔNLL vs the block raw, {d['nll']['raw']['value']:.3f}): "
-                + ", ".join(f"{k} {_f(v)}" for k, v in d["delta_vs_raw"].items()))
-    return out
+        cov["tasks"] = result["tasks_valid"]
+    if result.get("gistnet_diagnostic"):
+        cov["gistnet_diagnostic"] = False
+    return cov
 
 
 def summarize(settings, doc_stats, probe_stats, task_stats, n_boot, seed, assoc_stats=None, task_meta=None):
@@ -341,19 +268,23 @@ def summarize(settings, doc_stats, probe_stats, task_stats, n_boot, seed, assoc_
     lr = nll.get("long_range")
     if lr is not None:
         lr["valid"] = valid
-        if not valid:
-            lr["gap_recovery_unvalidated"], lr["gap_recovery"] = lr.pop("gap_recovery", {}), None
+        if not valid:  # no long-range R number outside the *_unvalidated keys
+            for key in REFERENCES:
+                lr[f"{key}_unvalidated"], lr[key] = lr.pop(key, {}), None
     lens = settings.get("lensnet") or {}
     missing = {} if lens.get("available", True) else {"MC-LensNet": lens.get("reason")}
+    tasks = em_stats(task_stats, n_boot, seed) if task_stats else None
     result = {"schema": SCHEMA, "settings": settings, "valid": valid, "validity_reasons": reasons,
               "validity_checks": checks, "conditions": list(CONDITIONS), "not_available": missing, "nll": nll,
-              "doc_recalls": doc_em, "probes": probes, "assoc": assoc,
-              "tasks": em_stats(task_stats, n_boot, seed) if task_stats else None,
+              "doc_recalls": doc_em, "probes": probes, "assoc": assoc, "tasks": tasks,
               "gistnet_diagnostic": diagnostic_stats(doc_stats["diagnostic"], n_boot, seed),
               "mean_wc_entries": mean_entries(doc_stats.get("meta", [])),
               "lensnet_focus": lens_focus(doc_stats.get("meta", []))}
-    if task_meta:
-        result["tasks_mean_wc_entries"] = mean_entries(task_meta)
+    if tasks:
+        full = tasks.get("FULL")
+        result["tasks_valid"], result["tasks_validity"] = task_validity(full["value"] if full else None, "tasks")
+        result["tasks_mean_wc_entries"] = mean_entries(task_meta or [])
+    result["covered_by_validity"] = validity_coverage(result)
     result["comparisons"] = comparisons(result)
     seen = set(result["mean_wc_entries"]) | set(result["tasks"] or {}) | set(missing)
     for p in list(probes.values()) + ([assoc] if assoc else []):
@@ -361,10 +292,15 @@ def summarize(settings, doc_stats, probe_stats, task_stats, n_boot, seed, assoc_
     conds = [c for c in CONDITIONS if c in seen]
     md = table(result, conds)
     hor = (nll.get("horizon") or {}).get("gap_recovery") or {}
+    hor_eq = (nll.get("horizon") or {}).get("gap_recovery_eq") or {}
     first = next(iter(probes.values()), None)
     summary = {"gists": settings["gists"], "valid": valid, "validity": "ok" if valid else "; ".join(reasons),
+               "not covered by validity": ", ".join(k for k, v in result["covered_by_validity"].items() if not v)
+               or "none",
                "gap recovery": ((lr or {}).get("gap_recovery") or {}).get("MC", {}).get("value") if valid else "NOT VALID",
                "gap recovery horizon": hor.get("MC", {}).get("value"),
+               "gap recovery horizon vs RECENCY-EQ": hor_eq.get("MC", {}).get("value"),
+               "gap recovery horizon MC-KEYMATCH": hor.get("MC-KEYMATCH", {}).get("value"),
                "gap recovery horizon MC-fixed": hor.get("MC-fixed", {}).get("value"),
                "gap recovery horizon MC-LensNet": hor.get("MC-LensNet", {}).get("value") if not missing else
                "not available: " + missing["MC-LensNet"],

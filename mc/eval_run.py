@@ -8,8 +8,14 @@ one GistNet pass per level), then per condition the plans [b, T] (mc/eval_condit
 the positions themselves, so histories far beyond the GPT's own rotary table, 10 x sequence_len, are
 fine) + key-padding mask -> ONE GPT forward over all groups of the condition (right-aligned, padded).
 
+Equal-entries baselines (pure, mc/eval_conditions.equal_entries_plan): RECENCY-EQ reads the last n raw
+tokens, n = MC's entries (the covering); RECENCY-EQ-FOCUS the last n' raw tokens, n' = MC-fixed's entries
+(covering + E). Both are scored on the same last-W window targets as every other condition.
+
 Focus conditions (budget E = setup.focus_budget entries on top of the covering's):
     MC-fixed    recency_focus of the covering (pure, mc/eval_conditions.py)
+    MC-KEYMATCH the blocks whose mean-pooled layer-0 keys best match the question's layer-0 queries made
+                raw (mc/eval_keymatch.py; parameter-free, reads the GPT's c_k / c_q weights only)
     MC-LensNet  mc/focus.refocus(lensnet, covering, the learned tree levels, cfg, W = covering + E,
                 recent_tokens = W_raw): one LensNet scoring of the covering's working context + one
                 allocator call of cfg.allocator_iterations iterations (the children of an expanded
@@ -33,6 +39,7 @@ from mc.eval_conditions import (
     answer_mask,
     covering_plan,
     diagnostic_plans,
+    equal_entries_plan,
     fixed_focus_plan,
     full_plan,
     oracle_plan,
@@ -41,6 +48,7 @@ from mc.eval_conditions import (
     recency_plan,
     window_masks,
 )
+from mc.eval_keymatch import keymatch_focus
 from mc.focus import refocus
 from mc.positions import rope_cos_sin
 from mc.tree import MegaContextTree
@@ -86,7 +94,8 @@ def forward_tail(setup, parts, keep: int, key_drop=None):
         valid = valid & ~torch.cat([pad_left(d, L, False) for d in key_drop])
     tgt = torch.cat([pad_left(t, keep, -1) for _, t in parts])
     model = setup.model
-    cos, sin = rope_cos_sin(pos, model.config.n_embd // model.config.n_head, span, setup.positional_type)
+    cos, sin = rope_cos_sin(pos, model.config.n_embd // model.config.n_head, span, setup.positional_type,
+                            rope_fraction=model.config.rope_fraction)
     logits = model(inputs_embeds=emb, cos_sin_override=(cos, sin), key_padding_mask=None if valid.all() else valid)
     tail = logits[:, -keep:].float()
     nll = F.cross_entropy(tail.reshape(-1, tail.size(-1)), tgt.reshape(-1), ignore_index=-1, reduction="none")
@@ -152,8 +161,15 @@ def plans_for(setup, cond, items, T, levels=None):
         return (full_plan(T).expand(b, T) if T <= setup.seq_len else None), None
     if cond == "RECENCY":
         return recency_plan(T, W).expand(b, T), None
+    if cond == "RECENCY-EQ":
+        return equal_entries_plan(covering_plan(T, W, bs, lod), bs).expand(b, T), None
+    if cond == "RECENCY-EQ-FOCUS":
+        return equal_entries_plan(fixed_focus_plan(T, W, E, bs, lod), bs).expand(b, T), None
     if cond == "MC-fixed":
         return fixed_focus_plan(T, W, E, bs, lod).expand(b, T), None
+    if cond == "MC-KEYMATCH":
+        return keymatch_focus(setup.model, levels[0], [[a.span for a in it.answers] for it in items], W, E, bs,
+                              lod), None
     if cond == "MC-LensNet":
         out = lensnet_plans(setup, T, b, levels)
         return (None, None) if out is None else out

@@ -3,7 +3,9 @@ Rotary (RoPE) tables for working-context entries: (position, span length) -> (co
 
 Convention (identical to nanochat/gpt.py's rotary_cos_sin, so a raw token gets bit-for-bit the
 table the GPT builds for itself): channel pair i rotates at inv_freq_i = base^(-2i/hd), base 10000,
-angle = position * inv_freq_i, computed in float32.
+angle = position * inv_freq_i, computed in float32. With the GPT's rope_fraction < 1 the slowest pairs
+have inv_freq 0 (nanochat/gpt.py rope_inv_freq): every entry, raw or gist, leaves them unrotated, and the
+Gaussian damping below is exp(0) = 1 there, so gists keep the same content-only channels as tokens.
 
 positional_type:
 - "simple":   every entry at one position (mc/working_context.py puts a gist at the last token of its
@@ -32,12 +34,7 @@ positional_type:
 
 import torch
 
-
-def rope_inv_freq(head_dim: int, base: float = 10000.0, device=None) -> torch.Tensor:
-    """[head_dim/2] float32 frequencies, the same expression as nanochat/gpt.py."""
-    if head_dim % 2:
-        raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
-    return base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+from nanochat.gpt import rope_inv_freq
 
 
 def entry_positions(span_start: torch.Tensor, span_len: torch.Tensor, anchor: str = "last") -> torch.Tensor:
@@ -50,13 +47,14 @@ def entry_positions(span_start: torch.Tensor, span_len: torch.Tensor, anchor: st
 
 
 def rope_cos_sin(positions: torch.Tensor, head_dim: int, span_len: torch.Tensor | None = None,
-                 positional_type: str = "simple", base: float = 10000.0, dtype=torch.float32):
+                 positional_type: str = "simple", base: float = 10000.0, dtype=torch.float32,
+                 rope_fraction: float = 1.0):
     """positions [..., L] (float or int) and span_len [..., L] -> (cos, sin) each [..., L, 1, head_dim/2].
 
     span_len is needed for "gaussian" (padding entries may have span_len 0: treated as 1)."""
     if positional_type not in ("simple", "gaussian"):
         raise ValueError(f"--positional_type={positional_type!r} is not one of simple, gaussian")
-    inv_freq = rope_inv_freq(head_dim, base, positions.device)
+    inv_freq = rope_inv_freq(head_dim, base, rope_fraction, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., L, hd/2]
     cos, sin = angles.cos(), angles.sin()
     if positional_type == "gaussian":
@@ -69,6 +67,7 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, span_len: torch.Tensor 
     return cos[..., None, :].to(dtype), sin[..., None, :].to(dtype)
 
 
-def wc_cos_sin(wc, head_dim: int, positional_type: str = "simple", base: float = 10000.0, dtype=torch.float32):
+def wc_cos_sin(wc, head_dim: int, positional_type: str = "simple", base: float = 10000.0, dtype=torch.float32,
+               rope_fraction: float = 1.0):
     """(cos, sin) [R, L, 1, head_dim/2] for a WorkingContext, ready for GPT.forward(cos_sin_override=...)."""
-    return rope_cos_sin(wc.positions, head_dim, wc.span_len, positional_type, base, dtype)
+    return rope_cos_sin(wc.positions, head_dim, wc.span_len, positional_type, base, dtype, rope_fraction)

@@ -161,6 +161,7 @@ class MCSession:
         self.bs, self.max_lod = cfg.block_size, cfg.max_lod
         c = model.config
         self.head_dim = c.n_embd // c.n_head
+        self.rope_fraction = c.rope_fraction
         self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False)
         self._ids, self._plan = _Buffer(torch.int32), _Buffer(torch.int8)
         self._starts, self._lods = _Buffer(torch.long), _Buffer(torch.long)
@@ -297,12 +298,13 @@ class MCSession:
             p, n = int(starts[0]), b - a
             if self._rope is None or not self._rope[0] <= p <= p + n <= self._rope[0] + self._rope[1].size(1):
                 pos = torch.arange(p, p + max(n, 1024), device=self.device)
-                self._rope = (p, *rope_cos_sin(pos[None], self.head_dim))
+                self._rope = (p, *rope_cos_sin(pos[None], self.head_dim, rope_fraction=self.rope_fraction))
             p0, cos, sin = self._rope
             return cos[:, p - p0: p - p0 + n], sin[:, p - p0: p - p0 + n]
         span = torch.tensor(self.bs).pow(lods)
         pos = (starts + span - 1).to(self.device)  # last token of the span (as in training)
-        return rope_cos_sin(pos[None], self.head_dim, span.to(self.device)[None], self.cfg.positional_type)
+        return rope_cos_sin(pos[None], self.head_dim, span.to(self.device)[None], self.cfg.positional_type,
+                            rope_fraction=self.rope_fraction)
 
     def working_context(self) -> WorkingContext:
         """The current WC as a mc.working_context.WorkingContext [1, L] (no padding)."""

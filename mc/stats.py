@@ -19,7 +19,11 @@ Estimators:
   R = 1: c recovers all of what full attention gains over the last-W window; 0: nothing; < 0: worse
   than the window alone. A replicate whose denominator is <= 0 (FULL no better than RECENCY on the
   resampled documents) has no R: it is dropped and counted in `undefined_frac`; the point estimate is
-  None when the denominator on all documents is <= 0.
+  None when the denominator on all documents is <= 0. The same formula with another reference in
+  place of RECENCY (mc_eval: RECENCY-EQ, the last n raw tokens at MC's entry count) gives R_eq:
+      R_eq = (NLL_recency_eq - NLL_c) / (NLL_recency_eq - NLL_full)
+  the share of FULL's gain over an equal-entries raw window that c recovers (paired_bootstrap's
+  `references`);
 - percentile interval: the (alpha/2, 1 - alpha/2) quantiles of the replicates (alpha = 1 - level).
 - comparing two conditions by their intervals (ci_overlap): [lo_a, hi_a] and [lo_b, hi_b] overlap iff
   lo_a <= hi_b and lo_b <= hi_a.
@@ -79,21 +83,27 @@ def gap_recovery(nll_recency: float, nll_cond: float, nll_full: float) -> float 
     return (nll_recency - nll_cond) / den
 
 
-def paired_bootstrap(sums: dict, counts, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+def paired_bootstrap(sums: dict, counts, n_boot: int = 1000, seed: int = 0, level: float = 0.95,
+                     references: dict | None = None) -> dict:
     """Token-weighted mean NLL per condition, NLL gaps and gap recovery, all from paired replicates.
 
     sums: {condition: [D] summed NLL of the token set per document}; counts: [D] tokens per document
-    (the same tokens in every condition). Documents with count 0 are left out. Returns
+    (the same tokens in every condition). Documents with count 0 are left out. references: {output
+    key: reference condition} of the gap recoveries to compute (default {"gap_recovery": "RECENCY"}).
+    Returns
         {"n_docs", "n_tokens",
          "nll": {cond: {"value", "lo", "hi"}},
          "delta_vs_recency": {cond: {"value", "lo", "hi"}}   NLL_cond - NLL_RECENCY (needs RECENCY),
-         "gap_recovery": {cond: {"value", "lo", "hi", "undefined_frac"}}   (needs FULL and RECENCY)}
+         KEY: {cond: {"value", "lo", "hi", "undefined_frac"}} per reference (needs FULL and the reference;
+              {} otherwise)}
     """
+    references = references or {"gap_recovery": "RECENCY"}
     n = np.asarray(counts, dtype=np.float64)
     keep = n > 0
     n = n[keep]
     s = {c: np.asarray(v, dtype=np.float64)[keep] for c, v in sums.items()}
-    out = {"n_docs": int(n.size), "n_tokens": int(n.sum()), "nll": {}, "delta_vs_recency": {}, "gap_recovery": {}}
+    out = {"n_docs": int(n.size), "n_tokens": int(n.sum()), "nll": {}, "delta_vs_recency": {},
+           **{key: {} for key in references}}
     if n.size == 0:
         return out
     idx = resample_indices(n.size, n_boot, seed)
@@ -107,15 +117,24 @@ def paired_bootstrap(sums: dict, counts, n_boot: int = 1000, seed: int = 0, leve
         for c in s:
             lo, hi, _ = _interval(boot[c] - boot["RECENCY"], level)
             out["delta_vs_recency"][c] = {"value": point[c] - point["RECENCY"], "lo": lo, "hi": hi}
-    if "RECENCY" in s and "FULL" in s:
-        den = boot["RECENCY"] - boot["FULL"]
-        for c in s:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                r = np.where(den > 0, (boot["RECENCY"] - boot[c]) / np.where(den > 0, den, 1.0), np.nan)
-            lo, hi, undefined = _interval(r, level)
-            value = gap_recovery(point["RECENCY"], point[c], point["FULL"])
-            out["gap_recovery"][c] = {"value": value, "lo": lo if value is not None else None,
-                                      "hi": hi if value is not None else None, "undefined_frac": undefined}
+    for key, ref in references.items():
+        if ref in s and "FULL" in s:
+            out[key] = _gap_recoveries(boot, point, ref, level)
+    return out
+
+
+def _gap_recoveries(boot: dict, point: dict, ref: str, level: float) -> dict:
+    """{cond: {"value", "lo", "hi", "undefined_frac"}}: R of every condition against reference `ref`,
+    per paired replicate (replicates where FULL does not beat the reference have no R)."""
+    out = {}
+    den = boot[ref] - boot["FULL"]
+    for c in boot:
+        with np.errstate(invalid="ignore", divide="ignore"):
+            r = np.where(den > 0, (boot[ref] - boot[c]) / np.where(den > 0, den, 1.0), np.nan)
+        lo, hi, undefined = _interval(r, level)
+        value = gap_recovery(point[ref], point[c], point["FULL"])
+        out[c] = {"value": value, "lo": lo if value is not None else None,
+                  "hi": hi if value is not None else None, "undefined_frac": undefined}
     return out
 
 

@@ -5,6 +5,10 @@ documents with `iter_documents(src, split, start)`. Three kinds:
 synthetic (default, offline)  nanochat/synthetic.py's long-context corpus. Splits "train", "val" and
     "test" are disjoint seed streams; each is endless.
 
+recall    the same corpus at density "dense": a recall drill, ~3x the passkeys and key=value facts per
+    char, each recalled 2-3 times at >= ~64 tokens (nanochat/synthetic.py). What a small model needs
+    to learn exact retrieval on CPU (the recall recipes, `run10.sh --gpu cpu --profile recall`).
+
 fineweb   FineWeb-Edu shards (parquet, column "text") in $NANOCHAT_BASE_DIR/base_data, fetched with
     `python -m nanochat.dataset -n N`. N shards = train shards 0..N-2 plus the val shard 01822, the
     last shard of the dataset. Split rule: val = the highest-numbered shard present, train = all
@@ -211,6 +215,7 @@ class TextSource:
     doc_counts: list[int] = field(default_factory=list)  # documents per file (finite sources)
     seed: int = 0                 # synthetic only
     target_chars: int = 12000     # synthetic only
+    density: str = "story"        # synthetic only: "story" (source synthetic) | "dense" (source recall)
     description: str = ""
 
 
@@ -227,6 +232,9 @@ def _count_docs(path: str) -> int:
     return 1
 
 
+SOURCES = ("synthetic", "recall", "fineweb", "dir")  # the --source choices of every script
+
+
 def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> TextSource:
     """Check that the requested data exists and describe it. A data_dir with the default source means
     source "dir"; with "fineweb" it is the shard folder. Missing data -> ValueError naming the fix."""
@@ -235,6 +243,9 @@ def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> T
     if source == "synthetic":
         return TextSource("synthetic", seed=seed,
                           description=f"synthetic long-context corpus (offline default, seed {seed})")
+    if source == "recall":
+        return TextSource("synthetic", seed=seed, density="dense",
+                          description=f"synthetic corpus, dense in passkeys and key=value recalls (seed {seed})")
     if source == "fineweb":
         d = data_dir or default_data_dir()
         files = list_parquet_files(d)
@@ -264,7 +275,7 @@ def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> T
         return TextSource("dir", data_dir, files, counts,
                           description=f"your files in {data_dir}: {len(files)} files, {sum(counts):,} documents "
                                       f"(val = every {VAL_EVERY}th document from the first)")
-    raise ValueError(f"unknown data source {source!r}; use synthetic, fineweb or dir")
+    raise ValueError(f"unknown data source {source!r}; use one of {', '.join(SOURCES)}")
 
 
 def _iter_file(path: str, skip: int = 0) -> Iterator[str]:
@@ -343,12 +354,12 @@ def iter_documents(src: TextSource, split: str, start: int = 0) -> Iterator[str]
     valid = ("train", "val", "test") if src.kind == "synthetic" else ("train", "val")
     if split not in valid:
         raise ValueError(f"split {split!r} is not available for source {src.kind!r}; use one of {valid}")
-    key = (src.kind, src.data_dir, src.seed)
+    key = (src.kind, src.data_dir, src.seed, src.density)
     if key not in _announced:
         _announced.add(key)
         print0(f"data source: {src.description or src.kind}")
     if src.kind == "synthetic":
-        yield from synthetic_texts(split, src.seed, start, src.target_chars)
+        yield from synthetic_texts(split, src.seed, start, src.target_chars, src.density)
         return
     n = _split_size(src, split)
     if n == 0:

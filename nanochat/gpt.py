@@ -1,11 +1,20 @@
 """
 The GPT model: a small decoder-only transformer, nanochat style.
 
-- token embedding (wte) -> RMSNorm -> n_layer blocks -> RMSNorm -> untied lm_head -> logit softcap
+- token embedding (wte) -> RMSNorm -> [previous-token mix] -> n_layer blocks -> RMSNorm -> untied lm_head
+  -> logit softcap
 - every block: x + attn(norm(x)), then x + mlp(norm(x)); norms are parameter-free (F.rms_norm)
 - attention: rotary position embeddings (base 10000), QK-norm, grouped-query attention
   (n_kv_head key/value heads shared by n_head query heads), F.scaled_dot_product_attention
 - MLP: 4x hidden, relu(x)^2; no biases anywhere
+- two options for recall (both off by default, so the model is upstream's):
+  prev_token_mix: x[t] += lambda * W x[t-1] after the embedding norm, W a learned d x d matrix
+    (orthogonal init, trained by Muon), lambda a learned scalar (init 1). It writes the previous token
+    into its own subspace of the residual stream, so "find the position whose PREVIOUS token is my
+    token, copy its token" (key -> value lookup, induction) is a one-layer circuit instead of two.
+  rope_fraction: the fraction of each head's rotary pairs that rotate. The slowest pairs are left
+    unrotated (frequency 0), so part of every head matches on content at any distance; with every
+    pair rotating, recall fails past the longest trained length.
 - forward() takes token ids OR input embeddings (MegaContext feeds gists as embeddings), optional
   per-sample rotary cos/sin (gists sit at chosen positions), a key-padding mask (packed right-aligned
   variants), and a KV cache (decoding)
@@ -36,6 +45,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA): n_head % n_kv_head == 0
     n_embd: int = 768
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
+    prev_token_mix: bool = False  # x[t] += lambda * W x[t-1] after the embedding norm (module docstring)
+    rope_fraction: float = 1.0  # fraction of rotary pairs that rotate (the fastest); the rest stay unrotated
 
 
 def norm(x):
@@ -43,18 +54,32 @@ def norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
-def rotary_cos_sin(positions, head_dim, base=10000.0):
-    """Rotary tables for arbitrary (even fractional) positions.
+def rope_inv_freq(head_dim, base=10000.0, rope_fraction=1.0, device=None):
+    """[head_dim/2] float32 rotary frequencies: pair i rotates at base^(-2i/head_dim) radians per position.
 
-    positions: [..., T] (any float/int tensor) -> cos, sin: [..., T, 1, head_dim/2] float32.
-    Channel pair i rotates at frequency base^(-2i/head_dim), so angle(t, i) = t * base^(-2i/head_dim):
-    fast rotation in the first pairs (local order), slow in the last (long range). The singleton dim
-    broadcasts over heads in [B, T, H, head_dim] activations.
+    Fast pairs (small i) encode local order, slow pairs long range. With rope_fraction < 1 only the first
+    round(rope_fraction * head_dim/2) pairs rotate; the slowest ones get frequency 0 (cos 1, sin 0 at every
+    position), so their q.k is pure content, the same at any distance. Frequency 0 is also what every
+    consumer of this table needs for free: a Gaussian-RoPE gist (mc/positions.py) damps a pair by
+    exp(-(freq * sigma)^2 / 2) = 1 there, so gists respect the same split.
     """
     if head_dim % 2:
         raise ValueError(f"rotary needs an even head_dim, got {head_dim}")
-    device = positions.device
+    if not 0.0 <= rope_fraction <= 1.0:
+        raise ValueError(f"rope_fraction must be in [0, 1], got {rope_fraction}")
+    pairs = head_dim // 2
     inv_freq = base ** (-torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim)
+    inv_freq[round(rope_fraction * pairs):] = 0.0
+    return inv_freq
+
+
+def rotary_cos_sin(positions, head_dim, base=10000.0, rope_fraction=1.0):
+    """Rotary tables for arbitrary (even fractional) positions.
+
+    positions: [..., T] (any float/int tensor) -> cos, sin: [..., T, 1, head_dim/2] float32, with
+    angle(t, i) = t * rope_inv_freq(...)[i]. The singleton dim broadcasts over heads in [B, T, H, head_dim].
+    """
+    inv_freq = rope_inv_freq(head_dim, base, rope_fraction, positions.device)
     angles = positions.to(torch.float32)[..., None] * inv_freq  # [..., T, head_dim/2]
     return angles.cos()[..., None, :], angles.sin()[..., None, :]
 
@@ -150,6 +175,24 @@ def attention_mask(Tq, Tk, key_padding_mask, device):
     return mask[:, None], False
 
 
+def previous_inputs(x, kv_cache, key_padding_mask):
+    """x [B, T, D] -> [B, T, D] whose row t is the input at position t - 1 (the previous token).
+
+    Zero where there is no previous token: the sequence start, and a previous position that is padding
+    (packed rows are right-aligned, so a row's first real token follows padding). While decoding, the
+    input before this chunk comes from the cache (kv_cache.insert_inputs), which also keeps it across
+    set_pos truncations (re-prefill).
+    """
+    pos = kv_cache.get_pos() if kv_cache is not None else 0
+    before = kv_cache.insert_inputs(x) if kv_cache is not None else x.new_zeros(x.size(0), x.size(-1))
+    prev = torch.cat([before[:, None], x[:, :-1]], dim=1)
+    if key_padding_mask is not None:  # [B, pos + T], True = real; position t - 1 is column pos + t - 1
+        first = key_padding_mask.new_zeros(key_padding_mask.size(0), 1)
+        prev_real = torch.cat([first, key_padding_mask], dim=1)[:, pos:pos + x.size(1)]
+        prev = prev * prev_real[..., None].to(prev.dtype)
+    return prev
+
+
 class GPT(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
@@ -166,6 +209,9 @@ class GPT(nn.Module):
             )
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        if config.prev_token_mix:
+            self.prev_mix = nn.Linear(config.n_embd, config.n_embd, bias=False)  # W (Muon)
+            self.prev_mix_lambda = nn.Parameter(torch.ones(1))  # lambda (AdamW)
         # rotary tables for 10x the training length (room for long decodes); not saved in checkpoints
         self.rotary_len = config.sequence_len * 10
         cos, sin = self._rotary_table()
@@ -174,7 +220,7 @@ class GPT(nn.Module):
 
     def _rotary_table(self):
         positions = torch.arange(self.rotary_len, dtype=torch.float32, device=self.lm_head.weight.device)
-        cos, sin = rotary_cos_sin(positions, self.head_dim)
+        cos, sin = rotary_cos_sin(positions, self.head_dim, rope_fraction=self.config.rope_fraction)
         return cos[None], sin[None]  # [1, rotary_len, 1, head_dim/2]
 
     @torch.no_grad()
@@ -185,6 +231,7 @@ class GPT(nn.Module):
           the residual stream is exactly the embedding at step 0 (gradients still reach them)
         - wte: normal std 1 (it is RMS-normed right after lookup anyway)
         - lm_head: normal std 0.001 -> near-uniform predictions, loss starts at ~ln(vocab)
+        - prev_mix W: orthogonal (keeps the unit RMS of the normed previous token), lambda 1
         Also recomputes the rotary buffers (needed after meta-device construction + to_empty)."""
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -194,6 +241,9 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        if self.config.prev_token_mix:
+            nn.init.orthogonal_(self.prev_mix.weight)
+            self.prev_mix_lambda.fill_(1.0)
         cos, sin = self._rotary_table()
         self.cos.copy_(cos)
         self.sin.copy_(sin)
@@ -238,6 +288,9 @@ class GPT(nn.Module):
         """
         scale = (self.config.n_embd / 768) ** -0.5
         matrix_params = [p for p in self.transformer.h.parameters()]
+        if self.config.prev_token_mix:
+            matrix_params.append(self.prev_mix.weight)
+            extra_adam_params = [self.prev_mix_lambda, *extra_adam_params]
         matrix_params += list(extra_matrix_params)
         for p in matrix_params:
             if p.ndim != 2:
@@ -329,6 +382,8 @@ class GPT(nn.Module):
         attn_mask, is_causal = attention_mask(T, pos + T, key_padding_mask, x.device)
 
         x = norm(x)
+        if self.config.prev_token_mix:
+            x = x + self.prev_mix_lambda * self.prev_mix(previous_inputs(x, kv_cache, key_padding_mask))
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, attn_mask, is_causal)
         x = norm(x)

@@ -12,6 +12,8 @@ and a single write position `pos` shared by all layers (every layer sees the sam
 - set_pos(p) truncates (keeps the first p positions: re-prefill from a changed position onward),
   reset() empties the cache, prefill(other) copies another cache (e.g. a batch-1 prompt prefill
   broadcast to B samples).
+- insert_inputs(x): keeps every position's block input too (for the GPT's previous-token mix, which
+  needs the input at pos - 1 when a decode step or a re-prefill after set_pos starts at pos).
 - dtype=None allocates lazily on the first insert, in the dtype of the keys (bf16 under autocast).
 """
 
@@ -34,6 +36,7 @@ class KVCache:
         self._initial_len = seq_len
         self.k = None  # [L, B, H, capacity, D], allocated now or on the first insert
         self.v = None
+        self.inputs = None  # [B, capacity, n_embd], only for models with the previous-token mix
         self.pos = 0
         if dtype is not None:
             self._allocate(seq_len, dtype)
@@ -73,6 +76,21 @@ class KVCache:
         self.k[:, :, :, : self.pos] = old_k[:, :, :, : self.pos]
         self.v[:, :, :, : self.pos] = old_v[:, :, :, : self.pos]
 
+    def insert_inputs(self, x):
+        """Write block inputs x [B, T, D] at pos..pos+T; return the input at pos - 1, [B, D] (zeros at pos 0).
+
+        Does not advance pos (insert_kv does, after the last layer)."""
+        B, T, D = x.shape
+        t0, t1 = self.pos, self.pos + T
+        if self.inputs is None or self.inputs.size(1) < t1 or self.inputs.size(2) != D:
+            grown = torch.zeros(B, (max(t1, 2 * self.capacity) + 63) // 64 * 64, D, device=x.device, dtype=x.dtype)
+            if self.inputs is not None:
+                grown[:, :t0] = self.inputs[:, :t0]
+            self.inputs = grown
+        before = self.inputs[:, t0 - 1].clone() if t0 > 0 else x.new_zeros(B, D)
+        self.inputs[:, t0:t1] = x
+        return before
+
     # ------------------------------------------------------------------ the hot path
     def insert_kv(self, layer_idx, k, v):
         """Write k, v ([B, H_kv, T, D]) for one layer at pos..pos+T; return keys/values [B, H_kv, pos+T, D]."""
@@ -111,4 +129,6 @@ class KVCache:
         n = other.pos
         self.k[:, :, :, :n] = other.k[:, :, :, :n].to(self.dtype)
         self.v[:, :, :, :n] = other.v[:, :, :, :n].to(self.dtype)
+        if other.inputs is not None:
+            self.inputs = other.inputs[:, :max(n, 1)].expand(self.batch_size, -1, -1).clone()
         self.pos = n

@@ -19,7 +19,7 @@ import torch
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.dataset import resolve_source
+from nanochat.dataset import SOURCES, resolve_source
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -39,7 +39,7 @@ def build_parser():
     p = argparse.ArgumentParser(description="Train/val bits-per-byte of a base checkpoint.", allow_abbrev=False)
     p.add_argument("--model_tag", default=None, help="base_checkpoints/<tag> (default: most recently written)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--source", default="", choices=["", "synthetic", "fineweb", "dir"],
+    p.add_argument("--source", default="", choices=("", *SOURCES),
                    help="text source (default: the one the checkpoint was trained on)")
     p.add_argument("--data_dir", default="", help="folder for --source=dir/fineweb (default: the checkpoint's)")
     p.add_argument("--device_batch_size", type=int, default=32, help="rows per forward per process")

@@ -57,7 +57,7 @@ from nanochat.common import (
     synchronize,
 )
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.dataset import resolve_source
+from nanochat.dataset import SOURCES, resolve_source
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -78,7 +78,8 @@ from nanochat.training import (
 )
 
 # Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
-RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "total_batch_size",
+RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "prev_token_mix",
+                     "rope_fraction", "total_batch_size",
                      "source", "data_dir", "seed", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay")
 
 
@@ -96,6 +97,10 @@ def build_parser():
     a("--head_dim", type=int, default=128, help="attention head size; width must be a multiple of it")
     a("--kv_head_ratio", type=int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
     a("--max_seq_len", type=int, default=2048)
+    a("--prev_token_mix", type=str2bool, default=False,
+      help="x[t] += λ·W·x[t-1] after the embedding norm: key→value lookup in one layer (nanochat/gpt.py)")
+    a("--rope_fraction", type=float, default=1.0,
+      help="fraction of each head's rotary pairs that rotate; the slowest rest match on content at any distance")
     # training horizon: the first one that is set wins
     a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the next two)")
     a("--target_flops", type=float, default=-1.0, help="total training FLOPs (-1 = off)")
@@ -112,7 +117,7 @@ def build_parser():
     a("--warmdown_ratio", type=float, default=0.2)
     a("--final_lr_frac", type=float, default=0.0)
     # data
-    a("--source", default="synthetic", choices=["synthetic", "fineweb", "dir"], help="pretraining text")
+    a("--source", default="synthetic", choices=SOURCES, help="pretraining text")
     a("--data_dir", default="", help="a folder of your own .parquet/.jsonl/.txt files (implies --source=dir)")
     # cadences, in tokens
     a("--eval_every", type=parse_token_count, default=parse_token_count("128M"), help="val bpb cadence (tokens)")
@@ -197,7 +202,10 @@ def main(argv=None):
     if n_head % args.kv_head_ratio != 0:
         die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
     model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
-                             n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd)
+                             n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd,
+                             prev_token_mix=args.prev_token_mix, rope_fraction=args.rope_fraction)
+    if not 0.0 <= args.rope_fraction <= 1.0:
+        die(f"--rope_fraction={args.rope_fraction} must be in [0, 1] (1 = every rotary pair rotates, as upstream)")
     with torch.device(device):
         model = GPT(model_config)
     model.init_weights()

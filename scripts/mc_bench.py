@@ -219,7 +219,7 @@ class RawDecoder:
 
     def _forward(self, ids, first_pos, last_only=True):
         pos = torch.arange(first_pos, first_pos + len(ids), device=self.dev)
-        cos, sin = rope_cos_sin(pos[None], self.hd)
+        cos, sin = rope_cos_sin(pos[None], self.hd, rope_fraction=self.model.config.rope_fraction)
         x = torch.tensor([ids], dtype=torch.long, device=self.dev)
         out = self.model(x, kv_cache=self.kv, cos_sin_override=(cos, sin), last_only=last_only)[0, -1]
         self.max_kv = max(self.max_kv, self.kv.get_pos())

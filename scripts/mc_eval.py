@@ -8,17 +8,22 @@ Long-context quality of one checkpoint, MegaContext conditions side by side.
     torchrun --standalone --nproc_per_node=8 -m scripts.mc_eval # items split over ranks, gathered on rank 0
 
 What it measures (mc/eval_conditions.py has the definitions and the math):
-- conditions FULL, RECENCY, MEANPOOL, MC, MC-fixed, MC-LensNet, SHUFFLED, ORACLE: the same history
-  seen through different working-context plans; all but FULL keep the last W tokens raw (W =
-  --wc_length, default sequence_len / 4) and differ only in what stands for the tokens before that
-  cut. MC-fixed, MC-LensNet and ORACLE get the same focus budget: the coarsest covering's entries + E
-  (--focus_budget), spent by recency (MC-fixed), by one LensNet + allocator refocus (MC-LensNet,
-  mc/focus.py; "not available: <reason>" when the checkpoint has no LensNet) or on the needles' blocks
-  (ORACLE); every block of results reports the mean entries each condition read;
-- NLL and gap recovery R = (NLL_recency - NLL_cond) / (NLL_recency - NLL_full) with bootstrap 95% CIs
-  over documents (mc/stats.py), on three token sets reported separately: the horizon (last H window
-  targets), the boundary (the first 64 targets after the cut: local continuity) and the long-range
-  answer tokens (recalled values whose source lies before the cut);
+- conditions FULL, RECENCY, RECENCY-EQ, RECENCY-EQ-FOCUS, MEANPOOL, MC, MC-fixed, MC-KEYMATCH,
+  MC-LensNet, SHUFFLED, ORACLE: the same history seen through different working-context plans; all
+  keep at least the last W tokens raw (W = --wc_length, default sequence_len / 4), are scored on those
+  W targets, and differ only in what stands for the tokens before that cut. RECENCY-EQ is RECENCY at
+  equal entries: the last n raw tokens, n = the entries MC reads (covering + W); RECENCY-EQ-FOCUS the
+  same at MC-fixed's entries. MC-fixed, MC-KEYMATCH, MC-LensNet and ORACLE get the same focus budget:
+  the coarsest covering's entries + E (--focus_budget), spent by recency (MC-fixed), on the blocks whose
+  mean-pooled layer-0 keys best match the question's queries (MC-KEYMATCH, parameter-free,
+  mc/eval_keymatch.py), by one LensNet + allocator refocus (MC-LensNet, mc/focus.py; "not available:
+  <reason>" when the checkpoint has no LensNet) or on the needles' blocks (ORACLE); every block of
+  results reports the mean entries each condition read;
+- NLL and gap recovery R = (NLL_recency - NLL_cond) / (NLL_recency - NLL_full), and R_eq with RECENCY-EQ
+  (and RECENCY-EQ-FOCUS) in place of RECENCY, with bootstrap 95% CIs over documents (mc/stats.py), on
+  three token sets reported separately: the horizon (last H window targets), the boundary (the first 64
+  targets after the cut: local continuity) and the long-range answer tokens (recalled values whose
+  source lies before the cut);
 - exact match of recalled answers (greedy decoding of the answer tokens = argmax equal to the answer
   at every answer position given the true prefix: the two agree token by token until the first miss)
   on needle-in-a-haystack probes at m x W tokens (--probe_multipliers, default 4,16; passkeys and
@@ -32,7 +37,11 @@ Validity: the long-range result counts only when FULL itself shows the skill: >=
 in-context recalls (the probes where FULL fits, else the documents' recalls) and NLL_RECENCY -
 NLL_FULL >= 0.02 nats on the long-range set. Otherwise JSON "valid" is false, "validity_reasons" says
 why, the long-range R moves to "gap_recovery_unvalidated", and the table prints NOT VALID. Probe and
-associative-recall blocks carry their own validity (FULL's exact match on that task).
+associative-recall blocks and the tasks carry their own validity (FULL's exact match on that task).
+Every figure no passing verdict covers is marked "(not covered by validity)" in the table and has
+covered_by_validity false in the JSON (mc/eval_report.py, "Coverage").
+Figure: exact match against history length per condition (probes at each m x W, associative recall,
+the documents' recalls), written next to the JSON (--plot; mc/eval_plot.py).
 
 Efficiency: documents are batched (--batch_size); per batch one GistNet pass per gist type (the MC
 tree, mc/tree.py), one refocus for MC-LensNet, and ONE GPT forward per condition over all items
@@ -49,6 +58,7 @@ import torch
 
 from mc.eval_conditions import BOUNDARY_TOKENS
 from mc.eval_data import doc_item, probe_items, read_tasks, task_item, text_item
+from mc.eval_plot import plot_exact_match
 from mc.eval_report import summarize
 from mc.eval_run import Setup, diagnose_batch, evaluate_batch, item_recalls, item_sets, run_items  # noqa: F401
 from mc.eval_tasks import assoc_items
@@ -95,6 +105,8 @@ def build_parser():
     p.add_argument("--n_boot", type=int, default=1000, help="bootstrap replicates")
     p.add_argument("--seed", type=int, default=0, help="seed for data and bootstrap")
     p.add_argument("--out", default="", help="JSON output (default $NANOCHAT_BASE_DIR/mc_eval/<source>-<tag>-<step>.json)")
+    p.add_argument("--plot", default="", help="exact match vs history length figure (PNG; default: --out with .png; "
+                                              "none = no figure)")
     return p
 
 
@@ -145,6 +157,20 @@ def _focus_settings(args, model, max_lod):
             "note": "LensNet's head is all zeros (never trained): every score is 0, so the allocator makes no "
                     "edit and MC-LensNet reads the bare covering" if head_zero else None}
     return lensnet.eval(), cfg, info
+
+
+def _write_plot(result, flag, out):
+    """{"path": str | None, "note": str | None}: the exact-match figure (mc/eval_plot.py) at --plot, or next
+    to the JSON; never fails the run (the numbers are in the JSON either way)."""
+    if flag == "none":
+        return {"path": None, "note": "--plot=none"}
+    path = flag or os.path.splitext(out)[0] + ".png"
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    try:
+        written = plot_exact_match(result, path)
+    except ImportError as e:
+        return {"path": None, "note": f"matplotlib is not installed ({e}); pip install matplotlib"}
+    return {"path": written, "note": None if written else "no exact-match block (no probes, assoc or doc recalls)"}
 
 
 def main(argv=None):
@@ -269,11 +295,13 @@ def main(argv=None):
     result["elapsed_s"] = round(time.time() - t0, 2)
     out = args.out or os.path.join(get_base_dir(), "mc_eval", f"{args.source}-{model_tag}-{step}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    result["plot"] = _write_plot(result, args.plot, out)
     with open(out, "w") as f:
         json.dump(result, f, indent=2)
     header = f"### MC evaluation: {args.source}/{model_tag} step {step}\n\n"
-    print0(header + table + f"\n\nJSON: {out}  ({result['elapsed_s']} s)")
-    get_report().log(section="MC evaluation", data=[{**summary, "json": out}, table])
+    plot_line = f"\nPlot: {result['plot']['path']}" if result["plot"]["path"] else f"\nPlot: none ({result['plot']['note']})"
+    print0(header + table + f"\n\nJSON: {out}  ({result['elapsed_s']} s)" + plot_line)
+    get_report().log(section="MC evaluation", data=[{**summary, "json": out, "plot": result["plot"]["path"]}, table])
     compute_cleanup()
     return result
 

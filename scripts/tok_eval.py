@@ -14,7 +14,7 @@ import argparse
 
 import tiktoken
 
-from nanochat.dataset import iter_documents, resolve_source
+from nanochat.dataset import SOURCES, iter_documents, resolve_source
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
 
@@ -87,7 +87,7 @@ def markdown_table(rows, labels):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenizer compression vs GPT-2/GPT-4", allow_abbrev=False)
-    p.add_argument("--source", type=str, default="synthetic", choices=["synthetic", "fineweb", "dir"],
+    p.add_argument("--source", type=str, default="synthetic", choices=SOURCES,
                    help="text source for the validation-document sample")
     p.add_argument("--data_dir", type=str, default=None, help="folder of parquet shards for --source fineweb|dir")
     p.add_argument("--doc_chars", type=int, default=20_000, help="characters of the validation document used")

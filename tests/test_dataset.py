@@ -321,3 +321,13 @@ def test_synthetic_default_and_announcement(monkeypatch, capsys):
     assert next(iter_documents(src, "val")) == synthetic_document(0, "val").text
     out = capsys.readouterr().out
     assert out.count("data source: synthetic long-context corpus (offline default") == 1
+
+
+def test_recall_source_is_the_dense_synthetic_corpus(monkeypatch, capsys):
+    monkeypatch.setattr(dataset, "_announced", set())
+    src = resolve_source("recall")
+    assert (src.kind, src.density) == ("synthetic", "dense")
+    assert next(iter_documents(src, "train", start=2)) == synthetic_document(2, "train", density="dense").text
+    assert "dense in passkeys" in capsys.readouterr().out
+    with pytest.raises(ValueError, match="recall"):  # the error lists the sources
+        resolve_source("nope")

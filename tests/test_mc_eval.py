@@ -266,7 +266,7 @@ def test_full_equals_recency_when_the_document_fits_the_window():
     items = _random_items(2, 64, seed=4) + _random_items(1, 40, seed=5)  # T <= W, two lengths in one batch
     res, _, _ = mc_eval.evaluate_batch(setup, items)
     for r in res:
-        for c in ("RECENCY", "MEANPOOL", "MC", "MC-fixed", "ORACLE"):
+        for c in ("RECENCY", "RECENCY-EQ", "RECENCY-EQ-FOCUS", "MEANPOOL", "MC", "MC-fixed", "MC-KEYMATCH", "ORACLE"):
             np.testing.assert_allclose(r[c][0], r["FULL"][0], rtol=1e-5, atol=1e-6)
             assert (r[c][1] == r["FULL"][1]).all()
 
@@ -314,7 +314,8 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
     assert "vanilla" in data["not_available"]["MC-LensNet"] and data["settings"]["lensnet"]["available"] is False
     assert "not available" in data["comparisons"]["MC-LensNet vs MC-fixed"]["all"]
     for name in ("horizon", "boundary"):
-        assert set(data["nll"][name]["nll"]) == {"FULL", "RECENCY", "MEANPOOL", "MC", "MC-fixed", "SHUFFLED", "ORACLE"}
+        assert set(data["nll"][name]["nll"]) == {"FULL", "RECENCY", "RECENCY-EQ", "RECENCY-EQ-FOCUS", "MEANPOOL", "MC",
+                                                 "MC-fixed", "MC-KEYMATCH", "SHUFFLED", "ORACLE"}
     assert data["nll"]["horizon"]["n_tokens"] == 4 * 32
     assert data["nll"]["long_range"]["gap_recovery"] is None and data["nll"]["long_range"]["valid"] is False
     assert data["probes"]["4xW"]["n"] == 4 and data["probes"]["4xW"]["all"]["FULL"]["n_answers"] == 4
@@ -325,7 +326,16 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
     assert data["assoc"]["valid"] is False and set(data["assoc"]["by_query"]) == {"1", "2"}
     ent = data["mean_wc_entries"]
     # T = 128, W = 32: 3 LOD1 gists; E = 124 entries open all three (3 x 31 = 93 <= 124): MC-fixed reads all raw
-    assert ent["MC"] == 35 and ent["MC-fixed"] == 128 and ent["RECENCY"] == 32
+    assert ent["MC"] == 35 and ent["MC-fixed"] == 128 and ent["RECENCY"] == 32 and ent["FULL"] == 128
+    assert ent["RECENCY-EQ"] == ent["MC"] and ent["RECENCY-EQ-FOCUS"] == ent["MC-fixed"] == ent["MC-KEYMATCH"]
+    for block in (data["probes"]["4xW"], data["probes"]["16xW"], data["assoc"]):  # entries of every condition run
+        assert set(block["mean_wc_entries"]) == set(block["all"]) and block["covered_by_validity"] is False
+    assert set(data["tasks_mean_wc_entries"]) == set(data["tasks"]) and data["tasks_valid"] is False
+    for name in ("horizon", "boundary"):  # R against both recencies (None: an untrained model has no gap)
+        assert {"gap_recovery", "gap_recovery_eq", "gap_recovery_eq_focus"} <= set(data["nll"][name])
+        assert data["nll"][name]["covered_by_validity"] is False
+    assert not any(data["covered_by_validity"].values())
+    assert data["plot"]["path"] == str(tmp_path / "mc.png") and (tmp_path / "mc.png").stat().st_size > 1000
     printed = capsys.readouterr().out
     assert "NOT VALID" in printed and "| metric | FULL | RECENCY |" in printed
     assert "MC-LensNet: not available: the checkpoint has no MegaContext modules" in printed
@@ -387,7 +397,8 @@ def test_mc_checkpoint_uses_its_learned_gistnet(base_dir, tmp_path):
         ent = block["mean_wc_entries"]
         # the same cap; MC-fixed spends all of it (or opens every gist when the history is short)
         assert ent["MC-LensNet"] <= ent["MC-fixed"] == min(ent["MC"] + 4 * 31, block["history_tokens"])
-    assert set(data["comparisons"]) == {"MC-LensNet vs MC-fixed", "MC-LensNet vs MEANPOOL"}
+    assert set(data["comparisons"]) == {"MC-LensNet vs MC-fixed", "MC-LensNet vs MEANPOOL", "MC-LensNet vs MC-KEYMATCH",
+                                        "MC-KEYMATCH vs MC-fixed"}
     assert set(data["comparisons"]["MC-LensNet vs MC-fixed"]) >= {"R horizon", "probe EM 4xW", "probe EM 16xW", "assoc EM"}
     h = data["nll"]["horizon"]["nll"]
     assert h["MC"]["value"] != h["MEANPOOL"]["value"] and h["MC"]["value"] != h["SHUFFLED"]["value"]

@@ -154,3 +154,27 @@ def test_prose_is_varied(docs):
         most = collections.Counter(sentences).most_common(1)[0][1]
         assert most <= max(3, 0.03 * len(sentences))
         assert len(set(sentences)) > 0.8 * len(sentences)
+
+
+# ------------------------------------------------------------------ density "dense" (--source recall)
+def test_story_density_is_unchanged_by_the_dense_option():
+    """The default corpus is byte-for-byte what it was before "dense" existed (pinned hashes)."""
+    pinned = ["4029bb75f019a1b4", "12f0254b5d6db0e1", "2f0ae5581a3b72e1"]
+    got = [hashlib.sha256(synthetic_document(i, "val").text.encode()).hexdigest()[:16] for i in range(3)]
+    assert got == pinned
+
+
+def test_dense_documents_are_a_recall_drill():
+    from nanochat.synthetic import MIN_DENSE_DISTANCE
+    dense = [synthetic_document(i, density="dense") for i in range(20)]
+    story = [synthetic_document(i) for i in range(20)]
+    assert dense[0].text != story[0].text and synthetic_document(0, density="dense").text == dense[0].text
+    per_char = lambda ds: sum(len(d.recalls) for d in ds) / sum(len(d.text) for d in ds)
+    assert per_char(dense) > 2.5 * per_char(story)
+    for d in dense:
+        assert {r.kind for r in d.recalls} <= {"passkey", "kv"}
+        for r in d.recalls:
+            assert r.answer_start - r.fact_start >= MIN_DENSE_DISTANCE
+            assert d.text[r.answer_start:r.answer_end].isdigit()
+    with pytest.raises(ValueError, match="unknown density"):
+        synthetic_document(0, density="sparse")

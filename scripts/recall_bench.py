@@ -1,0 +1,153 @@
+"""
+Which model options let a small GPT learn exact recall on CPU? Trains one small GPT per configuration
+on the same tokens and reports FULL attention's exact match on mc_eval's probes at several lengths.
+
+    python -m scripts.recall_bench --configs=all,no_mix,no_partial_rope --tokens=3M --out=recall_bench.json
+
+Each configuration is the recipe minus one part ("all" = every part on), so a row's drop against "all"
+is that part's contribution on this budget. The parts (nanochat/gpt.py, nanochat/synthetic.py):
+    mix            --prev_token_mix: x[t] += λ·W·x[t-1] (key -> value lookup in one layer)
+    partial_rope   --rope_fraction=0.5: the slowest half of the rotary pairs unrotated
+    dense          --source=recall instead of the story corpus
+    curriculum     sequence length 256 -> 512 -> 1024 (-> --max_seq_len) instead of max_seq_len throughout
+Scores (held-out: the probes are built from val documents with cues absent from them, mc/eval_data.py):
+    passkey / kv   one needle in a haystack of L tokens, asked at the end (probe_items)
+    assoc          8 key=value pairs >= W tokens before 4 queries (assoc_items; one score per query)
+exact match = argmax right at every answer token (the value and its closing ".").
+Needs a tokenizer in $NANOCHAT_BASE_DIR (python -m scripts.tok_train --vocab_size=2048).
+"""
+
+import argparse
+import json
+import time
+
+import numpy as np
+import torch
+
+from mc.eval_data import probe_items
+from mc.eval_tasks import assoc_items
+from nanochat.common import parse_token_count
+from nanochat.dataloader import DistributedTokenLoader
+from nanochat.dataset import resolve_source
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.tokenizer import get_token_bytes, get_tokenizer
+from nanochat.training import lr_multiplier, muon_momentum
+
+PARTS = ("mix", "partial_rope", "dense", "curriculum")
+CURRICULUM = (256, 512, 1024)  # then --max_seq_len; the stages split the tokens equally
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    p.add_argument("--configs", default="all," + ",".join(f"no_{x}" for x in PARTS),
+                   help="comma list: all, no_<part> (parts: " + ", ".join(PARTS) + ")")
+    p.add_argument("--tokens", type=parse_token_count, default=parse_token_count("3M"), help="training tokens per config")
+    p.add_argument("--depth", type=int, default=2)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--head_dim", type=int, default=32)
+    p.add_argument("--max_seq_len", type=int, default=2048)
+    p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--matrix_lr", type=float, default=0.02)
+    p.add_argument("--embedding_lr", type=float, default=0.05)
+    p.add_argument("--wc_length", type=int, default=128, help="W: probes at multiples of it")
+    p.add_argument("--lengths", default="4,16", help="history lengths as multiples of W")
+    p.add_argument("--num_probes", type=int, default=64, help="probes per length (half passkey, half kv)")
+    p.add_argument("--num_assoc", type=int, default=16, help="assoc sequences per length (4 queries each)")
+    p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--out", default="", help="write the results as JSON here")
+    return p.parse_args(argv)
+
+
+def stages(config: str, max_T: int, tokens: int):
+    """[(T, tokens)] of the length schedule."""
+    if config == "no_curriculum":
+        return [(max_T, tokens)]
+    lengths = [t for t in CURRICULUM if t < max_T] + [max_T]
+    return [(t, tokens // len(lengths)) for t in lengths]
+
+
+def build_model(args, config: str, vocab_size: int):
+    torch.manual_seed(args.seed)
+    cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
+                    n_head=args.width // args.head_dim, n_kv_head=args.width // args.head_dim, n_embd=args.width,
+                    prev_token_mix=config != "no_mix", rope_fraction=1.0 if config == "no_partial_rope" else 0.5)
+    model = GPT(cfg)
+    model.init_weights()
+    return model
+
+
+def train(args, config: str, model, tokenizer):
+    source = resolve_source("synthetic" if config == "no_dense" else "recall")
+    adamw, muon = model.setup_optimizers(embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr)
+    total_steps = sum(max(1, n // args.batch_tokens) for _, n in stages(config, args.max_seq_len, args.tokens))
+    step, losses = 0, []
+    for T, n in stages(config, args.max_seq_len, args.tokens):
+        B = max(1, args.batch_tokens // T)
+        loader = DistributedTokenLoader(tokenizer, B, T, "train", source)
+        for _ in range(max(1, n // args.batch_tokens)):
+            x, y = loader.next_batch()
+            loss = model(x, y)
+            loss.backward()
+            lrm = lr_multiplier(step / total_steps, 0.0, 0.2, 0.0)
+            for opt in (adamw, muon):
+                for g in opt.param_groups:
+                    g["lr"] = g["initial_lr"] * lrm
+            for g in muon.param_groups:
+                g["momentum"] = muon_momentum(step)
+            adamw.step(), muon.step()
+            model.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+            step += 1
+    return float(np.mean(losses[-20:]))
+
+
+@torch.no_grad()
+def exact_match(model, items):
+    """Fraction of items whose every answer token is the argmax (one forward per item)."""
+    hits = []
+    for it in items:
+        ids = torch.tensor([it.ids[:-1]])
+        pred = model(ids)[0].argmax(-1)
+        for ans in it.answers:
+            u0, u1 = ans.span
+            hits.append(bool((pred[u0 - 1:u1 - 1] == torch.tensor(it.ids[u0:u1])).all()))
+    return float(np.mean(hits))
+
+
+def evaluate(args, model, tokenizer, piece_bytes):
+    W, out = args.wc_length, {}
+    for m in (int(x) for x in args.lengths.split(",")):
+        L = m * W
+        probes = probe_items(tokenizer, args.num_probes, L, W, 32, seed=1)
+        out[f"passkey@{m}W"] = exact_match(model, [p for p in probes if p.info["fact"] == "passkey"])
+        out[f"kv@{m}W"] = exact_match(model, [p for p in probes if p.info["fact"] == "kv"])
+        out[f"assoc@{m}W"] = exact_match(model, assoc_items(tokenizer, piece_bytes, args.num_assoc, L, W, 32, seed=1))
+    return out
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    torch.set_num_threads(torch.get_num_threads())
+    tokenizer = get_tokenizer()
+    piece_bytes = get_token_bytes().tolist()
+    rows = []
+    for config in args.configs.split(","):
+        if config != "all" and config.removeprefix("no_") not in PARTS:
+            raise SystemExit(f"--configs: unknown config {config!r}; use all or no_<part>, parts {PARTS}")
+        t0 = time.time()
+        model = build_model(args, config, tokenizer.get_vocab_size())
+        final_loss = train(args, config, model, tokenizer)
+        row = {"config": config, "train_loss": round(final_loss, 4), "train_s": round(time.time() - t0, 1)}
+        model.eval()
+        row.update(evaluate(args, model, tokenizer, piece_bytes))
+        if model.config.prev_token_mix:
+            row["prev_mix_lambda"] = round(model.prev_mix_lambda.item(), 3)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"args": vars(args), "rows": rows}, f, indent=2)
+
+
+if __name__ == "__main__":
+    main()
