@@ -127,12 +127,7 @@ def layer0_inputs(model, lod0: torch.Tensor) -> torch.Tensor:
     """[R, T, C]: the input of block 0's attention from the token embeddings lod0 [R, T, C] alone, as
     GPT.forward builds it: the normed embedding, plus the previous-token mix when the GPT has one (zero
     before the first token), normed again by the block."""
-    x = norm(lod0)
-    mix = getattr(model, "prev_mix", None)
-    if mix is not None:
-        prev = torch.cat([torch.zeros_like(x[:, :1]), x[:, :-1]], dim=1)
-        x = x + model.prev_mix_lambda * mix(prev)
-    return norm(x)
+    return norm(model.mix_previous(norm(lod0)))
 
 
 def layer0_keys_queries(model, lod0: torch.Tensor, cut: int, query_pos: torch.Tensor):

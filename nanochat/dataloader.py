@@ -24,6 +24,13 @@ step n is chunk c = n*grad_accum + k, whose first row is
 exactly the alignment contract in dev/INTERFACES.md: optimizer step n consumes global rows
 [n*R, (n+1)*R) however R is split into B, world size and grad_accum.
 
+Loss targets. With source.target_keep < 1 (source "recall") the stream also carries a flag per token:
+"this token counts as a target". Answer tokens (the tokens overlapping the recalled values' chars, from
+nanochat.dataset.iter_documents_with_answers) always count; every other token counts with probability
+target_keep, drawn from a generator seeded by the document index (deterministic, resumable, the same on
+every rank). y is -1 (ignored by the loss) where the flag is off; x is unchanged. Plain sources: every
+flag is on, y = x shifted.
+
 Every rank walks the whole stream (tokenizing all documents, keeping only its own rows), because
 where a row starts depends on the token counts of every document before it. Tokenization runs in
 batches of DOCS_PER_ENCODE documents; the buffer holds only tokens from the current position on.
@@ -42,7 +49,7 @@ from collections import deque
 import numpy as np
 import torch
 
-from nanochat.dataset import TextSource, iter_documents
+from nanochat.dataset import TextSource, iter_documents_with_answers
 
 DOCS_PER_ENCODE = 64  # documents per tokenizer.encode call (batched for speed)
 STATE_VERSION = 1
@@ -61,12 +68,15 @@ class DistributedTokenLoader:
         self.rank, self.world_size = rank, world_size
         self.device = torch.device(device)
         self.bos = tokenizer.get_bos_token_id()
+        # per-token byte lengths, to place answer chars on tokens (only when the loss skips targets)
+        self._token_bytes = np.asarray(tokenizer.token_bytes()) if source.target_keep < 1 else None
         doc_index, token_offset, cursor_row, rows_done = 0, 0, 0, 0
         if state is not None:
             doc_index, token_offset, cursor_row, rows_done = self._check_state(state)
         self.chunk = rows_done // (world_size * B)  # next chunk this rank returns
-        # Buffer: tokens S[buf_start : buf_start + buf_len], kept as a deque of numpy arrays.
-        self._docs = iter_documents(source, split, start=doc_index)
+        # Buffer: tokens S[buf_start : buf_start + buf_len], kept as a deque of [2, n] numpy arrays
+        # (row 0 the token ids, row 1 the "counts as a target" flag).
+        self._docs = iter_documents_with_answers(source, split, start=doc_index)
         self._next_doc = doc_index                  # index of the next document to tokenize
         self._bounds: deque = deque()               # (stream position where a doc starts, doc index)
         self._pieces: deque = deque()               # numpy int64 arrays, in stream order
@@ -130,38 +140,53 @@ class DistributedTokenLoader:
     def _fill_to(self, end: int):
         """Tokenize documents until the buffer reaches stream position `end` (exclusive)."""
         while self._buf_start + self._buf_len < end:
-            texts = [next(self._docs) for _ in range(DOCS_PER_ENCODE)]
-            for ids in self.tokenizer.encode(texts, prepend=self.bos):
+            docs = [next(self._docs) for _ in range(DOCS_PER_ENCODE)]
+            for (text, answers), ids in zip(docs, self.tokenizer.encode([t for t, _ in docs], prepend=self.bos)):
                 if not ids or ids[0] != self.bos:
                     raise RuntimeError("tokenizer.encode(..., prepend=bos) did not put BOS first")
+                ids = np.asarray(ids, dtype=np.int64)
                 self._bounds.append((self._buf_start + self._buf_len, self._next_doc))
+                self._pieces.append(np.stack([ids, self._target_flags(ids, text, answers, self._next_doc)]))
                 self._next_doc += 1
-                self._pieces.append(np.asarray(ids, dtype=np.int64))
                 self._buf_len += len(ids)
+
+    def _target_flags(self, ids: np.ndarray, text: str, answers: list, doc_index: int) -> np.ndarray:
+        """int64 [n]: 1 where token j counts as a loss target (module docstring, "Loss targets")."""
+        keep = self.source.target_keep
+        if keep >= 1:
+            return np.ones_like(ids)
+        flags = (np.random.default_rng([doc_index, 7]).random(len(ids)) < keep).astype(np.int64)
+        if not text.isascii():  # answers are char offsets; tokens are measured in bytes
+            raise ValueError("answer-weighted loss needs ASCII documents (the synthetic corpus is)")
+        starts = np.concatenate([[0], np.cumsum(self._token_bytes[ids])[:-1]])  # byte start per token
+        for a, b in answers:  # tokens overlapping [a, b): the last starting at or before a .. the first at b
+            first = np.searchsorted(starts, a, side="right") - 1
+            flags[first:np.searchsorted(starts, b, side="left")] = 1
+        return flags
 
     def _drop_before(self, pos: int):
         """Forget buffered tokens before stream position pos (keeps the doc bound covering pos)."""
-        while self._pieces and self._buf_start + len(self._pieces[0]) <= pos:
-            self._buf_start += len(self._pieces[0])
-            self._buf_len -= len(self._pieces.popleft())
+        while self._pieces and self._buf_start + self._pieces[0].shape[1] <= pos:
+            self._buf_start += self._pieces[0].shape[1]
+            self._buf_len -= self._pieces.popleft().shape[1]
         if self._pieces and self._buf_start < pos:
             cut = pos - self._buf_start
-            self._pieces[0] = self._pieces[0][cut:]
+            self._pieces[0] = self._pieces[0][:, cut:]
             self._buf_start, self._buf_len = pos, self._buf_len - cut
         while len(self._bounds) > 1 and self._bounds[1][0] <= pos:
             self._bounds.popleft()
 
     def _take(self, start: int, n: int) -> np.ndarray:
-        """Tokens S[start : start+n] (start must be >= buffer start)."""
+        """[2, n]: tokens S[start : start+n] and their target flags (start must be >= buffer start)."""
         self._fill_to(start + n)
         self._drop_before(start)
         out, need = [], n
         for piece in self._pieces:
-            out.append(piece[:need])
-            need -= len(out[-1])
+            out.append(piece[:, :need])
+            need -= out[-1].shape[1]
             if need == 0:
                 break
-        return np.concatenate(out)
+        return np.concatenate(out, axis=1)
 
     # ----------------------------------------------------------------------------------------------
     # batches
@@ -172,15 +197,17 @@ class DistributedTokenLoader:
         first_row = self.chunk * self.world_size * B + self.rank * B
         # B consecutive rows = S[first_row*T : (first_row+B)*T + 1]: B*T+1 tokens, then
         # x = tokens[:-1].view(B, T) and y = tokens[1:].view(B, T) (row b's y is x shifted by one).
-        tokens = torch.from_numpy(self._take(first_row * T, B * T + 1))
+        tokens, flags = torch.from_numpy(self._take(first_row * T, B * T + 1))
+        y = tokens[1:] if self.source.target_keep >= 1 else torch.where(flags[1:] == 1, tokens[1:], -1)
         self.chunk += 1
         self._cursor_row = first_row + B  # rows before it are done; this rank's next row is further on
         self._drop_before(self._cursor_row * T)
+        xy = torch.stack([tokens[:-1], y])  # one host-to-device copy for both
         if self.device.type == "cuda":
-            tokens = tokens.pin_memory().to(self.device, non_blocking=True)
+            xy = xy.pin_memory().to(self.device, non_blocking=True)
         else:
-            tokens = tokens.to(self.device)
-        return tokens[:-1].view(B, T), tokens[1:].view(B, T)
+            xy = xy.to(self.device)
+        return xy[0].view(B, T), xy[1].view(B, T)
 
     def __iter__(self):
         while True:

@@ -6,8 +6,12 @@ synthetic (default, offline)  nanochat/synthetic.py's long-context corpus. Split
     "test" are disjoint seed streams; each is endless.
 
 recall    the same corpus at density "dense": a recall drill, ~3x the passkeys and key=value facts per
-    char, each recalled 2-3 times at >= ~64 tokens (nanochat/synthetic.py). What a small model needs
-    to learn exact retrieval on CPU (the recall recipes, `run10.sh --gpu cpu --profile recall`).
+    char, each recalled 2-3 times at >= ~64 tokens (nanochat/synthetic.py), with the loss mostly on the
+    recalled values: every answer token counts, other tokens count with probability RECALL_TARGET_KEEP
+    (the loader marks the rest -1, deterministic per document). Measured on CPU (lab notebook): with
+    every token counted, filler and the random digits of the statements drown the answers' gradient
+    and no recall circuit forms in minutes. Documents are sized to the training window
+    (sized_for(src, T)), so a fact and its recalls mostly share a row.
 
 fineweb   FineWeb-Edu shards (parquet, column "text") in $NANOCHAT_BASE_DIR/base_data, fetched with
     `python -m nanochat.dataset -n N`. N shards = train shards 0..N-2 plus the val shard 01822, the
@@ -34,6 +38,7 @@ only then is it renamed (atomic os.replace) to its final name. A bad file is nev
 """
 
 import argparse
+import dataclasses
 import http.client
 import json
 import os
@@ -48,7 +53,7 @@ from typing import Iterator
 import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, print0
-from nanochat.synthetic import synthetic_texts
+from nanochat.synthetic import synthetic_document, synthetic_texts
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822          # shards are shard_00000 ... shard_01822; the last one is the val split
@@ -216,6 +221,7 @@ class TextSource:
     seed: int = 0                 # synthetic only
     target_chars: int = 12000     # synthetic only
     density: str = "story"        # synthetic only: "story" (source synthetic) | "dense" (source recall)
+    target_keep: float = 1.0      # fraction of non-answer targets in the loss (answers always count)
     description: str = ""
 
 
@@ -233,6 +239,15 @@ def _count_docs(path: str) -> int:
 
 
 SOURCES = ("synthetic", "recall", "fineweb", "dir")  # the --source choices of every script
+RECALL_TARGET_KEEP = 0.1  # source recall: share of non-answer targets that count in the loss
+RECALL_CHARS_PER_TOKEN = 3.5  # source recall: documents of ~0.75 T tokens (4.7 chars per token)
+
+
+def sized_for(src: "TextSource", T: int) -> "TextSource":
+    """The source with recall documents sized to a T-token window (other sources unchanged)."""
+    if src.density != "dense":
+        return src
+    return dataclasses.replace(src, target_chars=max(200, int(RECALL_CHARS_PER_TOKEN * T)))
 
 
 def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> TextSource:
@@ -244,7 +259,7 @@ def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> T
         return TextSource("synthetic", seed=seed,
                           description=f"synthetic long-context corpus (offline default, seed {seed})")
     if source == "recall":
-        return TextSource("synthetic", seed=seed, density="dense",
+        return TextSource("synthetic", seed=seed, density="dense", target_keep=RECALL_TARGET_KEEP,
                           description=f"synthetic corpus, dense in passkeys and key=value recalls (seed {seed})")
     if source == "fineweb":
         d = data_dir or default_data_dir()
@@ -346,9 +361,8 @@ def _iter_split_once(src: TextSource, split: str, j: int) -> Iterator[str]:
 _announced: set = set()
 
 
-def iter_documents(src: TextSource, split: str, start: int = 0) -> Iterator[str]:
-    """Endless deterministic stream of document strings of `split`, from split document `start`.
-    Finite sources repeat epoch after epoch in the same order. Val never overlaps train."""
+def _check_split(src: TextSource, split: str, start: int):
+    """Validate (split, start) for the source and announce the source once per process."""
     if start < 0:
         raise ValueError(f"start must be >= 0, got {start}")
     valid = ("train", "val", "test") if src.kind == "synthetic" else ("train", "val")
@@ -358,9 +372,34 @@ def iter_documents(src: TextSource, split: str, start: int = 0) -> Iterator[str]
     if key not in _announced:
         _announced.add(key)
         print0(f"data source: {src.description or src.kind}")
+
+
+def iter_documents(src: TextSource, split: str, start: int = 0) -> Iterator[str]:
+    """Endless deterministic stream of document strings of `split`, from split document `start`.
+    Finite sources repeat epoch after epoch in the same order. Val never overlaps train."""
+    _check_split(src, split, start)
     if src.kind == "synthetic":
         yield from synthetic_texts(split, src.seed, start, src.target_chars, src.density)
         return
+    yield from _iter_finite(src, split, start)
+
+
+def iter_documents_with_answers(src: TextSource, split: str, start: int = 0) -> Iterator[tuple[str, list]]:
+    """(text, [(answer char start, end), ...]) per document: the recalled values of synthetic documents,
+    no spans for other sources. What the loader needs for target_keep < 1."""
+    if src.kind != "synthetic":
+        for text in iter_documents(src, split, start):
+            yield text, []
+        return
+    _check_split(src, split, start)
+    index = start
+    while True:
+        doc = synthetic_document(index, split, src.seed, src.target_chars, src.density)
+        yield doc.text, [(r.answer_start, r.answer_end) for r in doc.recalls]
+        index += 1
+
+
+def _iter_finite(src: TextSource, split: str, start: int) -> Iterator[str]:
     n = _split_size(src, split)
     if n == 0:
         raise ValueError(f"source {src.description} has no {split} documents; add more data")

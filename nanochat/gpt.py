@@ -8,10 +8,15 @@ The GPT model: a small decoder-only transformer, nanochat style.
   (n_kv_head key/value heads shared by n_head query heads), F.scaled_dot_product_attention
 - MLP: 4x hidden, relu(x)^2; no biases anywhere
 - two options for recall (both off by default, so the model is upstream's):
-  prev_token_mix: x[t] += lambda * W x[t-1] after the embedding norm, W a learned d x d matrix
-    (orthogonal init, trained by Muon), lambda a learned scalar (init 1). It writes the previous token
-    into its own subspace of the residual stream, so "find the position whose PREVIOUS token is my
-    token, copy its token" (key -> value lookup, induction) is a one-layer circuit instead of two.
+  prev_token_mix = k: x[t] += lambda * W [x[t-1]; ...; x[t-k]] after the embedding norm, W a learned
+    d x kd matrix (orthogonal init, trained by Muon), lambda a learned scalar (init 1). It writes the
+    previous k tokens into their own subspace of the residual stream, so "find the position whose
+    PREVIOUS token is my token, copy its token" (key -> value lookup, induction) is a one-layer circuit
+    instead of two; k = 2 also reaches a key one token further back ("cobalt" in "cobalt=113").
+  query_gain: a learned per-head gain on the normed queries (init query_gain; 0 = none, as upstream).
+    QK-norm gives q and k unit RMS, so q.k / sqrt(head_dim) <= sqrt(head_dim): 5.7 at head_dim 32, where
+    one matching key among 2,047 others gets at most e^5.7 / (e^5.7 + 2047) = 12% of the attention. A
+    gain g lifts the bound to g sqrt(head_dim), so one position can win at long range.
   rope_fraction: the fraction of each head's rotary pairs that rotate. The slowest pairs are left
     unrotated (frequency 0), so part of every head matches on content at any distance; with every
     pair rotating, recall fails past the longest trained length.
@@ -45,7 +50,8 @@ class GPTConfig:
     n_kv_head: int = 6  # key/value heads (GQA): n_head % n_kv_head == 0
     n_embd: int = 768
     softcap: float = 15.0  # logits = softcap * tanh(logits / softcap); 0 disables
-    prev_token_mix: bool = False  # x[t] += lambda * W x[t-1] after the embedding norm (module docstring)
+    prev_token_mix: int = 0  # k: x[t] += lambda * W [x[t-1]..x[t-k]] after the embedding norm; 0 = off
+    query_gain: float = 0.0  # init of a learned per-head gain on the normed queries; 0 = none (upstream)
     rope_fraction: float = 1.0  # fraction of rotary pairs that rotate (the fastest); the rest stay unrotated
 
 
@@ -109,6 +115,8 @@ class CausalSelfAttention(nn.Module):
         self.c_k = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_v = nn.Linear(config.n_embd, self.n_kv_head * self.head_dim, bias=False)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=False)
+        if config.query_gain:
+            self.q_gain = nn.Parameter(torch.full((self.n_head, 1), float(config.query_gain)))  # AdamW
 
     def forward(self, x, cos_sin, kv_cache, attn_mask, is_causal):
         B, T, _ = x.shape
@@ -120,6 +128,8 @@ class CausalSelfAttention(nn.Module):
         # mathematically; the norm bounds q.k (no attention-logit blow-up) whatever the weights do.
         q, k = norm(apply_rotary_emb(q, cos, sin)), norm(apply_rotary_emb(k, cos, sin))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # [B, H, T, D]
+        if hasattr(self, "q_gain"):
+            q = q * self.q_gain.to(q.dtype)[:, :, None]  # [H, 1, 1] over [B, H, T, D]
         if kv_cache is not None:
             k, v = kv_cache.insert_kv(self.layer_idx, k, v)  # [B, H_kv, T_keys, D]
             k, v = k.to(q.dtype), v.to(q.dtype)
@@ -175,22 +185,24 @@ def attention_mask(Tq, Tk, key_padding_mask, device):
     return mask[:, None], False
 
 
-def previous_inputs(x, kv_cache, key_padding_mask):
-    """x [B, T, D] -> [B, T, D] whose row t is the input at position t - 1 (the previous token).
+def previous_inputs(x, k, kv_cache=None, key_padding_mask=None):
+    """x [B, T, D] -> [B, T, k*D]: row t holds [x[t-1]; x[t-2]; ...; x[t-k]], the k previous inputs.
 
-    Zero where there is no previous token: the sequence start, and a previous position that is padding
-    (packed rows are right-aligned, so a row's first real token follows padding). While decoding, the
-    input before this chunk comes from the cache (kv_cache.insert_inputs), which also keeps it across
+    Zero where there is no such token: before the sequence start, and at positions that are padding
+    (packed rows are right-aligned, so a row's first real tokens follow padding). While decoding, the
+    inputs before this chunk come from the cache (kv_cache.insert_inputs), which also keeps them across
     set_pos truncations (re-prefill).
     """
+    B, T, D = x.shape
     pos = kv_cache.get_pos() if kv_cache is not None else 0
-    before = kv_cache.insert_inputs(x) if kv_cache is not None else x.new_zeros(x.size(0), x.size(-1))
-    prev = torch.cat([before[:, None], x[:, :-1]], dim=1)
-    if key_padding_mask is not None:  # [B, pos + T], True = real; position t - 1 is column pos + t - 1
-        first = key_padding_mask.new_zeros(key_padding_mask.size(0), 1)
-        prev_real = torch.cat([first, key_padding_mask], dim=1)[:, pos:pos + x.size(1)]
-        prev = prev * prev_real[..., None].to(prev.dtype)
-    return prev
+    before = kv_cache.insert_inputs(x, k) if kv_cache is not None else x.new_zeros(B, k, D)  # x[pos-k..pos-1]
+    seq = torch.cat([before, x], dim=1)  # seq[:, k + t] = x[t]
+    lags = torch.cat([seq[:, k - j:k - j + T] for j in range(1, k + 1)], dim=-1)
+    if key_padding_mask is not None:  # [B, pos + T], True = real; position t - j is column pos + t - j
+        real = torch.cat([key_padding_mask.new_zeros(B, k), key_padding_mask], dim=1)[:, pos:]
+        real = torch.stack([real[:, k - j:k - j + T] for j in range(1, k + 1)], dim=-1)  # [B, T, k]
+        lags = (lags.view(B, T, k, D) * real[..., None].to(x.dtype)).view(B, T, k * D)
+    return lags
 
 
 class GPT(nn.Module):
@@ -210,7 +222,7 @@ class GPT(nn.Module):
         )
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.prev_token_mix:
-            self.prev_mix = nn.Linear(config.n_embd, config.n_embd, bias=False)  # W (Muon)
+            self.prev_mix = nn.Linear(config.prev_token_mix * config.n_embd, config.n_embd, bias=False)  # W (Muon)
             self.prev_mix_lambda = nn.Parameter(torch.ones(1))  # lambda (AdamW)
         # rotary tables for 10x the training length (room for long decodes); not saved in checkpoints
         self.rotary_len = config.sequence_len * 10
@@ -231,7 +243,8 @@ class GPT(nn.Module):
           the residual stream is exactly the embedding at step 0 (gradients still reach them)
         - wte: normal std 1 (it is RMS-normed right after lookup anyway)
         - lm_head: normal std 0.001 -> near-uniform predictions, loss starts at ~ln(vocab)
-        - prev_mix W: orthogonal (keeps the unit RMS of the normed previous token), lambda 1
+        - prev_mix W: orthogonal (orthonormal rows; for k = 1 it keeps the unit RMS of the normed previous
+          token), lambda 1
         Also recomputes the rotary buffers (needed after meta-device construction + to_empty)."""
         nn.init.normal_(self.transformer.wte.weight, mean=0.0, std=1.0)
         nn.init.normal_(self.lm_head.weight, mean=0.0, std=0.001)
@@ -241,6 +254,9 @@ class GPT(nn.Module):
                 nn.init.uniform_(lin.weight, -bound, bound)
             nn.init.zeros_(block.attn.c_proj.weight)
             nn.init.zeros_(block.mlp.c_proj.weight)
+        for block in self.transformer.h:
+            if hasattr(block.attn, "q_gain"):
+                block.attn.q_gain.fill_(self.config.query_gain)
         if self.config.prev_token_mix:
             nn.init.orthogonal_(self.prev_mix.weight)
             self.prev_mix_lambda.fill_(1.0)
@@ -287,7 +303,10 @@ class GPT(nn.Module):
         unless average_grads=False (the trainer averages itself so it can clip the global norm).
         """
         scale = (self.config.n_embd / 768) ** -0.5
-        matrix_params = [p for p in self.transformer.h.parameters()]
+        gains = [b.attn.q_gain for b in self.transformer.h if hasattr(b.attn, "q_gain")]
+        matrix_params = [p for n, p in self.transformer.h.named_parameters() if not n.endswith("q_gain")]
+        if gains:
+            extra_adam_params = [*gains, *extra_adam_params]
         if self.config.prev_token_mix:
             matrix_params.append(self.prev_mix.weight)
             extra_adam_params = [self.prev_mix_lambda, *extra_adam_params]
@@ -381,9 +400,7 @@ class GPT(nn.Module):
                                  f"(True = real token), got {key_padding_mask.dtype} {tuple(key_padding_mask.shape)}")
         attn_mask, is_causal = attention_mask(T, pos + T, key_padding_mask, x.device)
 
-        x = norm(x)
-        if self.config.prev_token_mix:
-            x = x + self.prev_mix_lambda * self.prev_mix(previous_inputs(x, kv_cache, key_padding_mask))
+        x = self.mix_previous(norm(x), kv_cache, key_padding_mask)
         for block in self.transformer.h:
             x = block(x, cos_sin, kv_cache, attn_mask, is_causal)
         x = norm(x)
@@ -406,6 +423,13 @@ class GPT(nn.Module):
         if loss_reduction == "mean":
             return loss.sum() / (targets != -1).sum().clamp(min=1)
         raise ValueError(f"loss_reduction must be 'mean', 'sum' or 'none', got {loss_reduction!r}")
+
+    def mix_previous(self, x, kv_cache=None, key_padding_mask=None):
+        """The previous-token mix on normed inputs x [B, T, D] (identity when prev_token_mix is 0)."""
+        k = int(self.config.prev_token_mix)
+        if not k:
+            return x
+        return x + self.prev_mix_lambda * self.prev_mix(previous_inputs(x, k, kv_cache, key_padding_mask))
 
     # ------------------------------------------------------------------ generation
     @torch.inference_mode()

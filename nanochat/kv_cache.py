@@ -76,10 +76,9 @@ class KVCache:
         self.k[:, :, :, : self.pos] = old_k[:, :, :, : self.pos]
         self.v[:, :, :, : self.pos] = old_v[:, :, :, : self.pos]
 
-    def insert_inputs(self, x):
-        """Write block inputs x [B, T, D] at pos..pos+T; return the input at pos - 1, [B, D] (zeros at pos 0).
-
-        Does not advance pos (insert_kv does, after the last layer)."""
+    def insert_inputs(self, x, k=1):
+        """Write block inputs x [B, T, D] at pos..pos+T; return the k inputs before pos, [B, k, D] (positions
+        pos-k..pos-1; zeros before position 0). Does not advance pos (insert_kv does, after the last layer)."""
         B, T, D = x.shape
         t0, t1 = self.pos, self.pos + T
         if self.inputs is None or self.inputs.size(1) < t1 or self.inputs.size(2) != D:
@@ -87,7 +86,10 @@ class KVCache:
             if self.inputs is not None:
                 grown[:, :t0] = self.inputs[:, :t0]
             self.inputs = grown
-        before = self.inputs[:, t0 - 1].clone() if t0 > 0 else x.new_zeros(B, D)
+        before = x.new_zeros(B, k, D)
+        n = min(k, t0)
+        if n:
+            before[:, k - n:] = self.inputs[:, t0 - n:t0]
         self.inputs[:, t0:t1] = x
         return before
 

@@ -19,7 +19,7 @@ import torch
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.dataset import SOURCES, resolve_source
+from nanochat.dataset import SOURCES, resolve_source, sized_for
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
 from nanochat.tokenizer import get_token_bytes
@@ -65,6 +65,7 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
     B, T = args.device_batch_size, model.config.sequence_len
+    source = sized_for(source, T)
     tokens_per_step = B * T * world_size
     steps = args.split_tokens // tokens_per_step
     if steps < 1:

@@ -57,7 +57,7 @@ from nanochat.common import (
     synchronize,
 )
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.dataset import SOURCES, resolve_source
+from nanochat.dataset import SOURCES, resolve_source, sized_for
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.loss_eval import evaluate_bpb
 from nanochat.report import get_report
@@ -78,7 +78,7 @@ from nanochat.training import (
 )
 
 # Flags whose change makes a checkpoint's continuation a different experiment: --resume refuses them.
-RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "prev_token_mix",
+RESUME_MUST_MATCH = ("depth", "aspect_ratio", "head_dim", "kv_head_ratio", "max_seq_len", "prev_token_mix", "query_gain",
                      "rope_fraction", "total_batch_size",
                      "source", "data_dir", "seed", "embedding_lr", "unembedding_lr", "matrix_lr", "weight_decay")
 
@@ -97,8 +97,11 @@ def build_parser():
     a("--head_dim", type=int, default=128, help="attention head size; width must be a multiple of it")
     a("--kv_head_ratio", type=int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
     a("--max_seq_len", type=int, default=2048)
-    a("--prev_token_mix", type=str2bool, default=False,
-      help="x[t] += λ·W·x[t-1] after the embedding norm: key→value lookup in one layer (nanochat/gpt.py)")
+    a("--prev_token_mix", type=int, default=0,
+      help="k: x[t] += λ·W·[x[t-1]..x[t-k]] after the embedding norm: key→value lookup in one layer "
+           "(nanochat/gpt.py); 0 = off")
+    a("--query_gain", type=float, default=0.0,
+      help="init of a learned per-head gain on the QK-normed queries (lets one key win at long range); 0 = none")
     a("--rope_fraction", type=float, default=1.0,
       help="fraction of each head's rotary pairs that rotate; the slowest rest match on content at any distance")
     # training horizon: the first one that is set wins
@@ -191,7 +194,7 @@ def main(argv=None):
         die(str(e))
     token_bytes = get_token_bytes(device=device)
     try:
-        source = resolve_source(args.source, args.data_dir or None)
+        source = sized_for(resolve_source(args.source, args.data_dir or None), T)
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
 
@@ -203,7 +206,8 @@ def main(argv=None):
         die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
     model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
                              n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd,
-                             prev_token_mix=args.prev_token_mix, rope_fraction=args.rope_fraction)
+                             prev_token_mix=args.prev_token_mix, query_gain=args.query_gain,
+                             rope_fraction=args.rope_fraction)
     if not 0.0 <= args.rope_fraction <= 1.0:
         die(f"--rope_fraction={args.rope_fraction} must be in [0, 1] (1 = every rotary pair rotates, as upstream)")
     with torch.device(device):

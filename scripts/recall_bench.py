@@ -6,13 +6,17 @@ on the same tokens and reports FULL attention's exact match on mc_eval's probes 
 
 Each configuration is the recipe minus one part ("all" = every part on), so a row's drop against "all"
 is that part's contribution on this budget. The parts (nanochat/gpt.py, nanochat/synthetic.py):
-    mix            --prev_token_mix: x[t] += λ·W·x[t-1] (key -> value lookup in one layer)
+    mix            --prev_token_mix=k (k = --mix): x[t] += λ·W·[x[t-1]..x[t-k]] (key -> value lookup in one layer)
+    query_gain     --query_gain=4: a learned per-head gain on the QK-normed queries
     partial_rope   --rope_fraction=0.5: the slowest half of the rotary pairs unrotated
-    dense          --source=recall instead of the story corpus
+    dense          --source=recall (dense recalls, loss mostly on the answers, documents sized to T)
+                   instead of the story corpus
     curriculum     sequence length 256 -> 512 -> 1024 (-> --max_seq_len) instead of max_seq_len throughout
 Scores (held-out: the probes are built from val documents with cues absent from them, mc/eval_data.py):
     passkey / kv   one needle in a haystack of L tokens, asked at the end (probe_items)
     assoc          8 key=value pairs >= W tokens before 4 queries (assoc_items; one score per query)
+    corpus         in-distribution: dense val documents cut to L tokens, every recall answer inside them
+                   whose fact lies >= 64 tokens earlier in the window (per-recall exact match)
 exact match = argmax right at every answer token (the value and its closing ".").
 Needs a tokenizer in $NANOCHAT_BASE_DIR (python -m scripts.tok_train --vocab_size=2048).
 """
@@ -24,16 +28,18 @@ import time
 import numpy as np
 import torch
 
+from mc.eval_conditions import char_byte_offsets, char_span_to_tokens, token_byte_starts
 from mc.eval_data import probe_items
 from mc.eval_tasks import assoc_items
 from nanochat.common import parse_token_count
 from nanochat.dataloader import DistributedTokenLoader
-from nanochat.dataset import resolve_source
+from nanochat.dataset import resolve_source, sized_for
 from nanochat.gpt import GPT, GPTConfig
+from nanochat.synthetic import synthetic_document
 from nanochat.tokenizer import get_token_bytes, get_tokenizer
 from nanochat.training import lr_multiplier, muon_momentum
 
-PARTS = ("mix", "partial_rope", "dense", "curriculum")
+PARTS = ("mix", "query_gain", "partial_rope", "dense", "curriculum")
 CURRICULUM = (256, 512, 1024)  # then --max_seq_len; the stages split the tokens equally
 
 
@@ -42,6 +48,10 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="all," + ",".join(f"no_{x}" for x in PARTS),
                    help="comma list: all, no_<part> (parts: " + ", ".join(PARTS) + ")")
     p.add_argument("--tokens", type=parse_token_count, default=parse_token_count("3M"), help="training tokens per config")
+    p.add_argument("--mix", type=int, default=1, help="k of --prev_token_mix when the mix is on")
+    p.add_argument("--rope_fraction", type=float, default=0.5, help="when partial_rope is on")
+    p.add_argument("--query_gain", type=float, default=4.0, help="when query_gain is on")
+    p.add_argument("--corpus_docs", type=int, default=16, help="dense val documents per length for 'corpus'")
     p.add_argument("--depth", type=int, default=2)
     p.add_argument("--width", type=int, default=128)
     p.add_argument("--head_dim", type=int, default=32)
@@ -70,7 +80,9 @@ def build_model(args, config: str, vocab_size: int):
     torch.manual_seed(args.seed)
     cfg = GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth,
                     n_head=args.width // args.head_dim, n_kv_head=args.width // args.head_dim, n_embd=args.width,
-                    prev_token_mix=config != "no_mix", rope_fraction=1.0 if config == "no_partial_rope" else 0.5)
+                    prev_token_mix=0 if config == "no_mix" else args.mix,
+                    query_gain=0.0 if config == "no_query_gain" else args.query_gain,
+                    rope_fraction=1.0 if config == "no_partial_rope" else args.rope_fraction)
     model = GPT(cfg)
     model.init_weights()
     return model
@@ -83,7 +95,7 @@ def train(args, config: str, model, tokenizer):
     step, losses = 0, []
     for T, n in stages(config, args.max_seq_len, args.tokens):
         B = max(1, args.batch_tokens // T)
-        loader = DistributedTokenLoader(tokenizer, B, T, "train", source)
+        loader = DistributedTokenLoader(tokenizer, B, T, "train", sized_for(source, T))
         for _ in range(max(1, n // args.batch_tokens)):
             x, y = loader.next_batch()
             loss = model(x, y)
@@ -114,6 +126,23 @@ def exact_match(model, items):
     return float(np.mean(hits))
 
 
+@torch.no_grad()
+def corpus_exact_match(model, tokenizer, piece_bytes, n_docs: int, L: int, min_distance: int = 64):
+    """Per-recall exact match on dense val documents cut to L tokens (recalls whose fact is in the window)."""
+    hits = []
+    for i in range(n_docs):
+        doc = synthetic_document(i, "val", density="dense", target_chars=L * 6)
+        ids = [tokenizer.get_bos_token_id()] + tokenizer.encode(doc.text)[:L]
+        cb, starts = char_byte_offsets(doc.text), token_byte_starts(np.asarray(piece_bytes)[np.asarray(ids)])
+        pred = model(torch.tensor([ids[:-1]]))[0].argmax(-1)
+        for r in doc.recalls:
+            u0, u1 = char_span_to_tokens(r.answer_start, r.answer_end, cb, starts)
+            f0, _ = char_span_to_tokens(r.fact_start, r.fact_start + 1, cb, starts)
+            if u1 < len(ids) and u0 - f0 >= min_distance:
+                hits.append(bool((pred[u0 - 1:u1 - 1] == torch.tensor(ids[u0:u1])).all()))
+    return float(np.mean(hits)) if hits else float("nan")
+
+
 def evaluate(args, model, tokenizer, piece_bytes):
     W, out = args.wc_length, {}
     for m in (int(x) for x in args.lengths.split(",")):
@@ -122,6 +151,7 @@ def evaluate(args, model, tokenizer, piece_bytes):
         out[f"passkey@{m}W"] = exact_match(model, [p for p in probes if p.info["fact"] == "passkey"])
         out[f"kv@{m}W"] = exact_match(model, [p for p in probes if p.info["fact"] == "kv"])
         out[f"assoc@{m}W"] = exact_match(model, assoc_items(tokenizer, piece_bytes, args.num_assoc, L, W, 32, seed=1))
+        out[f"corpus@{m}W"] = corpus_exact_match(model, tokenizer, piece_bytes, args.corpus_docs, L)
     return out
 
 

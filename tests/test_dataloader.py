@@ -197,3 +197,40 @@ def test_val_split_and_synthetic_long_documents():
     assert (xs == BOS).sum().item() == 1  # one document start: the first document spans all 44 rows
     assert not torch.equal(xs[:4], val.next_batch()[0])
     assert list(itertools.islice(iter(train), 2))[0][0].shape == (4, T)
+
+
+# ------------------------------------------------------------------ source "recall": loss on the answers
+class CharTokenizer(FakeTokenizer):
+    """One token per char, each 1 byte: char offsets are token offsets (BOS, 0 bytes, first)."""
+
+    def token_bytes(self):
+        return torch.tensor([0 if i == BOS else 1 for i in range(BOS + 1)])
+
+
+def test_recall_source_counts_every_answer_and_few_other_targets():
+    from nanochat.dataset import iter_documents_with_answers, sized_for
+    src = sized_for(resolve_source("recall"), 256)
+    T, B = 256, 4
+    loader = DistributedTokenLoader(CharTokenizer(), B, T, "train", src)
+    x, y = loader.next_batch()
+    stream = [BOS]
+    answer = [False]
+    for text, spans in itertools.islice(iter_documents_with_answers(src, "train"), 40):
+        flags = [False] * len(text)
+        for a, b in spans:
+            flags[a:b] = [True] * (b - a)
+        stream += [BOS] + [ord(c) % 997 + 1 for c in text]
+        answer += [False] + flags
+    stream, answer = torch.tensor(stream[1:]), torch.tensor(answer[1:])
+    n = B * T
+    torch.testing.assert_close(x.reshape(-1), stream[:n])  # inputs are every token
+    yy, ans = y.reshape(-1), answer[1:n + 1]
+    assert (yy[ans] == stream[1:n + 1][ans]).all() and ans.sum() > 20  # every answer target counts
+    other = ~ans
+    kept = (yy[other] != -1).float().mean().item()
+    assert 0.03 < kept < 0.2  # RECALL_TARGET_KEEP = 0.1 of the rest
+    assert ((yy == -1) | (yy == stream[1:n + 1])).all()
+    # the same rows whatever the batch split (flags are drawn per document, not per batch)
+    x2, y2 = zip(*(DistributedTokenLoader(CharTokenizer(), 2, T, "train", src, rank=r, world_size=2).next_batch()
+                   for r in range(2)))
+    torch.testing.assert_close(torch.cat(y2), y)
