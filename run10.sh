@@ -9,8 +9,10 @@
 #
 #   bash run10.sh --gpu h100 --profile mc --quality   # the long-range quality run: tokenizer → MC base
 #                                           # training sized for ~10 GPU minutes → mc_eval (no chat half)
+#   bash run10.sh --gpu cpu --profile mc --recall     # the recall recipe: a tiny GPT with the recall options
+#                                           # on the dense recall corpus (--source recall) → mc_eval (no chat half)
 #
-# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --source synthetic|fineweb,
+# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --recall, --source synthetic|fineweb,
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy),
 #          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT checkpoints).
 # Re-running the same command continues where it stopped: every training stage resumes from its newest
@@ -27,6 +29,7 @@ PROFILE=baseline
 SOURCE=synthetic
 SHARDS=24
 QUALITY=0
+RECALL=0
 FRESH=0
 EXTRA=()
 while [ $# -gt 0 ]; do
@@ -37,6 +40,7 @@ while [ $# -gt 0 ]; do
     --profile=*) PROFILE="${1#*=}" ;;
     --mc) PROFILE=mc ;;
     --quality) QUALITY=1 ;;
+    --recall) RECALL=1 ;;
     --source) SOURCE="$2"; shift ;;
     --source=*) SOURCE="${1#*=}" ;;
     --shards) SHARDS="$2"; shift ;;
@@ -52,6 +56,12 @@ case "$PROFILE" in
   baseline|mc) ;;
   *) echo "run10.sh: unknown --profile $PROFILE (baseline|mc)" >&2; exit 2 ;;
 esac
+if [ "$QUALITY" = 1 ] && [ "$RECALL" = 1 ]; then
+  echo "run10.sh: --quality and --recall are two different long-range recipes; pick one" >&2; exit 2
+fi
+if [ "$RECALL" = 1 ]; then
+  [ "$SOURCE" = synthetic ] || { echo "run10.sh: --recall trains on the built-in recall corpus; drop --source" >&2; exit 2; }
+fi
 if [ "$QUALITY" = 1 ]; then
   [ "$PROFILE" = mc ] || { echo "run10.sh: --quality measures MegaContext; add --profile mc" >&2; exit 2; }
   [ "$SOURCE" = synthetic ] || { echo "run10.sh: --quality runs on the synthetic corpus (its recalls are annotated)" >&2; exit 2; }
@@ -142,8 +152,28 @@ if [ "$QUALITY" = 1 ]; then
   MC_TAG=d8_mc_quality
   MC_EVAL_ARGS+=(--wc_length=256 --num_docs=64 --num_probes=64 --probe_multipliers=4)
 fi
+TOK_SOURCE=$SOURCE
+if [ "$RECALL" = 1 ]; then
+  # The recall recipe (lab notebook, "recall"; scripts/recall_bench.py measures each part): the dense
+  # recall corpus with the loss on the answers, a 2-token previous mix, a learned query gain and
+  # partial RoPE on a 2-layer, width-128 GPT, T=512 (W = 128: probes at 4W = 512 and 16W = 2048).
+  # The tokenizer stays the story corpus's (the recall corpus is a subset of its vocabulary).
+  SOURCE=recall
+  TOK_SOURCE=synthetic
+  TRAIN_ARGS=(--depth=2 --aspect_ratio=64 --head_dim=32 --max_seq_len=512 --prev_token_mix=2 --query_gain=4
+              --rope_fraction=0.5 --device_batch_size=8 --total_batch_size=4096 --num_iterations=1000
+              --embedding_lr=0.05 --eval_every=1M --eval_tokens=65536 --sample_every=-1 --save_every=1M
+              --log_every=204800 --model_tag=d2_recall)
+  [ "$GPU" = cpu ] && TRAIN_ARGS+=(--device_type=cpu)
+  MC_ARGS=(--mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
+           --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
+  MC_TAG=d2_recall_mc
+  MC_EVAL_ARGS+=(--num_docs=16 --num_probes=32 --num_assoc=8 --probe_multipliers=4,16 --n_boot=500)
+  QUALITY=1  # evaluation only: the chat half needs a model that talks, this one only recalls
+fi
 PY=.venv/bin/python
 TAG=d$(for a in "${TRAIN_ARGS[@]}"; do case "$a" in --depth=*) echo "${a#*=}" ;; esac; done)
+for a in "${TRAIN_ARGS[@]}"; do case "$a" in --model_tag=*) TAG="${a#*=}" ;; esac; done
 if [ "$PROFILE" = mc ]; then
   for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) MC_TAG="${a#*=}" ;; esac; done
   # MC flags go after the profile's, so they override it (e.g. --num_iterations on CPU); flags after --
@@ -165,12 +195,12 @@ C=$NANOCHAT_BASE_DIR
 VOCAB=$(for a in "${TOK_ARGS[@]}"; do case "$a" in --vocab_size=*) echo "${a#*=}" ;; esac; done)
 [ "$FRESH" = 1 ] && start_fresh "$TAG"
 report_reset "$FRESH"
-{ [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB"; } || $PY -m scripts.tok_train --source="$SOURCE" "${TOK_ARGS[@]}"
-newer tok_eval "$R/tokenizer-evaluation.md" "$C/tokenizer/tokenizer.pkl" || $PY -m scripts.tok_eval --source="$SOURCE"
+{ [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB"; } || $PY -m scripts.tok_train --source="$TOK_SOURCE" "${TOK_ARGS[@]}"
+newer tok_eval "$R/tokenizer-evaluation.md" "$C/tokenizer/tokenizer.pkl" || $PY -m scripts.tok_eval --source="$TOK_SOURCE"
 $PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
 evaluated base_loss "$R/base-model-loss.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
 evaluated base_eval "$R/base-model-evaluation.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_eval "${EVAL_ARGS[@]}"
-if [ "$PROFILE" = mc ]; then
+if [ "$PROFILE" = mc ] || [ "$RECALL" = 1 ]; then  # the recall recipe evaluates its baseline too
   evaluated mc_eval "$R/mc_eval.json" "$C/base_checkpoints/$TAG" ||
     $PY -m scripts.mc_eval --model_tag="$TAG" --out="$R/mc_eval.json" "${MC_EVAL_ARGS[@]}"
 fi

@@ -174,6 +174,15 @@ LEDGER_RECALLS = ["What is {key}'s value? {v}.", "In the {ledger} ledger, {key} 
                   "Checking the {ledger} ledger again: {key}={v}."]
 
 
+# "dense" keeps the templates in which the cue sits right before the value, as in mc_eval's probes
+# (" What is the passkey for the blue vault? 48213."): a small model learns one lookup pattern, not five.
+DENSE_TEMPLATES = {"passkey_statements": [PASSKEY_STATEMENTS[0], PASSKEY_STATEMENTS[2]],
+                   "passkey_recalls": [PASSKEY_RECALLS[0], PASSKEY_RECALLS[3]],
+                   "ledger_recalls": [LEDGER_RECALLS[0], LEDGER_RECALLS[2]]}
+STORY_TEMPLATES = {"passkey_statements": PASSKEY_STATEMENTS, "passkey_recalls": PASSKEY_RECALLS,
+                   "ledger_recalls": LEDGER_RECALLS}
+
+
 def _stable_seed(*parts) -> int:
     """64-bit seed from a stable hash of the parts (same in every process, unlike hash())."""
     digest = hashlib.blake2b("|".join(str(p) for p in parts).encode(), digest_size=8).digest()
@@ -264,8 +273,9 @@ def _state_passkey(rng, w: _Writer, pools) -> list[_Fact]:
     obj = pools["vaults"].pop()
     n_digits = rng.choice((4, 5, 5, 6))
     value = str(rng.randint(10 ** (n_digits - 1), 10 ** n_digits - 1))
-    start = w.add(rng.choice(PASSKEY_STATEMENTS).format(obj=obj, v=value))
-    return [_Fact("passkey", start, value, {"obj": obj}, PASSKEY_RECALLS)]
+    templates = pools["templates"]
+    start = w.add(rng.choice(templates["passkey_statements"]).format(obj=obj, v=value))
+    return [_Fact("passkey", start, value, {"obj": obj}, templates["passkey_recalls"])]
 
 
 def _state_ledger(rng, w: _Writer, pools) -> list[_Fact]:
@@ -281,7 +291,7 @@ def _state_ledger(rng, w: _Writer, pools) -> list[_Fact]:
         value = str(rng.randint(1, 9999))
         start = w.add(f"{key}={value}")
         w.add(", " if i < n - 1 else ".")
-        facts.append(_Fact("kv", start, value, {"key": key, "ledger": ledger}, LEDGER_RECALLS))
+        facts.append(_Fact("kv", start, value, {"key": key, "ledger": ledger}, pools["templates"]["ledger_recalls"]))
     return facts
 
 
@@ -316,7 +326,8 @@ def synthetic_document(index: int, split: str = "train", seed: int = 0, target_c
     # Each person gets a distinct first name; vault names and ledger keys are never reused in a document.
     pools = {"names": [f"{f} {rng.choice(LAST_NAMES)}" for f in rng.sample(FIRST_NAMES, 24)],
              "vaults": [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS],
-             "keys": list(LEDGER_KEYS), "ledgers": list(LEDGER_NAMES), "people": []}
+             "keys": list(LEDGER_KEYS), "ledgers": list(LEDGER_NAMES), "people": [],
+             "templates": DENSE_TEMPLATES if dense else STORY_TEMPLATES}
     for pool in ("vaults", "keys", "ledgers"):
         rng.shuffle(pools[pool])
 
