@@ -1,10 +1,25 @@
-"""Fixtures shared by the test modules."""
+"""Fixtures shared by the test modules, and a check that the suite runs on the torch mc_setup pins."""
+
+import os
+import re
 
 import pytest
 import torch
 
 from nanochat.synthetic import synthetic_texts
 from nanochat.tokenizer import RustBPETokenizer
+
+
+def pytest_configure(config):
+    """Statistical tests were checked over many seeds on the pinned CPU torch; another build changes the
+    float kernels and so the training trajectories. Refuse it loudly instead of going red by chance.
+    (CUDA machines get an unpinned CUDA build from mc_setup; the check is for CPU builds.)"""
+    setup = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "mc_setup")).read()
+    pin = re.search(r"^TORCH_PIN=(\S+)", setup, re.M).group(1)
+    have = torch.__version__.split("+")[0]
+    if torch.version.cuda is None and have != pin:
+        raise pytest.UsageError(f"the test suite runs on torch {have}, but mc_setup pins {pin} for CPU: "
+                                f"run ./mc_setup --dev (or bash dev/test.sh), which installs it into .venv")
 
 
 def train_tiny_tokenizer(vocab_size: int = 512) -> RustBPETokenizer:
