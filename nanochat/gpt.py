@@ -54,6 +54,11 @@ class GPTConfig:
     query_gain: float = 0.0  # init of a learned per-head gain on the normed queries; 0 = none (upstream)
     rope_fraction: float = 1.0  # fraction of rotary pairs that rotate (the fastest); the rest stay unrotated
 
+    def __post_init__(self):
+        if self.prev_token_mix < 0 or self.query_gain < 0 or not 0.0 <= self.rope_fraction <= 1.0:
+            raise ValueError(f"recall options out of range: --prev_token_mix={self.prev_token_mix} (>= 0), "
+                             f"--query_gain={self.query_gain} (>= 0), --rope_fraction={self.rope_fraction} (in [0, 1])")
+
 
 def norm(x):
     """Parameter-free RMSNorm over the last dim: x / sqrt(mean(x^2) + eps)."""

@@ -97,13 +97,9 @@ def build_parser():
     a("--head_dim", type=int, default=128, help="attention head size; width must be a multiple of it")
     a("--kv_head_ratio", type=int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
     a("--max_seq_len", type=int, default=2048)
-    a("--prev_token_mix", type=int, default=0,
-      help="k: x[t] += λ·W·[x[t-1]..x[t-k]] after the embedding norm: key→value lookup in one layer "
-           "(nanochat/gpt.py); 0 = off")
-    a("--query_gain", type=float, default=0.0,
-      help="init of a learned per-head gain on the QK-normed queries (lets one key win at long range); 0 = none")
-    a("--rope_fraction", type=float, default=1.0,
-      help="fraction of each head's rotary pairs that rotate; the slowest rest match on content at any distance")
+    a("--prev_token_mix", type=int, default=0, help="k previous tokens mixed into each input (nanochat/gpt.py); 0 = off")
+    a("--query_gain", type=float, default=0.0, help="init of a learned per-head query gain after QK-norm; 0 = none")
+    a("--rope_fraction", type=float, default=1.0, help="fraction of rotary pairs that rotate (the rest match content)")
     # training horizon: the first one that is set wins
     a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the next two)")
     a("--target_flops", type=float, default=-1.0, help="total training FLOPs (-1 = off)")
@@ -204,12 +200,13 @@ def main(argv=None):
     n_head = n_embd // args.head_dim
     if n_head % args.kv_head_ratio != 0:
         die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
-    model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
-                             n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd,
-                             prev_token_mix=args.prev_token_mix, query_gain=args.query_gain,
-                             rope_fraction=args.rope_fraction)
-    if not 0.0 <= args.rope_fraction <= 1.0:
-        die(f"--rope_fraction={args.rope_fraction} must be in [0, 1] (1 = every rotary pair rotates, as upstream)")
+    try:
+        model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
+                                 n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd,
+                                 prev_token_mix=args.prev_token_mix, query_gain=args.query_gain,
+                                 rope_fraction=args.rope_fraction)
+    except ValueError as e:
+        die(str(e))
     with torch.device(device):
         model = GPT(model_config)
     model.init_weights()

@@ -109,3 +109,9 @@ def test_query_gain_sharpens_attention_and_is_trained_by_adamw():
     with torch.no_grad():
         gain.fill_(1.0)
     torch.testing.assert_close(model(ids), plain(ids))  # gain 1 = upstream attention
+
+
+@pytest.mark.parametrize("bad", [dict(rope_fraction=1.5), dict(prev_token_mix=-1), dict(query_gain=-2.0)])
+def test_out_of_range_options_name_the_flag(bad):
+    with pytest.raises(ValueError, match="--" + next(iter(bad))):
+        GPTConfig(**bad)
