@@ -28,6 +28,7 @@ that step stop for <seconds> (default 600) after every rank's files are in `step
 the rename, announcing it on stderr, so a test can SIGKILL the process in the middle of a checkpoint write.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -239,6 +240,20 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
     if f"rank{rank}.json" in meta["_checkpoint"]["files"]:
         extra = _load_file(checkpoint_dir, step, meta, f"rank{rank}.json", device, weights_only=True)
     return model_state, optim_states, meta, extra
+
+
+def load_gpt_weights(model, checkpoint_dir, device) -> str:
+    """Load the GPT weights of the latest checkpoint in checkpoint_dir into `model`, to start a new run from
+    trained weights (base_train --init_from); returns a line saying what was loaded. MegaContext modules
+    ("mc.*") are left out: the new run brings its own. Another model shape raises CheckpointError."""
+    model_state, _, meta, _ = load_checkpoint(checkpoint_dir, None, device)
+    saved, ours = meta.get("model_config", {}), dataclasses.asdict(model.config)
+    diffs = [f"{k}={saved.get(k)!r} (this run {v!r})" for k, v in ours.items() if saved.get(k, v) != v]
+    if diffs:
+        raise CheckpointError(f"{checkpoint_dir} holds a different model: {', '.join(diffs)}; "
+                              f"use the flags it was trained with")
+    model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("mc.")}, strict=True)
+    return f"initialized the GPT from {checkpoint_dir} step {meta['step']}"
 
 
 def find_last_model_tag(checkpoints_dir) -> str:

@@ -42,7 +42,14 @@ from tqdm import tqdm
 
 from mc.config import add_mc_flags
 from nanochat.adamw import average_gradients
-from nanochat.checkpoint_manager import CheckpointError, load_checkpoint, save_checkpoint, step_dir, verify_checkpoint
+from nanochat.checkpoint_manager import (
+    CheckpointError,
+    load_checkpoint,
+    load_gpt_weights,
+    save_checkpoint,
+    step_dir,
+    verify_checkpoint,
+)
 from nanochat.common import (
     autocast_ctx,
     compute_cleanup,
@@ -129,6 +136,7 @@ def build_parser():
     # output
     a("--model_tag", default="", help="checkpoint folder name (default d<depth>)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
+    a("--init_from", default="", help="fresh run from the GPT weights of base_checkpoints/TAG (e.g. to add MC)")
     a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
     # numerical guard (nanochat/training.py NonFiniteGuard)
     a("--nonfinite", default="stop", choices=["stop", "skip"],
@@ -281,6 +289,11 @@ def main(argv=None):
         restore_rng(rank_state, device)
         print0(f"resumed from {checkpoint_dir} step {start_step}")
         del model_state, optim_states
+    elif args.init_from:  # fresh optimizers, data and step 0; only the GPT weights come from the checkpoint
+        try:
+            print0(load_gpt_weights(orig_model, os.path.join(base_dir, "base_checkpoints", args.init_from), device))
+        except (CheckpointError, FileNotFoundError) as e:
+            die(f"--init_from={args.init_from}: {e}")
 
     train_loader = DistributedTokenLoader(tokenizer, B, T, "train", source, rank=rank, world_size=world_size,
                                           device=device, state=loader_state)

@@ -124,3 +124,20 @@ def test_resume_refuses_corrupt_checkpoint_and_changed_config(env):
         f.truncate(os.path.getsize(model_file) // 2)
     r = run_train(env, *common, "--resume=auto")
     assert r.returncode != 0 and "model.pt" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_init_from_starts_a_new_run_from_trained_weights(env):
+    """--init_from: step 0 of the new run has the old run's weights (same val loss), MC modules fresh;
+    a different model shape or a missing tag is one clear error."""
+    r = run_train(env, "--device_batch_size=8", "--num_iterations=3", "--model_tag=donor", "--prev_token_mix=1",
+                  "--query_gain=2", "--rope_fraction=0.5")
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_train(env, "--device_batch_size=8", "--num_iterations=1", "--model_tag=child", "--init_from=donor",
+                  "--prev_token_mix=1", "--query_gain=2", "--rope_fraction=0.5", "--mc", "--mc_train_wc_length=32",
+                  "--allocator_recent_tokens=16", "--mc_block_size=8", "--gistnet_layers=1")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "initialized the GPT from" in r.stdout and "donor" in r.stdout
+    r = run_train(env, "--device_batch_size=8", "--num_iterations=1", "--model_tag=child2", "--init_from=donor")
+    assert r.returncode != 0 and "prev_token_mix=1" in r.stderr and "Traceback" not in r.stderr
+    r = run_train(env, "--device_batch_size=8", "--num_iterations=1", "--model_tag=child3", "--init_from=nobody")
+    assert r.returncode != 0 and "--init_from=nobody" in r.stderr and "Traceback" not in r.stderr
