@@ -238,8 +238,9 @@ def test_render_for_completion(tok):
 
 # ---------------------------------------------------------------------- scripts
 def _stub_dataset(docs):
-    """A stand-in for nanochat.dataset with the contract's two functions."""
+    """A stand-in for nanochat.dataset with the contract's two functions (and the --source choices)."""
     stub = types.ModuleType("nanochat.dataset")
+    stub.SOURCES = ("synthetic", "recall", "fineweb", "dir")
     stub.resolve_source = lambda source="synthetic", data_dir=None: types.SimpleNamespace(kind=source)
     stub.iter_documents = lambda src, split, start=0: iter(docs if split == "train" else docs[:1])
     return stub
