@@ -7,7 +7,7 @@ The GPT model: a small decoder-only transformer, nanochat style.
 - attention: rotary position embeddings (base 10000), QK-norm, grouped-query attention
   (n_kv_head key/value heads shared by n_head query heads), F.scaled_dot_product_attention
 - MLP: 4x hidden, relu(x)^2; no biases anywhere
-- two options for recall (both off by default, so the model is upstream's):
+- three options for recall (all off by default, so the model is upstream's):
   prev_token_mix = k: x[t] += lambda * W [x[t-1]; ...; x[t-k]] after the embedding norm, W a learned
     d x kd matrix (orthogonal init, trained by Muon), lambda a learned scalar (init 1). It writes the
     previous k tokens into their own subspace of the residual stream, so "find the position whose
