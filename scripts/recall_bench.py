@@ -157,7 +157,6 @@ def evaluate(args, model, tokenizer, piece_bytes):
 
 def main(argv=None):
     args = parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     tokenizer = get_tokenizer()
     piece_bytes = get_token_bytes().tolist()
     rows = []
