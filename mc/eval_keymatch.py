@@ -1,35 +1,39 @@
 """
 MC-KEYMATCH: mc_eval's parameter-free focus condition at the focus budget (covering + E entries), the
-MoBA / Quest-style baseline a learned scorer (LensNet) has to beat at the same number of entries
+Quest / MoBA-style baseline a learned scorer (LensNet) has to beat at the same number of entries
 (DESIGN, "What the field shows about choosing which blocks to expand").
 
-    pos, ok = query_positions(query_ends, cut)                 # the question's last Q tokens
-    keys, queries = layer0_keys_queries(model, lod0, cut, pos) # the only place a model is read
-    scores = block_scores(pooled_block_keys(keys, bs), queries, ok)
+    q_pos = query_positions(query_ends)                        # the question's last token
+    keys, queries = layer0_keys_queries(model, lod0, cut, q_pos) # the only place a model is read
+    scores = block_scores(keys, queries, bs)
     plans = keymatch_plans(covering, scores, covering + E, cut, bs, max_lod)
 
-Block keys: for each bs-token block before the cut, the GPT's layer-0 attention keys of its tokens,
-mean-pooled over the block (MoBA's block representation):
-    h_t = norm(norm(e_t) + lambda W norm(e_{t-1}))   block 0's attention input, e_t = wte(x_t) (the tree's LOD0)
-    k_t = norm(c_k(h_t))  per kv head,   K_b = mean over t in block b of k_t
-(the lambda W term only for a GPT with the previous-token mix, GPTConfig.prev_token_mix; without it
-h_t = norm(e_t).) Why layer 0: its input is built from the token embeddings alone (the token and, with
-the mix, the one before it), so a block's keys need nothing but the block's own tokens, which the
-MegaContext tree already holds. Any deeper layer's keys need that layer's input, i.e. a pass of the
-GPT over the whole history - reading everything, which is FULL, not a focus policy. QK-norm is applied
-as in the GPT, so every key and query has RMS 1 per head and no token dominates the pooled key by its
-norm.
-No rotary: the rotation encodes the distance between query and key; block selection should match
-content ("which block mentions what the question asks about") wherever the block lies, as the
-long-range paths of NSA / HSA do without positional encoding.
+Keys: the GPT's layer-0 attention keys of every history token before the cut,
+    h_t = norm(norm(e_t) + lambda W [norm(e_{t-1}); ...; norm(e_{t-k})])  block 0's attention input,
+    k_t = norm(c_k(h_t))  per kv head                                     e_t = wte(x_t) (the tree's LOD0)
+(the lambda W term only for a GPT with the previous-token mix, GPTConfig.prev_token_mix.) Why layer 0:
+its input is built from the token embeddings alone (the token and, with the mix, the k before it), so a
+block's keys need nothing but the block's own tokens (and the k before it), which the MegaContext tree
+already holds. Any deeper layer's keys need that layer's input, i.e. a pass of the GPT over the whole
+history - reading everything, which is FULL, not a focus policy. No rotary: the rotation encodes the
+distance between query and key; block selection should match content ("which block mentions what the
+question asks about") wherever the block lies, as the long-range paths of NSA / HSA do.
 
-Query: q_t = norm(c_q(h_t)) per query head for the Q = 8 history tokens that end where the
-question ends, i.e. right before the item's first answer token in the raw window (u0 of the earliest
-answer span whose target lies in the window), else the last Q tokens of the history (plain text, no
-answer). Never the answer itself: keying on the answer's tokens would find the source block through
-the answer, which no deployed refocus could do. Only raw-window tokens (>= cut) are query tokens.
-    s_b = mean over heads h of  qbar_h . K_{b, kv(h)}     qbar_h = mean of q_{t,h} over the query tokens
-(GQA: query head h reads kv head h // (n_head / n_kv_head), as the attention does.)
+Query: q_h = norm(c_q(h_t)) for the one history token t right before the item's first answer token in
+the raw window (the token whose prediction IS the recall, where the GPT's own lookup happens), else the
+last history token (plain text, no answer). Never the answer itself: keying on the answer's tokens
+would find the source block through the answer, which no deployed refocus could do.
+
+Block score, per head h (query head h reads kv head h // (n_head / n_kv_head), as the attention does):
+    m_{b,h} = max over t in block b of  q_h . k_t      Quest's bound: the block's best key, not its mean
+    z_{b,h} = (m_{b,h} - mean_b m_{.,h}) / std_b m_{.,h}   how far block b stands out for this head
+    s_b     = max over h of z_{b,h}
+Why max over tokens: a needle is one or two tokens of a 32-token block; mean-pooling (MoBA) drowns it in
+the other 30 (measured on the recall model, lab notebook "MC-KEYMATCH: the best key of a block": the needle's block ranked first
+0.06 with mean keys and a mean query, vs 0.41 with this score; top-3 0.16 vs 0.72). Why a z-score
+across blocks, then max over heads: heads differ in scale (QK-norm, query gain) and most heads are
+positional, so their best key scores alike everywhere; a retrieval head makes one block stand out, and
+the z-score lets that head speak without knowing in advance which head it is (no tuning on any data).
 
 Expansion: greedy in score order under the budget. Each step, every row takes its best-scoring block
 before the cut that is not raw yet and whose expansion still fits, and makes it raw with the same
@@ -46,9 +50,6 @@ from mc.eval_conditions import check_cut, covering_plan, plan_entries
 from mc.working_context import entry_counts
 from nanochat.gpt import norm
 
-QUERY_TOKENS = 8
-
-
 def query_end(answer_spans, T: int, W: int) -> int:
     """History index where an item's question ends: u0 of the earliest answer span [u0, u1) whose first
     target lies in the raw window (history token u0 - 1 >= T - W), else T (no answer to protect)."""
@@ -57,28 +58,22 @@ def query_end(answer_spans, T: int, W: int) -> int:
     return min(ends) if ends else T
 
 
-def query_positions(query_ends: torch.Tensor, cut: int, n: int = QUERY_TOKENS) -> tuple[torch.Tensor, torch.Tensor]:
-    """(long [R, n] history positions of the query tokens, bool [R, n] which are real): the n tokens
-    before each row's query end, those before the cut masked out (and clamped to a legal index)."""
-    pos = query_ends[:, None] - n + torch.arange(n, device=query_ends.device)
-    return pos.clamp(min=0), pos >= cut
+def query_positions(query_ends: torch.Tensor) -> torch.Tensor:
+    """long [R]: the history position of each row's query token, the last one before its query end."""
+    return (query_ends - 1).clamp(min=0)
 
 
-def pooled_block_keys(keys: torch.Tensor, block_size: int) -> torch.Tensor:
-    """[R, T, H_kv, D] per-token keys -> [R, T // bs, H_kv, D]: the mean key of every whole block."""
-    R, T, H, D = keys.shape
+def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float [R, n_blocks]: max over heads of the z-scored best key of each whole block (module docstring).
+    keys [R, T, H_kv, D] (T // bs whole blocks are scored), queries [R, H, D]."""
+    R, T, H_kv, D = keys.shape
     n = T // block_size
-    return keys[:, : n * block_size].reshape(R, n, block_size, H, D).mean(2)
-
-
-def block_scores(block_keys: torch.Tensor, queries: torch.Tensor, query_valid: torch.Tensor) -> torch.Tensor:
-    """float [R, n_blocks]: mean over query heads of (mean real query) . (pooled key of the head's kv head).
-    block_keys [R, n_blocks, H_kv, D], queries [R, Q, H, D], query_valid bool [R, Q]."""
-    w = query_valid.to(queries.dtype)[..., None, None]
-    q = (queries * w).sum(1) / w.sum(1).clamp(min=1.0)  # [R, H, D]
-    rep = q.size(1) // block_keys.size(2)
-    k = block_keys.repeat_interleave(rep, dim=2)  # [R, n_blocks, H, D]
-    return torch.einsum("rbhd,rhd->rb", k.float(), q.float()) / q.size(1)
+    rep = queries.size(1) // H_kv
+    k = keys[:, : n * block_size].repeat_interleave(rep, dim=2)  # [R, n*bs, H, D]
+    s = torch.einsum("rthd,rhd->rth", k.float(), queries.float())
+    best = s.view(R, n, block_size, -1).amax(2)  # [R, n, H]
+    mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
+    return ((best - mean) / std.clamp(min=1e-6)).amax(2)
 
 
 def expand_blocks_to_raw(plans: torch.Tensor, blocks: torch.Tensor, block_size: int, max_lod: int) -> torch.Tensor:
@@ -131,15 +126,15 @@ def layer0_inputs(model, lod0: torch.Tensor) -> torch.Tensor:
 
 
 def layer0_keys_queries(model, lod0: torch.Tensor, cut: int, query_pos: torch.Tensor):
-    """(keys [R, cut, H_kv, D], queries [R, Q, H, D]): the GPT's layer-0 keys of the history before the
-    cut and queries at query_pos, from the token embeddings lod0 [R, T, C], with QK-norm and without
+    """(keys [R, cut, H_kv, D], queries [R, H, D]): the GPT's layer-0 keys of the history before the cut
+    and the query at query_pos [R], from the token embeddings lod0 [R, T, C], with QK-norm and without
     rotary (module docstring)."""
     attn = model.transformer.h[0].attn
     x = layer0_inputs(model, lod0)
     R = x.size(0)
     k = attn.c_k(x[:, :cut]).view(R, cut, attn.n_kv_head, attn.head_dim)
-    xq = x[torch.arange(R, device=x.device)[:, None], query_pos]
-    q = attn.c_q(xq).view(R, query_pos.size(1), attn.n_head, attn.head_dim)
+    xq = x[torch.arange(R, device=x.device), query_pos]
+    q = attn.c_q(xq).view(R, attn.n_head, attn.head_dim)
     return norm(k), norm(q)
 
 
@@ -156,7 +151,6 @@ def keymatch_focus(model, lod0: torch.Tensor, answer_spans: list, W: int, budget
     if cut < block_size:  # nothing before the cut to expand
         return base.clone()
     ends = torch.tensor([query_end(spans, T, W) for spans in answer_spans], device=lod0.device)
-    pos, ok = query_positions(ends, cut)
-    keys, queries = layer0_keys_queries(model, lod0, cut, pos)
-    scores = block_scores(pooled_block_keys(keys, block_size), queries, ok)
+    keys, queries = layer0_keys_queries(model, lod0, cut, query_positions(ends))
+    scores = block_scores(keys, queries, block_size)
     return keymatch_plans(base, scores, budget, cut, block_size, max_lod)

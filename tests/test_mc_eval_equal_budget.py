@@ -24,7 +24,6 @@ from mc.eval_keymatch import (
     keymatch_focus,
     keymatch_plans,
     layer0_inputs,
-    pooled_block_keys,
     query_end,
     query_positions,
 )
@@ -95,18 +94,21 @@ def test_expand_blocks_to_raw_equals_expand_to_raw():
         assert torch.equal(out[r], expect)
 
 
-def test_block_scores_pool_keys_and_map_query_heads_to_kv_heads():
-    keys = torch.zeros(1, 4 * BS, 1, 2)  # one kv head, D = 2
-    keys[0, BS:2 * BS, 0] = torch.tensor([1.0, 0.0])
-    keys[0, 2 * BS:2 * BS + 16, 0] = torch.tensor([0.0, 2.0])  # half the block: pooled [0, 1]
-    pooled = pooled_block_keys(keys, BS)
-    assert pooled.shape == (1, 4, 1, 2) and torch.allclose(pooled[0, 2, 0], torch.tensor([0.0, 1.0]))
-    q = torch.tensor([[[[1.0, 0.0], [1.0, 0.0]], [[9.0, 9.0], [9.0, 9.0]]]])  # [1, Q=2, H=2, D]; the 2nd masked
-    s = block_scores(pooled, q, torch.tensor([[True, False]]))
-    assert torch.allclose(s, torch.tensor([[0.0, 1.0, 0.0, 0.0]]))
-    pos, ok = query_positions(torch.tensor([100, 70]), cut=64, n=8)
-    assert pos[0].tolist() == list(range(92, 100)) and ok[0].all()
-    assert ok[1].tolist() == [False] * 2 + [True] * 6 and pos[1, 2] == 64  # tokens before the cut masked
+def test_block_scores_take_each_blocks_best_key_and_let_the_standout_head_speak():
+    """max over the block's tokens (one needle token is enough), z-scored across blocks per head, max over
+    heads; query head h reads kv head h // 2 (GQA)."""
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 6 * BS, 2, 4, generator=g) * 0.1  # two kv heads, D = 4
+    keys[0, 2 * BS + 17, 1] = torch.tensor([0.0, 0.0, 1.0, 0.0])  # one token of block 2, kv head 1
+    keys[0, :, 0, 0] += 5.0  # kv head 0 matches every block alike (a positional head): no standout
+    q = torch.zeros(1, 4, 4)  # four query heads: 0, 1 -> kv head 0, 2, 3 -> kv head 1
+    q[0, :2, 0] = 1.0
+    q[0, 2:, 2] = 1.0
+    s = block_scores(keys, q, BS)
+    assert s.shape == (1, 6) and int(s.argmax()) == 2
+    assert s[0, 2] > 2.0  # a clear standout (z-score), not a near tie
+    torch.testing.assert_close(block_scores(keys * 3.0, q, BS), s)  # scale-free per head (query gain)
+    assert query_positions(torch.tensor([100, 0])).tolist() == [99, 0]
 
 
 def test_query_ends_before_the_first_answer_in_the_window():
