@@ -1,36 +1,55 @@
 """
-Run a Python program (model-written code, e.g. HumanEval completions) in a separate, limited process.
+Run a Python program (model-written code, e.g. HumanEval completions) in a separate, confined process.
 
-execute_code(program, timeout=5.0, memory_mb=256) -> ExecutionResult(success, stdout, stderr, error,
-timed_out, memory_exceeded). Layers, outermost first:
+execute_code(program, timeout=5.0, memory_mb=256) -> ExecutionResult(success, stdout, stderr, error, timed_out,
+memory_exceeded, isolation, refused). The boundary is the operating system: whatever the program does inside
+its interpreter, it cannot write outside its temp directory, signal or see other processes, reach the
+network, start processes or outlive the call. An in-process guard sits on top as a second layer.
+nanochat/sandbox_child.py builds the OS layers, nanochat/sandbox_guard.py the guard. Outermost first:
 
-1. A fresh interpreter: `python -I` (no PYTHON* variables, no user site), a minimal environment,
-   stdin from /dev/null, its own empty temp directory as cwd/HOME/TMPDIR, removed afterwards.
-2. Its own session / process group (start_new_session). The parent polls it: on the wall-clock
-   timeout, or as soon as the group holds more than one process (a fork that slipped past the guards),
-   it kills the WHOLE group with SIGKILL. The group is killed after every run, before the leader is
-   reaped, so no descendant outlives the call and the group id cannot be recycled meanwhile.
-3. Resource limits set in the child before the program runs: RLIMIT_AS/RLIMIT_DATA (memory_mb; not on
-   macOS, which refuses to lower them),
-   RLIMIT_CPU (timeout, rounded up, + 1 s), RLIMIT_FSIZE (caps files and the captured stdout/stderr,
-   which go to files, not pipes), RLIMIT_NPROC = 1 (no new processes or threads for a non-root user;
-   the kernel does not enforce it for root, hence layers 2 and 4), RLIMIT_CORE = 0.
-4. A reliability guard installed in the child before the program runs:
-   - dangerous functions replaced by None: os.system/fork/kill/remove/unlink/rmdir/rename/replace/
-     chmod/chown/symlink/exec*/spawn*/..., the same on `posix`, shutil.rmtree/move/chown;
-   - an audit hook (sys.addaudithook; it cannot be removed once added) that refuses process creation
-     (os.fork/exec/spawn/posix_spawn/system, subprocess.Popen), signals, deletion, renames, permission
-     changes, any socket (socket.*), ctypes (ctypes.*), raising rlimits, importing subprocess /
-     multiprocessing / socket / ctypes / pty and their C halves, and opening a file for writing or
-     creating a directory outside the temp directory (os.open/os.mkdir refuse dir_fd, which would
-     dodge that path check).
-   This is a guard against accidents and simple misbehaviour of generated code, not a security
-   boundary against a determined attacker: run untrusted code at scale inside a container/VM too.
+1. A fresh `python -I -B` (no PYTHON* variables, no user site, no .pyc writes), a minimal environment,
+   stdin from /dev/null, stdout/stderr to files, its own empty temp directory as cwd/HOME/TMPDIR (removed
+   afterwards), its own session and process group.
+2. Linux namespaces, made as root, or as any user inside an unprivileged user namespace:
+   - mount: every mount read-only and nodev except the temp directory (plus /dev/null, /dev/zero,
+     /dev/full, /dev/random, /dev/urandom), so no file, FIFO, directory or sqlite database appears anywhere
+     else, whatever the file permissions say, and no raw device or terminal can be opened;
+   - network: only a loopback that is down: no TCP/UDP anywhere, 127.0.0.1 included;
+   - pid: the program is pid 1 of its own namespace with its own /proc, so other processes cannot be
+     named, signalled or opened as pidfds, and when it dies the kernel kills whatever is left inside. A
+     waiter outside forwards its exit status; the program dies with the waiter (PR_SET_PDEATHSIG);
+   - ipc.
+3. Privileges. As root the program drops to uid/gid 65534 (nobody, no supplementary groups; the temp
+   directory is given to it), which also clears every capability and makes RLIMIT_NPROC apply; directories
+   on the interpreter's sys.path that nobody may not search (e.g. /root holding a pyenv Python) are covered
+   in its mount namespace by a tmpfs holding only the binds it needs. Otherwise capabilities are dropped
+   with capset. Then no-new-privs (setuid binaries grant nothing) and a seccomp filter refusing socket(2)
+   of every family (AF_UNIX reaches host daemons without any network), io_uring, mount and namespace calls,
+   ptrace and process_vm_*, bpf, perf, keyrings, kernel modules and kexec (x86_64 and aarch64).
+4. rlimits: CPU (timeout rounded up + 1 s), address space and data (memory_mb), file size (which also caps
+   stdout/stderr), 256 open files, RLIMIT_NPROC = 1 (no new processes or threads), no core dumps.
+5. The parent polls the process group. On the wall-clock timeout, or when the group holds more than
+   max_processes processes (plus the waiter), it SIGKILLs the whole group. After every run it kills the
+   group, waits until neither the group nor the pid-1 program has a live process (killing again), and only
+   then reaps the leader, so group and pid ids cannot be recycled meanwhile. Should the caller's process
+   die instead, the sandbox dies with it (PR_SET_PDEATHSIG).
+6. The in-process guard, second layer: dangerous functions replaced by None, and an audit hook that refuses
+   process creation, signals, deletion, renames, sockets, ctypes, sub-interpreters, gc's object walks,
+   tracers, and writes outside the temp directory. Its state is immutable and unreachable from the program
+   (see sandbox_guard.py), but code in the same interpreter can still get around it; the layers above hold
+   without it (`guard=False` runs without it, for the tests).
+
+A layer the kernel refuses (no user namespaces for non-root, seccomp missing, not Linux, ...) is left out,
+never silently: result.refused lists "layer: reason", result.isolation the layers in force, and the first
+run missing a layer warns (RuntimeWarning). The escape attempts, with the guard on (after trying to switch
+it off from inside) and off: `python -m scripts.sandbox_escapes` (one line each, held/ESCAPED; exit 1 on any
+escape).
 
 Outcome: success = exit code 0 within the limits. memory_exceeded = the program raised MemoryError
-(the bootstrap reports it with a distinct exit code). timed_out = wall clock or CPU limit.
+(the runner reports it with a distinct exit code). timed_out = wall clock or CPU limit.
 """
 
+import json
 import math
 import os
 import shutil
@@ -39,104 +58,13 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass
 
-_MEMORY_EXIT = 97  # the bootstrap's exit code for MemoryError
-
-# The child's bootstrap (runs as `python -I -c _BOOTSTRAP program.py sandbox mem cpu fsize`).
-_BOOTSTRAP = r'''
-import sys
-
-def _bootstrap():
-    import builtins, os, posix, resource, shutil, signal, traceback
-    program_path, sandbox = sys.argv[1], sys.argv[2]
-    mem, cpu, fsize = (int(a) for a in sys.argv[3:6])
-    with open(program_path, encoding="utf-8") as f:
-        source = f.read()
-    sys.argv = ["program.py"]
-    limits = [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_FSIZE", fsize, fsize), ("RLIMIT_NPROC", 1, 1),
-              ("RLIMIT_CORE", 0, 0)]
-    if sys.platform != "darwin":  # macOS refuses to lower the address-space limit
-        limits += [("RLIMIT_AS", mem, mem), ("RLIMIT_DATA", mem, mem)]
-    for name, soft, hard in limits:
-        if hasattr(resource, name):
-            resource.setrlimit(getattr(resource, name), (soft, hard))
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past RLIMIT_FSIZE fail with OSError instead
-
-    # --- reliability guard: disable dangerous functions ---
-    for mod in (os, posix):
-        for name in ("system", "popen", "fork", "forkpty", "kill", "killpg", "setsid", "setpgid", "setpgrp",
-                     "setuid", "setgid", "remove", "unlink", "rmdir", "removedirs",
-                     "rename", "renames", "replace", "truncate", "ftruncate", "chmod", "fchmod", "lchmod",
-                     "chown", "fchown", "lchown", "link", "symlink", "chroot", "execv", "execve", "execl",
-                     "execle", "execlp", "execlpe", "execvp", "execvpe", "spawnv", "spawnve", "spawnl",
-                     "spawnle", "spawnlp", "spawnlpe", "spawnvp", "spawnvpe", "posix_spawn", "posix_spawnp"):
-            if hasattr(mod, name):
-                setattr(mod, name, None)
-    for name in ("rmtree", "move", "chown"):
-        setattr(shutil, name, None)
-    # dir_fd would make a relative path escape the sandbox check below: refuse it
-    def no_dir_fd(real):
-        def wrapper(*args, dir_fd=None, **kwargs):
-            if dir_fd is not None:
-                raise PermissionError("dir_fd is blocked by the execution sandbox")
-            return real(*args, **kwargs)
-        return wrapper
-    for mod in (os, posix):
-        mod.open, mod.mkdir = no_dir_fd(posix.open), no_dir_fd(posix.mkdir)
-    blocked_modules = {"subprocess", "_posixsubprocess", "multiprocessing", "_multiprocessing", "socket",
-                       "_socket", "ssl", "_ssl", "ctypes", "_ctypes", "pty", "asyncio", "_asyncio"}
-    for name in list(sys.modules):
-        if name.split(".")[0] in blocked_modules:
-            del sys.modules[name]
-    denied = {"os.system", "os.fork", "os.forkpty", "os.exec", "os.spawn", "os.posix_spawn", "os.kill",
-              "os.killpg", "os.remove", "os.rmdir", "os.rename", "os.truncate", "os.chmod", "os.chown",
-              "os.chflags", "os.lchflags", "os.link", "os.symlink", "os.setxattr",
-              "os.removexattr", "os.startfile", "shutil.rmtree", "shutil.chown", "shutil.move", "pty.spawn",
-              "subprocess.Popen", "resource.setrlimit", "resource.prlimit", "webbrowser.open", "sys.remote_exec"}
-    root = os.path.realpath(sandbox) + os.sep
-    write_flags = os.O_WRONLY | os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_TRUNC
-    realpath, fsdecode = os.path.realpath, os.fsdecode
-
-    def inside(path):
-        try:
-            return (realpath(fsdecode(path)) + "/").startswith(root)
-        except Exception:
-            return False
-
-    def hook(event, args):
-        if event in denied or event.startswith(("socket.", "ctypes.", "os.exec", "os.spawn")):
-            raise PermissionError(f"{event} is blocked by the execution sandbox")
-        if event == "import" and args[0].split(".")[0] in blocked_modules:
-            raise ImportError(f"import of {args[0]} is blocked by the execution sandbox")
-        if event == "open" and not isinstance(args[0], int) and (args[2] or 0) & write_flags and not inside(args[0]):
-            raise PermissionError(f"writing {args[0]!r} outside the sandbox directory is blocked")
-        if event == "os.mkdir" and not inside(args[0]):
-            raise PermissionError(f"creating {args[0]!r} outside the sandbox directory is blocked")
-
-    sys.addaudithook(hook)
-    code = compile(source, "program.py", "exec")
-    return code, {"__name__": "__main__", "__builtins__": builtins}, traceback, os
-
-_code, _globals, _traceback, _os = _bootstrap()
-del _bootstrap
-try:
-    exec(_code, _globals)
-except SystemExit:
-    raise
-except MemoryError:
-    try:
-        sys.stderr.write("MemoryError: the program exceeded its memory limit\n")
-        sys.stdout.flush()
-        sys.stderr.flush()
-    finally:
-        _os._exit(97)  # = _MEMORY_EXIT
-except BaseException:
-    _type, _value, _tb = sys.exc_info()
-    _traceback.print_exception(_type, _value, _tb.tb_next)  # skip this bootstrap's own frame
-    sys.stdout.flush()
-    sys.exit(1)
-'''
+_MEMORY_EXIT = 97  # the runner's exit code for MemoryError
+SANDBOX_UID = 65534  # nobody: the uid a root caller's program runs as
+_CHILD = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+_warned: set = set()
 
 
 @dataclass
@@ -147,6 +75,8 @@ class ExecutionResult:
     error: str | None = None
     timed_out: bool = False
     memory_exceeded: bool = False
+    isolation: tuple = ()  # the OS layers in force, e.g. ("mountns", "netns", "pidns", "uid=65534", "seccomp", ...)
+    refused: tuple = ()  # "layer: reason" for each OS layer the kernel (or the caller) left out
 
 
 def group_processes(pgid: int) -> int | None:
@@ -180,6 +110,31 @@ def _exited(proc) -> bool:
         return True
 
 
+def _live_with(pid: int, marker: str) -> bool:
+    """Whether `pid` is a live (non-zombie) process whose command line holds `marker` (so a recycled pid
+    never matches)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            stat = f.read()
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmdline = f.read()
+    except OSError:
+        return False
+    return stat[stat.rfind(b")") + 2:].split()[0] != b"Z" and marker.encode() in cmdline
+
+
+def _drain(fd: int) -> bytes:
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return out
+        if not chunk:
+            return out
+        out += chunk
+
+
 def _read_capped(path, limit) -> str:
     with open(path, "rb") as f:
         data = f.read(limit + 1)
@@ -187,52 +142,120 @@ def _read_capped(path, limit) -> str:
     return text + ("\n[output truncated]" if len(data) > limit else "")
 
 
+def _private(path: str) -> int:
+    """A new file only its owner may read or write."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+
+
 def execute_code(program: str, timeout: float = 5.0, memory_mb: int = 256, max_output_bytes: int = 1_000_000,
-                 max_processes: int = 1) -> ExecutionResult:
-    """Run `program` (Python source) in a fresh, limited, guarded interpreter; see the module docstring."""
+                 max_processes: int = 1, guard: bool = True, isolate: bool = True) -> ExecutionResult:
+    """Run `program` (Python source) in a fresh, confined interpreter; see the module docstring.
+    guard=False / isolate=False leave out the in-process guard / the OS layers: only for testing the other."""
     if not isinstance(program, str):
         raise TypeError(f"program must be a str of Python source, got {type(program).__name__}")
     if not timeout > 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
     if memory_mb < 64:
         raise ValueError(f"memory_mb must be >= 64 (the interpreter itself needs ~30 MB), got {memory_mb}")
-    work = tempfile.mkdtemp(prefix="nanochat_exec_")
+    work = os.path.realpath(tempfile.mkdtemp(prefix="nanochat_exec_"))
     try:
+        os.chmod(work, 0o711)  # a dropped uid may pass through to its sandbox, not list or read the rest
         sandbox = os.path.join(work, "sandbox")
-        os.mkdir(sandbox)
+        os.mkdir(sandbox, 0o700)  # the child gives it to the sandbox uid
         program_path = os.path.join(work, "program.py")
-        with open(program_path, "w", encoding="utf-8") as f:
+        with os.fdopen(_private(program_path), "w", encoding="utf-8") as f:
             f.write(program)
         out_path, err_path = os.path.join(work, "stdout"), os.path.join(work, "stderr")
         env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": sandbox, "TMPDIR": sandbox,
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        argv = [sys.executable, "-I", "-c", _BOOTSTRAP, program_path, sandbox, str(memory_mb * 1024 * 1024),
-                str(math.ceil(timeout) + 1), str(max_output_bytes + 4096)]
+        report_r, report_w = os.pipe()
+        os.set_blocking(report_r, False)
+        cfg = {"program": program_path, "sandbox": sandbox, "report_fd": report_w, "guard": guard, "isolate": isolate,
+               "memory_bytes": memory_mb * 1024 * 1024, "cpu_seconds": math.ceil(timeout) + 1,
+               "fsize": max_output_bytes + 4096, "memory_exit": _MEMORY_EXIT,
+               "uid": SANDBOX_UID if os.geteuid() == 0 else os.getuid(), "parent": os.getpid()}
+        argv = [sys.executable, "-I", "-B", _CHILD, json.dumps(cfg)]
         t0 = time.monotonic()
         timed_out = too_many = False
-        with open(out_path, "wb") as fout, open(err_path, "wb") as ferr:
+        report = b""
+        fout, ferr = _private(out_path), _private(err_path)
+        try:
             proc = subprocess.Popen(argv, cwd=sandbox, env=env, stdin=subprocess.DEVNULL, stdout=fout, stderr=ferr,
-                                    start_new_session=True, close_fds=True)
+                                    start_new_session=True, close_fds=True, pass_fds=(report_w,))
+        except BaseException:
+            os.close(report_r)
+            raise
+        finally:
+            for fd in (fout, ferr, report_w):
+                os.close(fd)
         try:
             while not _exited(proc):
                 if time.monotonic() - t0 > timeout:
                     timed_out = True
                     break
                 count = group_processes(proc.pid)
-                if count is not None and count > max_processes:
+                report += _drain(report_r)  # after counting: "waiter" is sent before the waiter forks
+                allowed = max_processes + (1 if b"waiter" in report else 0)
+                if count is not None and count > allowed:
                     too_many = True
                     break
                 time.sleep(0.01)
         finally:
-            try:  # the leader is alive or a zombie here, so the group id is still ours
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
-            proc.wait()
+            report += _finish_group(proc, report_r, work)
+            os.close(report_r)
         stdout, stderr = _read_capped(out_path, max_output_bytes), _read_capped(err_path, max_output_bytes)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    return _classify(proc.returncode, stdout, stderr, timed_out, too_many, timeout, memory_mb, max_processes)
+    isolation, refused = _layers(report)
+    result = _classify(proc.returncode, stdout, stderr, timed_out, too_many, timeout, memory_mb, max_processes)
+    result.isolation, result.refused = isolation, refused
+    if refused and isolate and refused not in _warned:
+        _warned.add(refused)
+        warnings.warn("execution sandbox running without: " + "; ".join(refused), RuntimeWarning, stacklevel=2)
+    return result
+
+
+def _finish_group(proc, report_r, marker) -> bytes:
+    """Kill the run's process group and its pid-1 program; wait until none of it is alive; reap the leader."""
+    report = b""
+    inner = None
+    deadline = time.monotonic() + 5.0
+    while True:
+        try:  # the leader is alive or a zombie here, so the group id is still ours
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        report += _drain(report_r)
+        for line in report.decode(errors="replace").splitlines():
+            if line.startswith("inner "):
+                inner = int(line.split()[1])
+        inner_alive = inner is not None and _live_with(inner, marker)
+        if inner_alive:  # outside the group if it called setsid(); it also dies with the waiter (pdeathsig)
+            try:
+                os.kill(inner, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
+        if not inner_alive and not group_processes(proc.pid):
+            break
+        if time.monotonic() > deadline:
+            warnings.warn(f"execution sandbox: a process of run {marker} is still alive after SIGKILL", RuntimeWarning)
+            break
+        time.sleep(0.005)
+    proc.wait()
+    return report + _drain(report_r)
+
+
+def _layers(report: bytes) -> tuple[tuple, tuple]:
+    """(layers in force, "layer: reason" refused) from the child's report lines."""
+    ok, refused = [], []
+    for line in report.decode(errors="replace").splitlines():
+        kind, _, rest = line.partition(" ")
+        if kind == "ok":
+            ok.append(rest)
+        elif kind == "refused":
+            name, _, why = rest.partition(" ")
+            refused.append(f"{name}: {why}")
+    return tuple(ok), tuple(refused)
 
 
 def _classify(rc, stdout, stderr, timed_out, too_many, timeout, memory_mb, max_processes) -> ExecutionResult:

@@ -1,17 +1,23 @@
 """Tests for nanochat/execution.py: normal runs, errors, and containment of fork bombs, memory hogs,
-file deletion, network access and infinite loops. Every dangerous program here is bounded by itself
-too (e.g. the fork bomb forks at most 6 levels deep), so a broken guard cannot hurt the machine."""
+file deletion, network access and infinite loops; then the escape attempts of scripts/sandbox_escapes.py,
+with the in-process guard on (after the program tried to switch it off) and off (the OS layers alone).
+Every dangerous program here is bounded by itself too (the fork bomb forks at most 6 levels deep, signals
+go only to a sleeper and this process, writes only to a fresh folder), so a broken sandbox cannot hurt
+the machine."""
 
+import dis
 import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 
 import psutil
 import pytest
 
 from nanochat.execution import execute_code, group_processes
+from scripts.sandbox_escapes import ATTEMPTS, PRELUDE, TAMPER, Targets, run_attempt
 
 
 def _leftovers(marker: str) -> list:
@@ -205,3 +211,135 @@ def test_bad_arguments():
         execute_code("print(1)", timeout=0)
     with pytest.raises(ValueError, match="memory_mb"):
         execute_code("print(1)", memory_mb=8)
+
+
+# --- escape attempts (scripts/sandbox_escapes.py): each must leave no trace outside the sandbox ---------------
+
+@pytest.fixture(scope="module")
+def targets():
+    t = Targets().start()
+    yield t
+    t.close()
+
+
+@pytest.fixture(scope="module")
+def layers():
+    r = execute_code("print('ok')")
+    assert r.success, r.stderr
+    return r.isolation, r.refused
+
+
+@pytest.mark.parametrize("guard", [True, False], ids=["guard_on_after_tamper", "guard_off"])
+@pytest.mark.parametrize("attempt", ATTEMPTS, ids=[a.name for a in ATTEMPTS])
+def test_escape_attempt_is_contained(attempt, guard, targets, layers):
+    isolation, refused = layers
+    # both variants rely on the OS layers: the guard alone cannot stop e.g. a fresh posix module's mkfifo
+    missing = [n for n in attempt.needs if not any(layer.startswith(n) for layer in isolation)]
+    if missing:
+        pytest.skip(f"this kernel/user refused the OS layer(s) {missing} the attempt relies on: {'; '.join(refused)}")
+    held, detail, result = run_attempt(attempt, targets, guard)
+    assert held, f"{attempt.name} escaped: {detail}\nstdout:\n{result.stdout}\nstderr:\n{result.stderr[-2000:]}"
+
+
+def test_guard_alone_resists_tampering(targets):
+    # no OS layers (isolate=False): only the audit hook stands, after the program tried to switch it off
+    # the way the old hook was switched off (gc walk, the hook's frame from a traceback, realpath swap)
+    targets.reset()
+    program = PRELUDE + TAMPER + targets.fill(r'''
+import signal
+def db():
+    import sqlite3
+    sqlite3.connect(__OUT__ + "/g.db").execute("create table t (x)")
+def tcp():
+    import socket
+    return socket.create_connection(("127.0.0.1", __PORT__), timeout=2)
+attempt("open", lambda: open(__OUT__ + "/g_file", "w").write("x"))
+attempt("os.open", lambda: os.open(__OUT__ + "/g_osopen", os.O_CREAT | os.O_WRONLY))
+attempt("relative ..", lambda: open("../../" + os.path.basename(__OUT__) + "/g_rel", "w"))
+attempt("mkdir", lambda: fresh("posix").mkdir(__OUT__ + "/g_dir"))
+attempt("sqlite3", db)
+attempt("kill", lambda: fresh("posix").kill(__SLEEPER__, signal.SIGKILL))
+attempt("socket", tcp)
+attempt("fork", lambda: fresh("posix").fork())
+attempt("inside", lambda: open("kept.txt", "w").write("fine"))
+''')
+    r = execute_code(program, isolate=False)
+    assert r.success, r.stderr
+    assert r.isolation == () and any(x.startswith("os-layers:") for x in r.refused)
+    assert "tamper-gc refused PermissionError" in r.stdout
+    assert targets.created() == [] and targets.sleeper.poll() is None and targets.connections() == 0, r.stdout
+    # tamper-gc and all eight attempts refused by the hook itself, the write inside allowed
+    assert r.stdout.count(" refused PermissionError ") + r.stdout.count(" refused ImportError ") == 1 + 8, r.stdout
+    assert "inside DONE" in r.stdout
+
+
+def test_audit_hook_has_no_mutable_state():
+    from nanochat import sandbox_guard
+    hook = sandbox_guard.make_hook("/tmp/box")
+    assert hook.__closure__ is None and not hook.__code__.co_freevars and not hook.__code__.co_cellvars
+    loads = {i.opname for i in dis.get_instructions(hook)}
+    assert not loads & {"LOAD_GLOBAL", "LOAD_NAME", "LOAD_DEREF", "LOAD_CLASSDEREF", "LOAD_CLOSURE", "STORE_GLOBAL"}
+    immutable = (frozenset, tuple, str, int, type, type(len), type(str.join), type("".join))
+    assert all(isinstance(v, immutable) or v is hook for v in hook.__defaults__)
+    cwd = os.getcwd()
+    hook("open", ("/tmp/box/a.txt", "w", os.O_WRONLY | os.O_CREAT))  # inside: allowed
+    hook("open", ("/etc/passwd", "r", os.O_RDONLY))  # reading: allowed
+    hook("open", (3, "w", os.O_WRONLY))  # an open descriptor
+    hook("open", ("/dev/null", "w", os.O_WRONLY))
+    for bad in ("/tmp/box/../x", "/tmp/boxer/a", "/tmp", "relative.txt" if not cwd.startswith("/tmp/box") else "/"):
+        with pytest.raises(PermissionError):
+            hook("open", (bad, "w", os.O_WRONLY))
+    with pytest.raises(PermissionError):
+        hook("sqlite3.connect", ("/tmp/x.db",))
+    hook("sqlite3.connect", (":memory:",))
+    with pytest.raises(PermissionError):
+        hook("gc.get_referrers", ((),))
+    with pytest.raises(PermissionError):
+        hook("object.__setattr__", (hook, "__defaults__", ()))
+    hook("object.__setattr__", (test_audit_hook_has_no_mutable_state, "__defaults__", ()))  # namedtuple does this
+    with pytest.raises(ImportError):
+        hook("import", ("ctypes.util", None, [], [], []))
+
+
+def test_humaneval_style_program_imports_the_stdlib():
+    # as root the program runs as nobody: the interpreter's files must stay readable (e.g. a pyenv under /root)
+    program = """
+from typing import List
+import bisect, collections, datetime, decimal, fractions, functools, hashlib, heapq, itertools, json, math
+import random, re, statistics, string
+
+
+def has_close_elements(numbers: List[float], threshold: float) -> bool:
+    return any(abs(a - b) < threshold for a, b in itertools.combinations(numbers, 2))
+
+
+assert has_close_elements([1.0, 2.0, 3.9, 4.0, 5.0, 2.2], 0.3)
+assert not has_close_elements([1.0, 2.0, 3.0], 0.5)
+print(hashlib.sha256(b"x").hexdigest()[:8], statistics.mean([1, 2, 3]))
+"""
+    r = execute_code(program)
+    assert r.success, r.stderr
+    assert r.stdout == "2d711642 2\n"
+
+
+def test_layers_are_reported():
+    r = execute_code("print(1)")
+    named = set(r.isolation) | {x.split(":")[0] for x in r.refused}
+    if sys.platform.startswith("linux"):
+        for layer in ("mountns", "netns", "ipcns", "pidns", "readonly-fs", "no-capabilities", "no-new-privs", "seccomp"):
+            assert layer in named, (r.isolation, r.refused)
+        assert "uid" in named or any(x.startswith("uid=") for x in r.isolation)
+    r = execute_code("print(1)", isolate=False)
+    assert r.success and r.isolation == () and r.refused[0].startswith("os-layers:")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the uid drop only happens when the caller is root")
+def test_root_caller_runs_the_program_as_nobody():
+    r = execute_code("import os\nprint(os.getuid(), os.getgid(), os.getgroups())\nprint(open('/proc/self/status').read())")
+    assert r.success, r.stderr
+    if "uid=65534" not in r.isolation:
+        pytest.skip(f"the uid drop was refused here: {r.refused}")
+    assert r.stdout.startswith("65534 65534 []\n")
+    assert "CapEff:\t0000000000000000" in r.stdout and "NoNewPrivs:\t1" in r.stdout
+    if "seccomp" in r.isolation:
+        assert "Seccomp:\t2" in r.stdout
