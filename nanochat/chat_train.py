@@ -15,6 +15,8 @@ Pieces shared by the chat training scripts (scripts/mid_train.py, chat_sft.py, c
 import dataclasses
 import os
 
+from nanochat import cli_checks as ck
+
 
 def mc_parts(model):
     """(mc_modules, mc_config) of a loaded model; both None for a vanilla one (attribute may be absent)."""
@@ -88,11 +90,13 @@ def _add_mixture_flags(p, full_adds, recall, spelling, identity, val):
       help=f"offline: SyntheticRecallChat + SpellingBee + Identity; full adds {full_adds} (HF hub)")
     a("--custom_json", default="", help="a .jsonl of conversations (CustomJSON format) to mix in")
     a("--data_dir", default="", help="local hub snapshots for --mixture full (<dir>/<hub id>/...; default: the hub)")
-    a("--recall_examples", type=int, default=recall, help="SyntheticRecallChat train conversations")
-    a("--recall_context_chars", type=int, default=2000, help="characters of context per recall conversation")
-    a("--spelling_examples", type=int, default=spelling, help="SpellingBee train conversations")
-    a("--identity_repeats", type=int, default=identity, help="times the Identity conversations appear per epoch")
-    a("--val_examples", type=int, default=val, help="conversations per offline validation task")
+    a("--recall_examples", type=ck.nonneg_int, default=recall, help="SyntheticRecallChat train conversations")
+    a("--recall_context_chars", type=ck.positive_int, default=2000,
+      help="characters of context per recall conversation")
+    a("--spelling_examples", type=ck.nonneg_int, default=spelling, help="SpellingBee train conversations")
+    a("--identity_repeats", type=ck.nonneg_int, default=identity,
+      help="times the Identity conversations appear per epoch")
+    a("--val_examples", type=ck.nonneg_int, default=val, help="conversations per offline validation task")
 
 
 def _offline_tasks(args, split, seed):
@@ -137,7 +141,8 @@ def make_mid_task(args, split):
 
 def add_sft_mixture_flags(p):
     _add_mixture_flags(p, "SmolTalk, ARC, GSM8K", recall=2000, spelling=600, identity=1, val=200)
-    p.add_argument("--smoltalk_examples", type=int, default=10000, help="SmolTalk train conversations (--mixture full)")
+    p.add_argument("--smoltalk_examples", type=ck.nonneg_int, default=10000,
+                   help="SmolTalk train conversations (--mixture full)")
 
 
 def make_sft_task(args, split):

@@ -7,7 +7,8 @@ Layout (one folder per step; `source` is base | mid | chatsft | chatrl):
         model.pt            rank 0: the model state_dict
         optim_rank0.pt ...  each rank: list of its optimizers' state_dicts (sharded optimizers differ per rank)
         rank0.json ...      each rank: extra JSON state (data loader position, RNG, ...)
-        meta.json           written LAST: the caller's meta + "_checkpoint": {step, world_size, files: {name: bytes}}
+        meta.json           written LAST: the caller's meta + "_checkpoint": {step, world_size, files: {name: bytes},
+                            sha256: {name: hex digest}}
 
 Why a crash can never leave a half checkpoint that looks complete:
   1. rank 0 creates `step_000123.tmp` (removing stale leftovers); every rank writes its files into it,
@@ -23,12 +24,22 @@ Why a crash can never leave a half checkpoint that looks complete:
 If files go bad later (disk trouble, manual copying), load_checkpoint() checks presence and sizes against
 meta.json and wraps torch.load errors into one CheckpointError that names the file and the fix.
 
+Checksums: every file's sha256 is computed while it is written (the bytes pass through a hashing writer, so a
+save costs no extra read) and recorded in meta.json; load_checkpoint() re-hashes each file it loads and refuses a
+mismatch (one extra sequential read of the file, ~1 s/GB, usually from the page cache). verify_checkpoint()
+stays cheap (sizes only). Checkpoints saved before checksums existed have no "sha256" entry and load unchecked.
+Everything is loaded with torch.load(weights_only=True): optimizer state_dicts are plain dicts/lists/numbers/
+tensors, so nothing in a checkpoint can run code when it is loaded.
+
+Model tags: tag_dir() builds <root>/<tag> and refuses a tag that would leave <root> ('../x', '/abs', 'a/b').
+
 Test hook (tests/test_fault_resume.py): NANOCHAT_TEST_CHECKPOINT_PAUSE=<step>[:<seconds>] makes the save of
 that step stop for <seconds> (default 600) after every rank's files are in `step_N.tmp`, before meta.json and
 the rename, announcing it on stderr, so a test can SIGKILL the process in the middle of a checkpoint write.
 """
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -67,14 +78,66 @@ def _fsync_dir(path):
         os.close(fd)
 
 
-def _write_atomic(path, write_fn):
-    """write_fn(f) into <path>.part, fsync, then rename over <path>: readers see nothing or the whole file."""
+class _HashingWriter:
+    """File wrapper that hashes what passes through write(); torch.save writes a stream front to back."""
+
+    def __init__(self, f):
+        self.f, self.sha, self.nbytes = f, hashlib.sha256(), 0
+
+    def write(self, data):
+        self.sha.update(data)
+        self.nbytes += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+def file_sha256(path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _write_atomic(path, write_fn) -> str:
+    """write_fn(f) into <path>.part, fsync, then rename over <path>: readers see nothing or the whole file.
+    Returns the sha256 of the bytes written."""
     part = path + ".part"
     with open(part, "wb") as f:
-        write_fn(f)
+        w = _HashingWriter(f)
+        write_fn(w)
         f.flush()
         os.fsync(f.fileno())
+    # a writer that seeked back would make the streamed hash wrong: then hash the file itself
+    digest = w.sha.hexdigest() if w.nbytes == os.path.getsize(part) else file_sha256(part)
     os.replace(part, path)
+    return digest
+
+
+def tag_dir(root, tag, flag="--model_tag") -> str:
+    """<root>/<tag>, refusing (ValueError naming `flag`) a tag that would put the folder anywhere but directly
+    inside root ('../x', '/abs', 'a/b', '..'), so no tag can make a script read or write outside
+    $NANOCHAT_BASE_DIR. The check is on the path as written: a symlink that an operator placed inside root
+    (e.g. base_checkpoints/d20 -> a bigger disk) keeps working."""
+    tag = "" if tag is None else str(tag)
+    resolved = os.path.normpath(os.path.join(os.path.abspath(root), tag))
+    if not tag or tag in (".", "..") or "/" in tag or "\\" in tag or os.sep in tag or "\0" in tag \
+            or os.path.dirname(resolved) != os.path.normpath(os.path.abspath(root)):
+        raise ValueError(f"{flag}={tag!r} does not name a folder directly inside {root}; pass a plain name such as "
+                         f"d12 (letters, digits, '_', '-', '.'; the folders there are the tags)")
+    return os.path.join(root, tag)
+
+
+def _gather(obj, world_size) -> list:
+    """[obj of rank 0, obj of rank 1, ...]; doubles as the barrier after every rank's files are written."""
+    if world_size > 1 and dist.is_available() and dist.is_initialized():
+        out = [None] * world_size
+        dist.all_gather_object(out, obj)
+        return out
+    _barrier()
+    return [obj]
 
 
 def step_dir(checkpoint_dir, step) -> str:
@@ -132,22 +195,28 @@ def save_checkpoint(checkpoint_dir, step, model_state, optimizer_states: list | 
         _remove_stale(checkpoint_dir)
         os.makedirs(tmp)
     _barrier()
+    digests = {}  # this rank's files -> sha256, gathered to rank 0 for meta.json
     if rank == 0 and model_state is not None:
-        _write_atomic(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
+        digests["model.pt"] = _write_atomic(os.path.join(tmp, "model.pt"), lambda f: torch.save(model_state, f))
     if optimizer_states is not None:
-        _write_atomic(os.path.join(tmp, f"optim_rank{rank}.pt"), lambda f: torch.save(list(optimizer_states), f))
+        name = f"optim_rank{rank}.pt"
+        digests[name] = _write_atomic(os.path.join(tmp, name), lambda f: torch.save(list(optimizer_states), f))
     if extra_rank_state is not None:
         try:
             blob = json.dumps(extra_rank_state).encode()
         except TypeError as e:
             raise CheckpointError(f"extra_rank_state must be JSON-serializable ({e}); convert tensors with .tolist()")
-        _write_atomic(os.path.join(tmp, f"rank{rank}.json"), lambda f: f.write(blob))
-    _barrier()
+        digests[f"rank{rank}.json"] = _write_atomic(os.path.join(tmp, f"rank{rank}.json"), lambda f: f.write(blob))
+    all_digests = _gather(digests, world_size)
     if rank == 0:
         _test_pause(step, tmp)
         files = {n: os.path.getsize(os.path.join(tmp, n)) for n in sorted(os.listdir(tmp)) if not n.endswith(".part")}
+        sha256 = {n: h for d in all_digests for n, h in d.items() if n in files}
+        for n in files.keys() - sha256.keys():  # a rank whose digests did not reach us (no process group)
+            sha256[n] = file_sha256(os.path.join(tmp, n))
         full_meta = dict(meta)
         full_meta["_checkpoint"] = {"step": int(step), "world_size": world_size, "files": files,
+                                    "sha256": dict(sorted(sha256.items())),
                                     "saved_at": time.strftime("%Y-%m-%d %H:%M:%S")}
         blob = json.dumps(full_meta, indent=2, default=str).encode()
         _write_atomic(os.path.join(tmp, "meta.json"), lambda f: f.write(blob))
@@ -203,7 +272,7 @@ def verify_checkpoint(checkpoint_dir, step) -> dict:
     return meta
 
 
-def _load_file(checkpoint_dir, step, meta, name, device, weights_only):
+def _load_file(checkpoint_dir, step, meta, name, device):
     path = os.path.join(step_dir(checkpoint_dir, step), name)
     expected = meta["_checkpoint"]["files"].get(name)
     if expected is None or not os.path.isfile(path):
@@ -215,11 +284,17 @@ def _load_file(checkpoint_dir, step, meta, name, device, weights_only):
     size = os.path.getsize(path)
     if size != expected:
         raise _corrupt(checkpoint_dir, step, path, f"size {size} bytes, meta.json says {expected}")
+    want = meta["_checkpoint"].get("sha256", {}).get(name)  # absent in checkpoints saved before checksums
+    if want is not None:
+        got = file_sha256(path)
+        if got != want:
+            raise _corrupt(checkpoint_dir, step, path, f"its sha256 is {got[:16]}..., meta.json recorded "
+                                                       f"{str(want)[:16]}... at save time: the file changed since")
     try:
         if name.endswith(".json"):
             with open(path) as f:
                 return json.load(f)
-        return torch.load(path, map_location=device, weights_only=weights_only)
+        return torch.load(path, map_location=device, weights_only=True)
     except Exception as e:
         raise _corrupt(checkpoint_dir, step, path, f"{type(e).__name__}: {e}")
 
@@ -232,13 +307,13 @@ def load_checkpoint(checkpoint_dir, step, device, load_optimizer=False, rank=0):
         if step is None:
             raise CheckpointError(f"no complete checkpoint in {checkpoint_dir}; train one first or check the path")
     meta = read_meta(checkpoint_dir, step)
-    model_state = _load_file(checkpoint_dir, step, meta, "model.pt", device, weights_only=True)
+    model_state = _load_file(checkpoint_dir, step, meta, "model.pt", device)
     optim_states = None
     if load_optimizer:
-        optim_states = _load_file(checkpoint_dir, step, meta, f"optim_rank{rank}.pt", device, weights_only=False)
+        optim_states = _load_file(checkpoint_dir, step, meta, f"optim_rank{rank}.pt", device)
     extra = None
     if f"rank{rank}.json" in meta["_checkpoint"]["files"]:
-        extra = _load_file(checkpoint_dir, step, meta, f"rank{rank}.json", device, weights_only=True)
+        extra = _load_file(checkpoint_dir, step, meta, f"rank{rank}.json", device)
     return model_state, optim_states, meta, extra
 
 
@@ -283,10 +358,13 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     if "model_config" not in meta:
         raise CheckpointError(f"{step_dir(checkpoint_dir, meta['_checkpoint']['step'])}/meta.json has no 'model_config'; "
                               f"it was not written by a nanochat trainer")
+    meta_path = os.path.join(step_dir(checkpoint_dir, meta["_checkpoint"]["step"]), "meta.json")
     try:
         config = GPTConfig(**meta["model_config"])
-    except TypeError as e:
-        raise CheckpointError(f"meta.json model_config does not match nanochat.gpt.GPTConfig ({e})")
+    except (TypeError, ValueError) as e:  # unknown fields / nonsense sizes (GPTConfig.__post_init__)
+        raise CheckpointError(f"{meta_path}: model_config does not describe a valid nanochat.gpt.GPTConfig ({e}); "
+                              f"the file was edited or written by another version: restore it or re-save the "
+                              f"checkpoint")
     # torch.compile wraps modules as `_orig_mod`, DDP as `module`: strip those prefixes.
     model_state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in model_state.items()}
     from mc.modules import MCModules, attach, config_from_meta, split_mc_state
@@ -302,8 +380,12 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     elif mc_state:
         raise CheckpointError(f"{checkpoint_dir} holds MegaContext weights (mc.*) but its meta.json has no mc_config; "
                               f"the checkpoint is incomplete: re-save it from the trainer")
-    with torch.device(device):
-        model = GPT(config)
+    try:
+        with torch.device(device):
+            model = GPT(config)
+    except ValueError as e:  # shape rules GPT checks itself (n_embd divisible by n_head, ...)
+        raise CheckpointError(f"{meta_path}: model_config cannot build a GPT ({e}); restore the file or re-save the "
+                              f"checkpoint")
     model.init_weights()  # also fills non-persistent buffers (rotary tables); the weights are overwritten next
     try:
         model.load_state_dict(model_state, strict=True)
@@ -336,7 +418,7 @@ def load_model(source, device, phase, model_tag=None, step=None):
         raise ValueError(f"unknown checkpoint source {source!r}; use one of {sorted(SOURCE_DIRS)}")
     root = os.path.join(get_base_dir(), SOURCE_DIRS[source])
     model_tag = model_tag or find_last_model_tag(root)
-    checkpoint_dir = os.path.join(root, model_tag)
+    checkpoint_dir = tag_dir(root, model_tag)
     if step is None:
         step = latest_step(checkpoint_dir)
         if step is None:

@@ -55,6 +55,14 @@ class GPTConfig:
     rope_fraction: float = 1.0  # fraction of rotary pairs that rotate (the fastest); the rest stay unrotated
 
     def __post_init__(self):
+        # sizes first: a 0 here would otherwise surface as a ZeroDivisionError deep inside GPT.__init__
+        bad = [f"{k}={getattr(self, k)!r}" for k in ("sequence_len", "vocab_size", "n_layer", "n_head", "n_kv_head",
+                                                     "n_embd")
+               if isinstance(getattr(self, k), bool) or not isinstance(getattr(self, k), int) or getattr(self, k) < 1]
+        if bad:
+            raise ValueError(f"model sizes must be integers >= 1: {', '.join(bad)}")
+        if not math.isfinite(self.softcap) or self.softcap < 0:
+            raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {self.softcap!r}")
         if self.prev_token_mix < 0 or self.query_gain < 0 or not 0.0 <= self.rope_fraction <= 1.0:
             raise ValueError(f"recall options out of range: --prev_token_mix={self.prev_token_mix} (>= 0), "
                              f"--query_gain={self.query_gain} (>= 0), --rope_fraction={self.rope_fraction} (in [0, 1])")
@@ -457,12 +465,13 @@ class GPT(nn.Module):
 
 
 def sample_next_token(logits, rng, temperature=1.0, top_k=None):
-    """logits [B, V] -> next ids [B, 1]. temperature 0: argmax; else softmax(logits / T) over top_k."""
+    """logits [B, V] -> next ids [B, 1]. temperature 0: argmax; else softmax(logits / T) over top_k
+    (None or 0 = every token, as the CLIs' `-k 0` promises; topk(0) would leave nothing to sample)."""
     if temperature < 0:
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0.0:
         return logits.argmax(dim=-1, keepdim=True)
-    if top_k is not None:
+    if top_k is not None and top_k > 0:
         k = min(top_k, logits.size(-1))
         vals, ids = torch.topk(logits, k, dim=-1)
         probs = F.softmax(vals / temperature, dim=-1)

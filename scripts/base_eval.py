@@ -21,6 +21,7 @@ import csv
 import os
 import time
 
+from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.core_eval import evaluate_core_bundle
@@ -29,9 +30,10 @@ from nanochat.report import get_report
 
 def build_parser():
     p = argparse.ArgumentParser(description="CORE metric of a base checkpoint.", allow_abbrev=False)
-    p.add_argument("--model_tag", default=None, help="base_checkpoints/<tag> (default: most recently written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    p.add_argument("--max_per_task", type=int, default=-1, help="examples per task (-1 = all)")
+    p.add_argument("--model_tag", type=ck.model_tag, default=None,
+                   help="base_checkpoints/<tag> (default: most recently written)")
+    p.add_argument("--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--max_per_task", type=ck.positive_int_or_off, default=-1, help="examples per task (-1 = all)")
     p.add_argument("--bundle", default="synthetic", help="synthetic | official | path to a bundle directory")
     p.add_argument("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     return p

@@ -16,6 +16,7 @@ import os
 
 import torch
 
+from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataloader import DistributedTokenLoader
@@ -37,14 +38,16 @@ PROMPTS = [
 
 def build_parser():
     p = argparse.ArgumentParser(description="Train/val bits-per-byte of a base checkpoint.", allow_abbrev=False)
-    p.add_argument("--model_tag", default=None, help="base_checkpoints/<tag> (default: most recently written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--model_tag", type=ck.model_tag, default=None,
+                   help="base_checkpoints/<tag> (default: most recently written)")
+    p.add_argument("--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--source", default="", choices=("", *SOURCES),
                    help="text source (default: the one the checkpoint was trained on)")
     p.add_argument("--data_dir", default="", help="folder for --source=dir/fineweb (default: the checkpoint's)")
-    p.add_argument("--device_batch_size", type=int, default=32, help="rows per forward per process")
-    p.add_argument("--split_tokens", type=int, default=20 * 524288, help="tokens evaluated per split (all ranks)")
-    p.add_argument("--max_new_tokens", type=int, default=16, help="tokens per greedy sample (0 = no samples)")
+    p.add_argument("--device_batch_size", type=ck.positive_int, default=32, help="rows per forward per process")
+    p.add_argument("--split_tokens", type=ck.positive_int, default=20 * 524288,
+                   help="tokens evaluated per split (all ranks)")
+    p.add_argument("--max_new_tokens", type=ck.nonneg_int, default=16, help="tokens per greedy sample (0 = no samples)")
     p.add_argument("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     return p
 

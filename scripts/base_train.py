@@ -41,6 +41,7 @@ import torch
 from tqdm import tqdm
 
 from mc.config import add_mc_flags
+from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.checkpoint_manager import (
     CheckpointError,
@@ -48,6 +49,7 @@ from nanochat.checkpoint_manager import (
     load_gpt_weights,
     save_checkpoint,
     step_dir,
+    tag_dir,
     verify_checkpoint,
 )
 from nanochat.common import (
@@ -99,29 +101,34 @@ def build_parser():
     a("--seed", type=int, default=42)
     a("--compile", type=str2bool, default=None, help="torch.compile the model (default: on for CUDA)")
     # model
-    a("--depth", type=int, default=20, help="number of transformer layers")
-    a("--aspect_ratio", type=int, default=64, help="model width = depth × aspect_ratio")
-    a("--head_dim", type=int, default=128, help="attention head size; width must be a multiple of it")
-    a("--kv_head_ratio", type=int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
-    a("--max_seq_len", type=int, default=2048)
-    a("--prev_token_mix", type=int, default=0, help="k previous tokens mixed into each input (nanochat/gpt.py); 0 = off")
-    a("--query_gain", type=float, default=0.0, help="init of a learned per-head query gain after QK-norm; 0 = none")
-    a("--rope_fraction", type=float, default=1.0, help="fraction of rotary pairs that rotate (the rest match content)")
+    a("--depth", type=ck.positive_int, default=20, help="number of transformer layers")
+    a("--aspect_ratio", type=ck.positive_int, default=64, help="model width = depth × aspect_ratio")
+    a("--head_dim", type=ck.positive_int, default=128, help="attention head size; width must be a multiple of it")
+    a("--kv_head_ratio", type=ck.positive_int, default=1, help="query heads per key/value head (GQA); 1 = plain MHA")
+    a("--max_seq_len", type=ck.positive_int, default=2048)
+    a("--prev_token_mix", type=ck.nonneg_int, default=0,
+      help="k previous tokens mixed into each input (nanochat/gpt.py); 0 = off")
+    a("--query_gain", type=ck.nonneg_float, default=0.0,
+      help="init of a learned per-head query gain after QK-norm; 0 = none")
+    a("--rope_fraction", type=ck.finite_float, default=1.0,
+      help="fraction of rotary pairs that rotate (the rest match content)")
     # training horizon: the first one that is set wins
-    a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = derive from the next two)")
-    a("--target_flops", type=float, default=-1.0, help="total training FLOPs (-1 = off)")
-    a("--target_param_data_ratio", type=float, default=20.0, help="tokens per parameter (Chinchilla ≈ 20)")
+    a("--num_iterations", type=ck.positive_int_or_off, default=-1,
+      help="optimizer steps (-1 = derive from the next two)")
+    a("--target_flops", type=ck.finite_float, default=-1.0, help="total training FLOPs (-1 = off)")
+    a("--target_param_data_ratio", type=ck.finite_float, default=20.0, help="tokens per parameter (Chinchilla ≈ 20)")
     # optimization
-    a("--device_batch_size", type=int, default=32, help="rows per micro-batch per process")
-    a("--total_batch_size", type=int, default=524288, help="tokens per optimizer step, all processes together")
-    a("--embedding_lr", type=float, default=0.2)
-    a("--unembedding_lr", type=float, default=0.004)
-    a("--matrix_lr", type=float, default=0.02)
-    a("--weight_decay", type=float, default=0.0)
-    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-    a("--warmup_ratio", type=float, default=0.0)
-    a("--warmdown_ratio", type=float, default=0.2)
-    a("--final_lr_frac", type=float, default=0.0)
+    a("--device_batch_size", type=ck.positive_int, default=32, help="rows per micro-batch per process")
+    a("--total_batch_size", type=ck.positive_int, default=524288,
+      help="tokens per optimizer step, all processes together")
+    a("--embedding_lr", type=ck.nonneg_float, default=0.2)
+    a("--unembedding_lr", type=ck.nonneg_float, default=0.004)
+    a("--matrix_lr", type=ck.nonneg_float, default=0.02)
+    a("--weight_decay", type=ck.nonneg_float, default=0.0)
+    a("--grad_clip", type=ck.nonneg_float, default=1.0, help="clip the global grad norm (0 = off)")
+    a("--warmup_ratio", type=ck.nonneg_float, default=0.0)
+    a("--warmdown_ratio", type=ck.nonneg_float, default=0.2)
+    a("--final_lr_frac", type=ck.nonneg_float, default=0.0)
     # data
     a("--source", default="synthetic", choices=SOURCES, help="pretraining text")
     a("--data_dir", default="", help="a folder of your own .parquet/.jsonl/.txt files (implies --source=dir)")
@@ -129,19 +136,21 @@ def build_parser():
     a("--eval_every", type=parse_token_count, default=parse_token_count("128M"), help="val bpb cadence (tokens)")
     a("--eval_tokens", type=parse_token_count, default=10 * 524288, help="tokens per val bpb evaluation")
     a("--core_metric_every", type=parse_token_count, default=-1, help="CORE metric cadence (tokens; -1 = off)")
-    a("--core_metric_max_per_task", type=int, default=500)
+    a("--core_metric_max_per_task", type=ck.positive_int_or_off, default=500)
     a("--sample_every", type=parse_token_count, default=parse_token_count("1B"), help="sampling cadence (tokens)")
     a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (tokens; -1 = only at the end)")
     a("--log_every", type=parse_token_count, default=0, help="console/W&B log cadence (tokens; 0 = every step)")
     # output
-    a("--model_tag", default="", help="checkpoint folder name (default d<depth>)")
+    a("--model_tag", type=ck.model_tag, default="", help="checkpoint folder name (default d<depth>)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
-    a("--init_from", default="", help="fresh run from the GPT weights of base_checkpoints/TAG (e.g. to add MC)")
-    a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    a("--init_from", type=ck.model_tag, default="",
+      help="fresh run from the GPT weights of base_checkpoints/TAG (e.g. to add MC)")
+    a("--keep_last", type=ck.positive_int_or_off, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
     # numerical guard (nanochat/training.py NonFiniteGuard)
     a("--nonfinite", default="stop", choices=["stop", "skip"],
       help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
-    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
+    a("--debug_inject_nan_step", type=ck.nonneg_int_or_off, default=-1,
+      help="testing knob: make step N's loss NaN (-1 = off)")
     # MegaContext
     a("--mc", action="store_true", help="shorthand for --mc_enabled=1")
     add_mc_flags(p)
@@ -255,7 +264,7 @@ def main(argv=None):
     # Resume: weights (GPT + MC modules), optimizers, loader position, RNG. A run whose final checkpoint
     # exists says "already complete" and exits 0, so a re-run recipe passes this stage in seconds.
     model_tag = args.model_tag or (f"d{args.depth}_mc" if mc_enabled else f"d{args.depth}")
-    checkpoint_dir = os.path.join(base_dir, "base_checkpoints", model_tag)
+    checkpoint_dir = tag_dir(os.path.join(base_dir, "base_checkpoints"), model_tag)
     user_config = vars(args).copy()
     start_step, loader_state, resumed_meta = 0, None, None
     step_to_load = resume_step(args.resume, checkpoint_dir)
@@ -291,8 +300,9 @@ def main(argv=None):
         del model_state, optim_states
     elif args.init_from:  # fresh optimizers, data and step 0; only the GPT weights come from the checkpoint
         try:
-            print0(load_gpt_weights(orig_model, os.path.join(base_dir, "base_checkpoints", args.init_from), device))
-        except (CheckpointError, FileNotFoundError) as e:
+            init_dir = tag_dir(os.path.join(base_dir, "base_checkpoints"), args.init_from, "--init_from")
+            print0(load_gpt_weights(orig_model, init_dir, device))
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
             die(f"--init_from={args.init_from}: {e}")
 
     train_loader = DistributedTokenLoader(tokenizer, B, T, "train", source, rank=rank, world_size=world_size,

@@ -25,6 +25,7 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 import argparse
 import sys
 
+from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_init, die
 from nanochat.engine import ContextTooLongError, Engine, MCEngine
@@ -35,27 +36,24 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Chat with a nanochat model.", allow_abbrev=False)
     p.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"],
                    help="which training stage's checkpoints to load")
-    p.add_argument("-g", "--model_tag", default=None, help="model tag (default: the most recent one)")
-    p.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: the latest)")
+    p.add_argument("-g", "--model_tag", type=ck.model_tag, default=None,
+                   help="model tag (default: the most recent one)")
+    p.add_argument("-s", "--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: the latest)")
     p.add_argument("-p", "--prompt", default="", help="answer this one prompt and exit (no interactive loop)")
-    p.add_argument("-t", "--temperature", type=float, default=0.6, help="sampling temperature (0 = greedy)")
-    p.add_argument("-k", "--top_k", type=int, default=50, help="sample among the k likeliest tokens (<= 0: all)")
-    p.add_argument("-m", "--max_tokens", type=int, default=512, help="longest reply, in tokens")
+    p.add_argument("-t", "--temperature", type=ck.temperature, default=0.6, help="sampling temperature (0 = greedy)")
+    p.add_argument("-k", "--top_k", type=ck.top_k, default=50, help="sample among the k likeliest tokens (0 = all)")
+    p.add_argument("-m", "--max_tokens", type=ck.positive_int, default=512, help="longest reply, in tokens")
     p.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda | cpu | mps (empty = autodetect)")
     p.add_argument("--mc", action="store_true", help="use the MegaContext inference session (unbounded chats)")
-    p.add_argument("--mc_infer_wc_length", type=int, default=None,
+    p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
                    help="--mc: working-context budget W in entries (default: the checkpoint's, capped so W + "
                         "refocus interval fits sequence_len)")
-    p.add_argument("--mc_infer_refocus_interval", type=int, default=None,
+    p.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
                    help="--mc: tokens between LensNet refocuses while decoding (default: the checkpoint's)")
     p.add_argument("--mc_stats", action="store_true", help="--mc: print the session's numbers after each reply")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
     args = p.parse_args(argv)
-    if args.temperature < 0:
-        p.error(f"--temperature must be >= 0, got {args.temperature}")
-    if args.max_tokens < 1:
-        p.error(f"--max_tokens must be >= 1, got {args.max_tokens}")
     for name in ("mc_infer_wc_length", "mc_infer_refocus_interval", "mc_stats"):
         if getattr(args, name) not in (None, False) and not args.mc:
             p.error(f"--{name} only applies to MegaContext chats: add --mc")

@@ -38,6 +38,7 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import cli_checks as ck
 from nanochat.chat_train import hub_kw
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, print0
@@ -174,21 +175,23 @@ def build_parser():
       help=f"tasks separated by '|' or ',' (default offline: {'|'.join(OFFLINE_TASKS)}; "
            f"with --online: {'|'.join(ONLINE_TASKS)})")
     a("--online", action="store_true", help="default to the standard online task list (needs the HF hub)")
-    a("-g", "--model-tag", "--model_tag", dest="model_tag", default=None, help="checkpoint tag (default: latest)")
-    a("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
-    a("-x", "--max-problems", "--max_problems", dest="max_problems", type=int, default=-1,
+    a("-g", "--model-tag", "--model_tag", type=ck.model_tag, dest="model_tag", default=None,
+      help="checkpoint tag (default: latest)")
+    a("-s", "--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
+    a("-x", "--max-problems", "--max_problems", dest="max_problems", type=ck.positive_int_or_off, default=-1,
       help="problems per task (-1 = all)")
-    a("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=int, default=512)
-    a("-t", "--temperature", type=float, default=0.0)
-    a("-k", "--top-k", "--top_k", dest="top_k", type=int, default=50)
-    a("-n", "--num-samples", "--num_samples", dest="num_samples", type=int, default=1,
+    a("--max-new-tokens", "--max_new_tokens", dest="max_new_tokens", type=ck.positive_int, default=512)
+    a("-t", "--temperature", type=ck.temperature, default=0.0)
+    a("-k", "--top-k", "--top_k", dest="top_k", type=ck.top_k, default=50)
+    a("-n", "--num-samples", "--num_samples", dest="num_samples", type=ck.positive_int, default=1,
       help="samples per generative problem (pass@n)")
-    a("-b", "--batch-size", "--batch_size", dest="batch_size", type=int, default=8,
+    a("-b", "--batch-size", "--batch_size", dest="batch_size", type=ck.positive_int, default=8,
       help="problems per forward pass (categorical tasks)")
     a("--device-type", "--device_type", dest="device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     a("--data-dir", "--data_dir", dest="data_dir", default="",
       help="local hub snapshots for the online tasks (<dir>/<hub id>/...); default: the Hugging Face hub")
-    a("--recall-context-chars", "--recall_context_chars", dest="recall_context_chars", type=int, default=2000,
+    a("--recall-context-chars", "--recall_context_chars", dest="recall_context_chars", type=ck.positive_int,
+      default=2000,
       help="context characters of the SyntheticRecall questions (match what the model was trained on)")
     a("--seed", type=int, default=42)
     return p

@@ -37,6 +37,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.chat_data import collate
 from nanochat.chat_train import (
@@ -56,6 +57,7 @@ from nanochat.checkpoint_manager import (
     load_checkpoint,
     save_checkpoint,
     step_dir,
+    tag_dir,
 )
 from nanochat.common import (
     autocast_ctx,
@@ -90,35 +92,38 @@ def build_parser():
     a("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     a("--seed", type=int, default=42)
     a("--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage to start from")
-    a("--source_tag", default="", help="model tag of the source checkpoint (default: most recent)")
-    a("--source_step", type=int, default=-1, help="step of the source checkpoint (-1 = latest)")
+    a("--source_tag", type=ck.model_tag, default="", help="model tag of the source checkpoint (default: most recent)")
+    a("--source_step", type=ck.nonneg_int_or_off, default=-1, help="step of the source checkpoint (-1 = latest)")
     a("--task", default="synthetic", choices=["synthetic", "gsm8k"], help="synthetic = SyntheticRecallChat (offline)")
     a("--data_dir", default="", help="local hub snapshot root for --task gsm8k (<dir>/openai/gsm8k/...)")
-    a("--train_examples", type=int, default=2000, help="SyntheticRecallChat train questions (--task synthetic)")
-    a("--recall_context_chars", type=int, default=2000, help="context characters per recall question")
-    a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = one pass over the train questions)")
-    a("--examples_per_step", type=int, default=16, help="questions per step, all processes together")
-    a("--num_samples", type=int, default=16, help="rollouts per question")
-    a("--device_batch_size", type=int, default=8, help="rows per generation call and per forward/backward")
-    a("--max_new_tokens", type=int, default=256)
-    a("--temperature", type=float, default=1.0)
-    a("--top_k", type=int, default=50)
-    a("--embedding_lr", type=float, default=0.2)
-    a("--unembedding_lr", type=float, default=0.004)
-    a("--matrix_lr", type=float, default=0.02)
-    a("--init_lr_frac", type=float, default=0.05, help="all learning rates × this")
-    a("--weight_decay", type=float, default=0.0)
-    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
+    a("--train_examples", type=ck.positive_int, default=2000,
+      help="SyntheticRecallChat train questions (--task synthetic)")
+    a("--recall_context_chars", type=ck.positive_int, default=2000, help="context characters per recall question")
+    a("--num_iterations", type=ck.positive_int_or_off, default=-1,
+      help="optimizer steps (-1 = one pass over the train questions)")
+    a("--examples_per_step", type=ck.positive_int, default=16, help="questions per step, all processes together")
+    a("--num_samples", type=ck.positive_int, default=16, help="rollouts per question")
+    a("--device_batch_size", type=ck.positive_int, default=8, help="rows per generation call and per forward/backward")
+    a("--max_new_tokens", type=ck.positive_int, default=256)
+    a("--temperature", type=ck.temperature, default=1.0)
+    a("--top_k", type=ck.top_k, default=50)
+    a("--embedding_lr", type=ck.nonneg_float, default=0.2)
+    a("--unembedding_lr", type=ck.nonneg_float, default=0.004)
+    a("--matrix_lr", type=ck.nonneg_float, default=0.02)
+    a("--init_lr_frac", type=ck.nonneg_float, default=0.05, help="all learning rates × this")
+    a("--weight_decay", type=ck.nonneg_float, default=0.0)
+    a("--grad_clip", type=ck.nonneg_float, default=1.0, help="clip the global grad norm (0 = off)")
     a("--eval_every", type=parse_token_count, default=parse_token_count("2M"), help="pass@k cadence (rollout tokens)")
-    a("--eval_examples", type=int, default=200, help="held-out questions per pass@k evaluation")
-    a("--eval_samples", type=int, default=4, help="k of pass@k: samples per held-out question")
+    a("--eval_examples", type=ck.nonneg_int, default=200, help="held-out questions per pass@k evaluation")
+    a("--eval_samples", type=ck.positive_int, default=4, help="k of pass@k: samples per held-out question")
     a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (rollout tokens; -1 = end only)")
-    a("--model_tag", default="", help="output checkpoint folder name (default: the source's tag)")
+    a("--model_tag", type=ck.model_tag, default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
-    a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    a("--keep_last", type=ck.positive_int_or_off, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
     a("--nonfinite", default="stop", choices=["stop", "skip"],
       help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
-    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
+    a("--debug_inject_nan_step", type=ck.nonneg_int_or_off, default=-1,
+      help="testing knob: make step N's loss NaN (-1 = off)")
     return p
 
 
@@ -235,7 +240,12 @@ def main(argv=None):
         src_tag = args.source_tag or find_last_model_tag(src_root)
     except CheckpointError as e:
         die(f"{e} (--source={args.source})")
-    checkpoint_dir = os.path.join(base_dir, SOURCE_DIRS["rl"], args.model_tag or src_tag)
+    try:
+        checkpoint_dir = tag_dir(os.path.join(base_dir, SOURCE_DIRS["rl"]), args.model_tag or src_tag,
+                                 "--model_tag" if args.model_tag else "--source_tag")
+        src_dir = tag_dir(src_root, src_tag, "--source_tag")
+    except ValueError as e:
+        die(str(e))
     start_step, meta, optim_states = 0, None, None
     step_to_load = resume_step(args.resume, checkpoint_dir)
     if step_to_load is not None:
@@ -251,7 +261,6 @@ def main(argv=None):
         start_step = meta["step"]
         restore_rng(rank_state, device)
     if meta is None:
-        src_dir = os.path.join(src_root, src_tag)
         src_step = args.source_step if args.source_step >= 0 else latest_step(src_dir)
         if src_step is None:
             die(f"no complete checkpoint in {src_dir}; train the {args.source} stage first")

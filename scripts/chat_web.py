@@ -48,6 +48,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, autodetect_device_type, die, get_base_dir
 from nanochat.engine import ContextTooLongError, Engine, MCEngine, Utf8StreamDecoder
 
@@ -424,7 +425,7 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
 def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
     (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, load_model
+    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, load_model, tag_dir
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
         die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")
@@ -434,7 +435,7 @@ def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kw
     root = os.path.join(get_base_dir(), SOURCE_DIRS[source])
     model_tag = model_tag or find_last_model_tag(root)
     if step is None:
-        step = latest_step(os.path.join(root, model_tag))
+        step = latest_step(tag_dir(root, model_tag, "-g/--model_tag"))
         if step is None:
             die(f"no complete checkpoint in {os.path.join(root, model_tag)}; train one first or pick another -g/-s")
     workers = []
@@ -451,18 +452,20 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="Web chat + OpenAI-compatible API for a nanochat model",
                                      allow_abbrev=False)
     parser.add_argument("-i", "--source", default="sft", choices=["base", "mid", "sft", "rl"], help="checkpoint stage")
-    parser.add_argument("-g", "--model_tag", default=None, help="model tag (default: most recent)")
-    parser.add_argument("-s", "--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--num_gpus", type=int, default=1, help="workers = models, one per GPU")
+    parser.add_argument("-g", "--model_tag", type=ck.model_tag, default=None, help="model tag (default: most recent)")
+    parser.add_argument("-s", "--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--num_gpus", type=ck.positive_int, default=1, help="workers = models, one per GPU")
     parser.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"], help="default: autodetect")
     parser.add_argument("--host", default="127.0.0.1", help="bind address (0.0.0.0 to serve the network)")
-    parser.add_argument("--port", type=int, default=8000)
-    parser.add_argument("--temperature", type=float, default=0.8, help="default when a request sets none")
-    parser.add_argument("--top_k", type=int, default=50, help="default when a request sets none")
-    parser.add_argument("--max_tokens", type=int, default=512, help="default when a request sets none")
+    parser.add_argument("--port", type=ck.port, default=8000)
+    parser.add_argument("--temperature", type=ck.temperature, default=0.8, help="default when a request sets none")
+    parser.add_argument("--top_k", type=ck.top_k, default=50, help="default when a request sets none")
+    parser.add_argument("--max_tokens", type=ck.positive_int, default=512, help="default when a request sets none")
     parser.add_argument("--mc", action="store_true", help="MegaContext session per request (an MC checkpoint)")
-    parser.add_argument("--mc_infer_wc_length", type=int, default=None, help="--mc: working-context budget W")
-    parser.add_argument("--mc_infer_refocus_interval", type=int, default=None, help="--mc: tokens between refocuses")
+    parser.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
+                        help="--mc: working-context budget W")
+    parser.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
+                        help="--mc: tokens between refocuses")
     args = parser.parse_args(argv)
     if not args.mc and (args.mc_infer_wc_length is not None or args.mc_infer_refocus_interval is not None):
         die("--mc_infer_wc_length / --mc_infer_refocus_interval only apply with --mc")

@@ -54,6 +54,7 @@ from mc.config import MCConfig, add_mc_flags
 from mc.modules import MCModules, attach
 from mc.positions import rope_cos_sin
 from mc.session import MCSession
+from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, compute_init, die, str2bool, synchronize
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
@@ -65,21 +66,23 @@ def build_parser():
     a("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     a("--seed", type=int, default=42)
     a("--source", default="", help="load a checkpoint of this stage (base|mid|sft|rl) instead of a random model")
-    a("--model_tag", default=None, help="checkpoint model tag (implies --source=base when --source is empty)")
-    a("--step", type=int, default=None)
-    a("--depth", type=int, default=2)
-    a("--width", type=int, default=128, help="n_embd of the random model")
-    a("--head_dim", type=int, default=64)
-    a("--max_seq_len", type=int, default=512)
-    a("--vocab_size", type=int, default=8192)
+    a("--model_tag", type=ck.model_tag, default=None,
+      help="checkpoint model tag (implies --source=base when --source is empty)")
+    a("--step", type=ck.nonneg_int, default=None)
+    a("--depth", type=ck.positive_int, default=2)
+    a("--width", type=ck.positive_int, default=128, help="n_embd of the random model")
+    a("--head_dim", type=ck.positive_int, default=64)
+    a("--max_seq_len", type=ck.positive_int, default=512)
+    a("--vocab_size", type=ck.positive_int, default=8192)
     a("--histories", default="1024,4096,16384,65536", help="comma-separated history lengths in tokens")
-    a("--decode_tokens", type=int, default=512, help="timed tokens per decoder and history")
-    a("--rounds", type=int, default=8, help="interleaved timing rounds (default: one refocus interval each)")
-    a("--max_full_tokens", type=int, default=16384, help="skip full attention above this history")
-    a("--mc_infer_wc_length", type=int, default=None, help="W (default: the session's default)")
+    a("--decode_tokens", type=ck.positive_int, default=512, help="timed tokens per decoder and history")
+    a("--rounds", type=ck.positive_int, default=8,
+      help="interleaved timing rounds (default: one refocus interval each)")
+    a("--max_full_tokens", type=ck.nonneg_int, default=16384, help="skip full attention above this history")
+    a("--mc_infer_wc_length", type=ck.positive_int, default=None, help="W (default: the session's default)")
     a("--random_lensnet", type=str2bool, default=False,
   help="random-model LensNet with random output weights (default: fresh, scores 0: forced collapses only)")
-    a("--threads", type=int, default=1, help="torch CPU threads (0 = torch's default); 1 suits tiny models")
+    a("--threads", type=ck.nonneg_int, default=1, help="torch CPU threads (0 = torch's default); 1 suits tiny models")
     a("--out", default="", help="write the numbers as JSON here")
     add_mc_flags(p)
     # a random model's MC defaults: room for 64K-token histories in a 512-token context

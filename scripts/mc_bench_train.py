@@ -31,6 +31,7 @@ from mc.config import MCConfig, add_mc_flags
 from mc.controller import MCController, MCControllerError
 from mc.modules import MCModules
 from mc.timing import PhaseTimer
+from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, compute_init, die, print0, synchronize
 from nanochat.gpt import GPT, GPTConfig
 
@@ -40,16 +41,16 @@ def build_parser():
     a = p.add_argument
     a("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
     a("--seed", type=int, default=42)
-    a("--depth", type=int, default=4)
-    a("--aspect_ratio", type=int, default=64)
-    a("--head_dim", type=int, default=64)
-    a("--max_seq_len", type=int, default=512)
-    a("--vocab_size", type=int, default=2048)
-    a("--device_batch_size", type=int, default=8)
-    a("--steps", type=int, default=5, help="optimizer steps per path per round")
-    a("--rounds", type=int, default=3)
-    a("--warmup", type=int, default=2, help="steps per path discarded at the start")
-    a("--anneal_progress", type=float, default=1.0, help="where in the W anneal to measure (1 = target W)")
+    a("--depth", type=ck.positive_int, default=4)
+    a("--aspect_ratio", type=ck.positive_int, default=64)
+    a("--head_dim", type=ck.positive_int, default=64)
+    a("--max_seq_len", type=ck.positive_int, default=512)
+    a("--vocab_size", type=ck.positive_int, default=2048)
+    a("--device_batch_size", type=ck.positive_int, default=8)
+    a("--steps", type=ck.positive_int, default=5, help="optimizer steps per path per round")
+    a("--rounds", type=ck.positive_int, default=3)
+    a("--warmup", type=ck.nonneg_int, default=2, help="steps per path discarded at the start")
+    a("--anneal_progress", type=ck.nonneg_float, default=1.0, help="where in the W anneal to measure (1 = target W)")
     a("--out", default="", help="write the numbers as JSON here")
     add_mc_flags(p)
     return p

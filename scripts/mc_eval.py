@@ -63,6 +63,7 @@ from mc.eval_report import summarize
 from mc.eval_run import Setup, diagnose_batch, evaluate_batch, item_recalls, item_sets, run_items  # noqa: F401
 from mc.eval_tasks import assoc_items
 from mc.gistnet import GistNet
+from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
 from nanochat.common import compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataset import iter_documents, resolve_source
@@ -72,37 +73,43 @@ from nanochat.report import get_report
 def build_parser():
     p = argparse.ArgumentParser(description="MegaContext long-context evaluation of one checkpoint.", allow_abbrev=False)
     p.add_argument("--source", default="base", choices=["base", "mid", "sft"], help="checkpoint stage")
-    p.add_argument("--model_tag", default=None, help="<source>_checkpoints/<tag> (default: most recently written)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--model_tag", type=ck.model_tag, default=None,
+                   help="<source>_checkpoints/<tag> (default: most recently written)")
+    p.add_argument("--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--wc_length", type=int, default=0, help="W: raw window / RECENCY length (0 = sequence_len / 4)")
-    p.add_argument("--horizon", type=int, default=0, help="H: scored tail of the window (0 = W)")
-    p.add_argument("--doc_tokens", type=int, default=0, help="history length T of each document (0 = sequence_len)")
-    p.add_argument("--num_docs", type=int, default=64, help="held-out documents (0 = none)")
+    p.add_argument("--wc_length", type=ck.nonneg_int, default=0,
+                   help="W: raw window / RECENCY length (0 = sequence_len / 4)")
+    p.add_argument("--horizon", type=ck.nonneg_int, default=0, help="H: scored tail of the window (0 = W)")
+    p.add_argument("--doc_tokens", type=ck.nonneg_int, default=0,
+                   help="history length T of each document (0 = sequence_len)")
+    p.add_argument("--num_docs", type=ck.nonneg_int, default=64, help="held-out documents (0 = none)")
     p.add_argument("--data_dir", default="", help="evaluate documents from this folder (.txt/.jsonl/.parquet) "
                                                   "instead of the synthetic corpus")
     p.add_argument("--data_split", default="val", choices=["train", "val"], help="split of --data_dir")
     p.add_argument("--tasks", default="", help="JSONL file of {context, question, answer} rows")
-    p.add_argument("--num_probes", type=int, default=64, help="needle probes per length (0 = none)")
+    p.add_argument("--num_probes", type=ck.nonneg_int, default=64, help="needle probes per length (0 = none)")
     p.add_argument("--probe_multipliers", default="4,16", help="probe history lengths as multiples of W, e.g. 4,16")
-    p.add_argument("--num_assoc", type=int, default=16, help="associative-recall sequences (0 = none)")
-    p.add_argument("--assoc_pairs", type=int, default=8, help="K: key-value pairs per sequence")
-    p.add_argument("--assoc_queries", type=int, default=4, help="queries per sequence (one refocus each)")
-    p.add_argument("--assoc_multiplier", type=int, default=4, help="associative-recall history length in multiples of W")
-    p.add_argument("--focus_budget", type=int, default=0,
+    p.add_argument("--num_assoc", type=ck.nonneg_int, default=16, help="associative-recall sequences (0 = none)")
+    p.add_argument("--assoc_pairs", type=ck.positive_int, default=8, help="K: key-value pairs per sequence")
+    p.add_argument("--assoc_queries", type=ck.positive_int, default=4, help="queries per sequence (one refocus each)")
+    p.add_argument("--assoc_multiplier", type=ck.positive_int, default=4,
+                   help="associative-recall history length in multiples of W")
+    p.add_argument("--focus_budget", type=ck.nonneg_int, default=0,
                    help="E: entries beyond the covering for MC-fixed, MC-LensNet, ORACLE (0 = 4 x (block_size - 1))")
-    p.add_argument("--allocator_iterations", type=int, default=0,
+    p.add_argument("--allocator_iterations", type=ck.nonneg_int, default=0,
                    help="allocator iterations of MC-LensNet's refocus (0 = max(checkpoint's, max_lod): enough "
                         "for LOD2 -> LOD1 -> raw in one refocus)")
-    p.add_argument("--batch_size", type=int, default=8, help="items per forward")
+    p.add_argument("--batch_size", type=ck.positive_int, default=8, help="items per forward")
     p.add_argument("--gists", default="auto", choices=["auto", "learned", "mean"],
                    help="gists of the MC conditions: the checkpoint's GistNet (learned) or mean pooling")
-    p.add_argument("--block_size", type=int, default=0, help="tokens per gist (0 = the checkpoint's, else 32)")
-    p.add_argument("--max_lod", type=int, default=0, help="coarsest gist level (0 = the checkpoint's, else 2)")
+    p.add_argument("--block_size", type=ck.nonneg_int, default=0,
+                   help="tokens per gist (0 = the checkpoint's, else 32)")
+    p.add_argument("--max_lod", type=ck.nonneg_int, default=0,
+                   help="coarsest gist level (0 = the checkpoint's, else 2)")
     p.add_argument("--positional_type", default="", choices=["", "simple", "gaussian"],
                    help="RoPE of gists (empty = the checkpoint's, else gaussian)")
-    p.add_argument("--diagnostic", type=int, default=1, help="run the GistNet diagnostic (0/1)")
-    p.add_argument("--n_boot", type=int, default=1000, help="bootstrap replicates")
+    p.add_argument("--diagnostic", type=ck.nonneg_int, default=1, help="run the GistNet diagnostic (0/1)")
+    p.add_argument("--n_boot", type=ck.nonneg_int, default=1000, help="bootstrap replicates")
     p.add_argument("--seed", type=int, default=0, help="seed for data and bootstrap")
     p.add_argument("--out", default="", help="JSON output (default $NANOCHAT_BASE_DIR/mc_eval/<source>-<tag>-<step>.json)")
     p.add_argument("--plot", default="", help="exact match vs history length figure (PNG; default: --out with .png; "

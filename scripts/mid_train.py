@@ -55,6 +55,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.chat_data import ChatLoader
 from nanochat.chat_train import add_mid_mixture_flags as add_mixture_flags  # the midtraining mixture
@@ -77,6 +78,7 @@ from nanochat.checkpoint_manager import (
     load_checkpoint,
     save_checkpoint,
     step_dir,
+    tag_dir,
 )
 from nanochat.common import (
     autocast_ctx,
@@ -132,39 +134,43 @@ def build_parser(stage: str, add_mixture_flags=None):
     a("--compile", type=str2bool, default=None, help="torch.compile the model (default: on for CUDA with --pack 1)")
     # starting point
     a("--source", default=d["source"], choices=["base", "mid", "sft"], help="checkpoint stage to start from")
-    a("--source_tag", default="", help="model tag of the source checkpoint (default: most recent)")
-    a("--source_step", type=int, default=-1, help="step of the source checkpoint (-1 = latest)")
+    a("--source_tag", type=ck.model_tag, default="", help="model tag of the source checkpoint (default: most recent)")
+    a("--source_step", type=ck.nonneg_int_or_off, default=-1, help="step of the source checkpoint (-1 = latest)")
     # data
-    a("--max_seq_len", type=int, default=-1, help="row length T (-1 = the checkpoint's sequence_len)")
+    a("--max_seq_len", type=ck.positive_int_or_off, default=-1,
+      help="row length T (-1 = the checkpoint's sequence_len)")
     a("--pack", type=str2bool, default=None,
       help=f"pack whole conversations into full rows, else one per row (default {int(d['pack'])}; 1 for MC checkpoints)")
-    a("--num_epochs", type=float, default=1.0, help="passes over the train mixture (used if --num_iterations=-1)")
+    a("--num_epochs", type=ck.positive_float, default=1.0,
+      help="passes over the train mixture (used if --num_iterations=-1)")
     # optimization
-    a("--num_iterations", type=int, default=-1, help="optimizer steps (-1 = from --num_epochs)")
-    a("--device_batch_size", type=int, default=d["device_batch_size"], help="rows per micro-batch per process")
-    a("--total_batch_size", type=int, default=-1,
+    a("--num_iterations", type=ck.positive_int_or_off, default=-1, help="optimizer steps (-1 = from --num_epochs)")
+    a("--device_batch_size", type=ck.positive_int, default=d["device_batch_size"],
+      help="rows per micro-batch per process")
+    a("--total_batch_size", type=ck.positive_int_or_off, default=-1,
       help=f"tokens (row slots) per optimizer step, all processes (-1 = {d['rows']} rows × max_seq_len)")
-    a("--embedding_lr", type=float, default=0.2)
-    a("--unembedding_lr", type=float, default=0.004)
-    a("--matrix_lr", type=float, default=0.02)
-    a("--init_lr_frac", type=float, default=d["init_lr_frac"], help="all learning rates × this")
-    a("--weight_decay", type=float, default=0.0)
-    a("--grad_clip", type=float, default=1.0, help="clip the global grad norm (0 = off)")
-    a("--warmup_ratio", type=float, default=d["warmup_ratio"])
-    a("--warmdown_ratio", type=float, default=d["warmdown_ratio"])
-    a("--final_lr_frac", type=float, default=0.0)
+    a("--embedding_lr", type=ck.nonneg_float, default=0.2)
+    a("--unembedding_lr", type=ck.nonneg_float, default=0.004)
+    a("--matrix_lr", type=ck.nonneg_float, default=0.02)
+    a("--init_lr_frac", type=ck.nonneg_float, default=d["init_lr_frac"], help="all learning rates × this")
+    a("--weight_decay", type=ck.nonneg_float, default=0.0)
+    a("--grad_clip", type=ck.nonneg_float, default=1.0, help="clip the global grad norm (0 = off)")
+    a("--warmup_ratio", type=ck.nonneg_float, default=d["warmup_ratio"])
+    a("--warmdown_ratio", type=ck.nonneg_float, default=d["warmdown_ratio"])
+    a("--final_lr_frac", type=ck.nonneg_float, default=0.0)
     # cadences, in tokens
     a("--eval_every", type=parse_token_count, default=parse_token_count(d["eval_every"]), help="val bpb cadence (tokens)")
     a("--eval_tokens", type=parse_token_count, default=parse_token_count(d["eval_tokens"]), help="tokens per val eval")
     a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (tokens; -1 = only at the end)")
     a("--log_every", type=parse_token_count, default=0, help="console/W&B log cadence (tokens; 0 = every step)")
     # output
-    a("--model_tag", default="", help="output checkpoint folder name (default: the source's tag)")
+    a("--model_tag", type=ck.model_tag, default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
-    a("--keep_last", type=int, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
+    a("--keep_last", type=ck.positive_int_or_off, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
     a("--nonfinite", default="stop", choices=["stop", "skip"],
       help="a NaN/inf loss or gradient: stop (debug checkpoint, exit 2) or skip the step (no update, counted)")
-    a("--debug_inject_nan_step", type=int, default=-1, help="testing knob: make step N's loss NaN (-1 = off)")
+    a("--debug_inject_nan_step", type=ck.nonneg_int_or_off, default=-1,
+      help="testing knob: make step N's loss NaN (-1 = off)")
     if add_mixture_flags is not None:
         add_mixture_flags(p)
     return p
@@ -191,7 +197,10 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         except CheckpointError as e:
             die(f"{e} (--source={args.source})")
     model_tag = args.model_tag or src_tag
-    checkpoint_dir = os.path.join(out_root, model_tag)
+    try:
+        checkpoint_dir = tag_dir(out_root, model_tag, "--model_tag" if args.model_tag else "--source_tag")
+    except ValueError as e:
+        die(str(e))
     start_step, loader_state, resumed_meta, optim_states = 0, None, None, None
     step_to_load = resume_step(args.resume, checkpoint_dir)
     if step_to_load is not None:
@@ -215,7 +224,10 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                 src_tag = find_last_model_tag(src_root)
             except CheckpointError as e:
                 die(f"{e} (--source={args.source})")
-        src_dir = os.path.join(src_root, src_tag)
+        try:
+            src_dir = tag_dir(src_root, src_tag, "--source_tag")
+        except ValueError as e:
+            die(str(e))
         src_step = args.source_step if args.source_step >= 0 else latest_step(src_dir)
         if src_step is None:
             die(f"no complete checkpoint in {src_dir}; train the {args.source} stage first or pick --source_tag")

@@ -31,6 +31,7 @@ import torch
 from mc.eval_conditions import char_byte_offsets, char_span_to_tokens, token_byte_starts
 from mc.eval_data import probe_items
 from mc.eval_tasks import assoc_items
+from nanochat import cli_checks as ck
 from nanochat.common import parse_token_count
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.dataset import resolve_source, sized_for
@@ -48,21 +49,21 @@ def parse_args(argv=None):
     p.add_argument("--configs", default="all," + ",".join(f"no_{x}" for x in PARTS),
                    help="comma list: all, no_<part> (parts: " + ", ".join(PARTS) + ")")
     p.add_argument("--tokens", type=parse_token_count, default=parse_token_count("3M"), help="training tokens per config")
-    p.add_argument("--mix", type=int, default=1, help="k of --prev_token_mix when the mix is on")
-    p.add_argument("--rope_fraction", type=float, default=0.5, help="when partial_rope is on")
-    p.add_argument("--query_gain", type=float, default=4.0, help="when query_gain is on")
-    p.add_argument("--corpus_docs", type=int, default=16, help="dense val documents per length for 'corpus'")
-    p.add_argument("--depth", type=int, default=2)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--head_dim", type=int, default=32)
-    p.add_argument("--max_seq_len", type=int, default=2048)
-    p.add_argument("--batch_tokens", type=int, default=8192, help="tokens per optimizer step")
-    p.add_argument("--matrix_lr", type=float, default=0.02)
-    p.add_argument("--embedding_lr", type=float, default=0.05)
-    p.add_argument("--wc_length", type=int, default=128, help="W: probes at multiples of it")
+    p.add_argument("--mix", type=ck.positive_int, default=1, help="k of --prev_token_mix when the mix is on")
+    p.add_argument("--rope_fraction", type=ck.finite_float, default=0.5, help="when partial_rope is on")
+    p.add_argument("--query_gain", type=ck.nonneg_float, default=4.0, help="when query_gain is on")
+    p.add_argument("--corpus_docs", type=ck.nonneg_int, default=16, help="dense val documents per length for 'corpus'")
+    p.add_argument("--depth", type=ck.positive_int, default=2)
+    p.add_argument("--width", type=ck.positive_int, default=128)
+    p.add_argument("--head_dim", type=ck.positive_int, default=32)
+    p.add_argument("--max_seq_len", type=ck.positive_int, default=2048)
+    p.add_argument("--batch_tokens", type=ck.positive_int, default=8192, help="tokens per optimizer step")
+    p.add_argument("--matrix_lr", type=ck.nonneg_float, default=0.02)
+    p.add_argument("--embedding_lr", type=ck.nonneg_float, default=0.05)
+    p.add_argument("--wc_length", type=ck.positive_int, default=128, help="W: probes at multiples of it")
     p.add_argument("--lengths", default="4,16", help="history lengths as multiples of W")
-    p.add_argument("--num_probes", type=int, default=64, help="probes per length (half passkey, half kv)")
-    p.add_argument("--num_assoc", type=int, default=16, help="assoc sequences per length (4 queries each)")
+    p.add_argument("--num_probes", type=ck.nonneg_int, default=64, help="probes per length (half passkey, half kv)")
+    p.add_argument("--num_assoc", type=ck.nonneg_int, default=16, help="assoc sequences per length (4 queries each)")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--out", default="", help="write the results as JSON here")
     return p.parse_args(argv)

@@ -14,6 +14,7 @@ import argparse
 
 import tiktoken
 
+from nanochat import cli_checks as ck
 from nanochat.dataset import SOURCES, iter_documents, resolve_source
 from nanochat.report import get_report
 from nanochat.tokenizer import get_tokenizer
@@ -90,7 +91,8 @@ def main(argv=None):
     p.add_argument("--source", type=str, default="synthetic", choices=SOURCES,
                    help="text source for the validation-document sample")
     p.add_argument("--data_dir", type=str, default=None, help="folder of parquet shards for --source fineweb|dir")
-    p.add_argument("--doc_chars", type=int, default=20_000, help="characters of the validation document used")
+    p.add_argument("--doc_chars", type=ck.positive_int, default=20_000,
+                   help="characters of the validation document used")
     args = p.parse_args(argv)
     if args.doc_chars <= 0:
         p.error(f"--doc_chars must be positive, got {args.doc_chars}")

@@ -16,6 +16,7 @@ import argparse
 import os
 import time
 
+from nanochat import cli_checks as ck
 from nanochat.common import str2bool
 from nanochat.dataset import SOURCES, iter_documents, resolve_source
 from nanochat.report import get_report
@@ -24,9 +25,9 @@ from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_tokenizer_d
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the BPE tokenizer", allow_abbrev=False)
-    p.add_argument("--vocab_size", type=int, default=65536, help="total vocab incl. special tokens")
-    p.add_argument("--max_chars", type=int, default=2_000_000_000, help="max training characters")
-    p.add_argument("--doc_cap", type=int, default=10_000, help="max characters taken from each document")
+    p.add_argument("--vocab_size", type=ck.positive_int, default=65536, help="total vocab incl. special tokens")
+    p.add_argument("--max_chars", type=ck.positive_int, default=2_000_000_000, help="max training characters")
+    p.add_argument("--doc_cap", type=ck.positive_int, default=10_000, help="max characters taken from each document")
     p.add_argument("--source", type=str, default="synthetic", choices=SOURCES,
                    help="text source (see nanochat.dataset)")
     p.add_argument("--data_dir", type=str, default=None, help="folder of parquet shards for --source fineweb|dir")

@@ -95,7 +95,8 @@ def test_ddp_two_processes_match_one(env):
 
 @pytest.mark.parametrize("flags, message", [
     (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag"),
-    (["--depth=four"], "argument --depth: invalid int value"),
+    (["--depth=four"], "argument --depth: expected an integer, got 'four'"),
+    (["--depth=0"], "argument --depth: must be an integer >= 1, got '0'"),
     (["--eval_every=lots"], "expected a token count"),
     (["--device_batch_size=8", "--device_batch_size=3"], "is not a multiple of device_batch_size"),
     (["--data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),

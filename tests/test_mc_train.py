@@ -79,7 +79,7 @@ def test_mc_loss_falls_and_gistnet_is_checkpointed(env, monkeypatch):
         meta = json.load(f)
     assert meta["mc_config"]["num_random_variants"] == 2 and meta["mc_config"]["block_size"] == 8
     assert meta["mc_train_state"]["lens"]["adv_scale"]["value"] > 0  # LensNet's EMA, restored on resume
-    optim = torch.load(os.path.join(ckpt, "optim_rank0.pt"), weights_only=False)
+    optim = torch.load(os.path.join(ckpt, "optim_rank0.pt"), weights_only=True)
     n_opt = sum(len(g["params"]) for o in optim for g in o["param_groups"])
     gpt_params = sum(1 for k in state if not k.startswith("mc."))
     assert n_opt == gpt_params + len(mc_keys)
