@@ -65,6 +65,7 @@ class MCConfig:
     allocator_iterations: int = 1
     # --- inference
     infer_refocus_interval: int = 64  # tokens between LensNet + allocator refocuses while decoding
+    infer_focus: str = "lensnet"  # lensnet | keymatch (the GPT's layer-0 keys pick the blocks, mc/keymatch.py)
     # --- runtime
     aux_dtype: str = "auto"  # auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, else fp32)
     auto_batch: bool = True  # shrink the micro-batch for the (1 + N) variants, keep tokens/step
@@ -129,6 +130,7 @@ _CHOICES = {
     "allocator_type": ("greedy", "stochastic_greedy"),
     "lensnet_type": ("transformer", "none"),
     "lensnet_head": ("mlp", "linear"),
+    "infer_focus": ("lensnet", "keymatch"),
     "aux_dtype": ("auto", "fp32", "bf16"),
 }
 # (lowest allowed, highest allowed, lowest inclusive?) for numeric knobs; None = unbounded
@@ -244,6 +246,7 @@ FLAGS = [
     ("allocator_max_replacements", "--allocator_max_replacements", int, "edits per allocator iteration"),
     ("allocator_iterations", "--allocator_iterations", int, "allocator iterations per refocus"),
     ("infer_refocus_interval", "--mc_infer_refocus_interval", int, "inference: tokens between refocuses"),
+    ("infer_focus", "--mc_infer_focus", str, "inference: lensnet | keymatch (the GPT's layer-0 keys pick blocks)"),
     ("aux_dtype", "--mc_aux_dtype", str, "auto | fp32 | bf16 for GistNet/LensNet"),
     ("auto_batch", "--mc_auto_batch", str2bool, "scale the micro-batch for the variants (tokens/step unchanged)"),
 ]

@@ -28,7 +28,9 @@ calls it at every user turn): mc.focus.refocus = LensNet scores the current WC (
 focus: every score 0, only forced collapses) and the allocator edits the plan under W (step 0, the
 hard fit, collapses the lowest-scored groups until entries <= W). When a long ingest left more than
 W + refocus_interval entries, a score-free hard fit runs first so LensNet never sees more entries than
-the model does.
+the model does. With --mc_infer_focus=keymatch the GPT's own layer-0 attention chooses instead of
+LensNet (mc.keymatch.keymatch_refocus): the history's last token is the query, the blocks that stand
+out are made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token).
 
 Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
 before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
@@ -65,6 +67,7 @@ import torch
 from mc.allocator import PlanDoesNotFitError, allocate
 from mc.focus import first_changed_token
 from mc.focus import refocus as focus_refocus
+from mc.keymatch import LayerZeroKeys, block_scores, keymatch_refocus
 from mc.positions import rope_cos_sin
 from mc.telemetry import NoOpTelemetryProvider, emit_event
 from mc.tree import MegaContextTree
@@ -124,10 +127,11 @@ class _Buffer:
 class MCSession:
     def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
                  refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
-                 seed: int = 0, ingest_chunk: int = 8192):
+                 seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None):
         """mc_modules / mc_config default to model.mc_modules / model.mc_config (checkpoint_manager.build_model);
         W, refocus_interval default as in the module docstring; telemetry: a mc.telemetry provider (NoOp);
-        seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest."""
+        seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest;
+        focus: "lensnet" | "keymatch" (default: the config's --mc_infer_focus)."""
         mc_modules = mc_modules if mc_modules is not None else getattr(model, "mc_modules", None)
         cfg = mc_config if mc_config is not None else getattr(model, "mc_config", None)
         seq_len = model.config.sequence_len
@@ -135,6 +139,8 @@ class MCSession:
             raise MCSessionError(f"this model has no MegaContext modules (model.mc_modules is None: a vanilla "
                                  f"checkpoint, no GistNet/LensNet weights or meta['mc_config']); {VANILLA_FIX} of "
                                  f"{seq_len} tokens")
+        if focus is not None:
+            cfg = dataclasses.replace(cfg, infer_focus=focus)  # validated there (one clear error)
         interval = cfg.infer_refocus_interval if refocus_interval is None else refocus_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise MCSessionError(f"--mc_infer_refocus_interval={interval!r} must be an integer >= 1")
@@ -152,6 +158,7 @@ class MCSession:
                                  f"--mc_infer_refocus_interval")
         self.model, self.mc_modules, self.cfg = model, mc_modules, cfg
         self.lensnet = mc_modules.lensnet
+        self.keys = LayerZeroKeys(model) if cfg.infer_focus == "keymatch" else None  # mc/keymatch.py
         self.W, self.refocus_interval, self.max_entries = W, interval, W + interval
         self.device = torch.device(device) if device is not None else model.get_device()
         self.telemetry = telemetry or NoOpTelemetryProvider()
@@ -204,6 +211,7 @@ class MCSession:
         tree = sum(b.numel() * b.element_size() for b in t._buf if b is not None)
         tree += 0 if t.tail is None else t.tail.numel() * t.tail.element_size()
         hist = self._ids.nbytes() + self._plan.nbytes() + (0 if self.state is None else self.state.numel())
+        hist += 0 if self.keys is None else self.keys.nbytes()
         kv = 0 if self.kv.k is None else 2 * self.kv.k.numel() * self.kv.k.element_size()
         wc = self._starts.nbytes() + self._lods.nbytes()
         return {"tree": tree, "history": hist, "working_context": wc, "kv_cache": kv}
@@ -390,10 +398,14 @@ class MCSession:
         cached = self.kv.get_pos()
         fitted = self.num_entries > self.max_entries
         forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
-        new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, self.W,
-                                                    state=self.state, generator=self.generator,
-                                                    wc=self.working_context() if self.lensnet is not None else
-                                                    self._score_free_wc())
+        if self.keys is not None:
+            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, self._keymatch_scores(), self.W,
+                                                        self.cfg, self.cfg.recent_tokens, state=self.state)
+        else:
+            new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, self.W,
+                                                        state=self.state, generator=self.generator,
+                                                        wc=self.working_context() if self.lensnet is not None else
+                                                        self._score_free_wc())
         # KV: entries starting before the first changed token are unchanged (module docstring)
         t_star = int(first_changed_token(old_plan, new_plan)[0])
         t_fit = int(first_changed_token(old_plan, self.plan)[0]) if fitted else t_star  # the hard fit's edits
@@ -428,6 +440,12 @@ class MCSession:
         self._since_refocus = 0
         self._emit(last)
         return dict(last)
+
+    def _keymatch_scores(self) -> torch.Tensor:
+        """[1, n_blocks] block scores for the history's last token as the query (mc/keymatch.py)."""
+        ids = self.token_ids()
+        self.keys.extend(ids)
+        return block_scores(self.keys.view()[None], self.keys.query(ids, self.num_tokens - 1), self.bs)
 
     def _score_free_wc(self) -> WorkingContext:
         """Fixed focus: the scores are all 0, so only the entry count matters (no embeddings needed)."""

@@ -18,15 +18,8 @@ from mc.eval_conditions import (
     recency_focus,
 )
 from mc.eval_data import Answer, EvalItem
-from mc.eval_keymatch import (
-    block_scores,
-    expand_blocks_to_raw,
-    keymatch_focus,
-    keymatch_plans,
-    layer0_inputs,
-    query_end,
-    query_positions,
-)
+from mc.eval_keymatch import keymatch_focus, keymatch_plans, query_end, query_positions
+from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs
 from mc.eval_plot import em_panels, plot_exact_match
 from mc.eval_report import summarize
 from mc.eval_run import Setup, evaluate_batch

@@ -93,10 +93,11 @@ def rigged_gpt():
     return model.eval()
 
 
-def build(scorer=True, seed=0):
+def build(scorer=True, seed=0, focus="lensnet"):
     model = rigged_gpt()
     cfg = MCConfig(block_size=BS, max_lod=1, gistnet_type="mean", recent_tokens=RECENT, train_wc_length=W,
-                   infer_refocus_interval=INTERVAL, lensnet_type="transformer" if scorer else "none")
+                   infer_refocus_interval=INTERVAL, lensnet_type="transformer" if scorer else "none",
+                   infer_focus=focus)
     modules = MCModules(GistNet(C, block_size=BS, gistnet_type="mean"), QuestionLens() if scorer else None)
     attach(model, modules, cfg)
     return model, modules, cfg
@@ -138,9 +139,9 @@ def raw_entries(s):
     return set(starts[lods == 0].tolist())
 
 
-def chat(scorer=True):
+def chat(scorer=True, focus="lensnet"):
     """A session that has been told the history turn by turn (ingest + refocus per turn, as MCEngine does)."""
-    model, modules, cfg = build(scorer)
+    model, modules, cfg = build(scorer, focus=focus)
     rec = WCSizes()
     s = MCSession(model, modules, cfg, telemetry=rec)
     assert (s.W, s.refocus_interval) == (W, INTERVAL)
@@ -240,3 +241,42 @@ def test_question_about_an_unknown_key_expands_nothing():
     assert lod_of(s, [FACT_AT, FACT_AT + 1]) == [1, 1] and lod_of(s, [FACT2_AT, FACT2_AT + 1]) == [1, 1]
     assert torch.equal(s.plan[:, :FACT2_AT + 1], before[:, :FACT2_AT + 1])
     assert answer not in (VALUE, VALUE2)
+
+
+# ------------------------------------------------------------------ keymatch focus (--mc_infer_focus=keymatch)
+# No scorer at all: the rigged GPT's own layer-0 query ("my token" = KEY) and keys ("the token before me")
+# single out the block where KEY was followed by its value (mc/keymatch.py).
+@pytest.mark.parametrize("key,value,block", [(KEY, VALUE, FACT_BLOCK), (KEY2, VALUE2, FACT2_BLOCK)])
+def test_keymatch_focus_opens_the_fact_block_from_the_gpts_own_keys(key, value, block):
+    s, rec = chat(scorer=False, focus="keymatch")
+    span = range(block * BS, (block + 1) * BS)
+    assert lod_of(s, span) == [1] * BS  # before the question: a gist
+    info, answer = ask(s, key)
+    assert info["expands"] == 1 and lod_of(s, span) == [0] * BS
+    assert answer == value
+    others = [b for b in range(30) if b != block]
+    assert all(int(s.plan[0, b * BS]) == 1 for b in others)
+    assert max(rec.sizes) <= W and s.stats()["max_kv_entries"] <= W + INTERVAL
+    assert s.memory_bytes()["history"] >= s.num_tokens * 64 * 2  # the cached bf16 keys are accounted
+
+
+def test_keymatch_follow_up_and_unknown_key():
+    s, rec = chat(scorer=False, focus="keymatch")
+    assert ask(s, KEY)[1] == VALUE
+    s.ingest(filler(TURN_LEN, seed=1))
+    s.refocus()
+    info, answer = ask(s, KEY2)
+    assert info["expands"] == 1 and answer == VALUE2
+    before = s.plan.clone()
+    info, answer = ask(s, UNKNOWN_KEY)  # nothing stands out: no block is opened
+    assert info["expands"] == 0 and answer not in (VALUE, VALUE2)
+    assert torch.equal(s.plan[:, :FACT2_AT + 1], before[:, :FACT2_AT + 1])
+    assert max(rec.sizes) <= W
+
+
+def test_keymatch_makes_room_by_collapsing_the_oldest_detail():
+    s, rec = chat(scorer=False, focus="keymatch")
+    info, answer = ask(s, KEY, preamble=filler(60, seed=2))
+    assert info["expands"] == 1 and info["forced"] >= 1
+    assert lod_of(s, [FACT_AT, FACT_AT + 1]) == [0, 0] and answer == VALUE
+    assert max(rec.sizes) <= W and s.stats()["max_kv_entries"] <= W + INTERVAL

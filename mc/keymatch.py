@@ -1,0 +1,184 @@
+"""
+Keymatch: which blocks of the history does the current question ask about? Read from the GPT's own
+layer-0 attention (its c_k / c_q, trained by the LM loss), with no parameters of its own. mc_eval's
+MC-KEYMATCH condition (mc/eval_keymatch.py) and the inference session's keymatch focus
+(--mc_infer_focus=keymatch, mc/session.py) both score blocks with it.
+
+    x = layer0_inputs(model, embeddings)        # block 0's attention input, from embeddings alone
+    keys, query = layer0_keys(model, x), layer0_query(model, x[:, t])
+    z = block_scores(keys, query, bs)           # [R, n_blocks]: how far each block stands out
+
+Keys: the GPT's layer-0 attention keys of the history tokens,
+    h_t = norm(norm(e_t) + lambda W [norm(e_{t-1}); ...; norm(e_{t-k})])  block 0's attention input,
+    k_t = norm(c_k(h_t))  per kv head                                     e_t = wte(x_t) (the tree's LOD0)
+(the lambda W term only for a GPT with the previous-token mix, GPTConfig.prev_token_mix.) Why layer 0:
+its input is built from the token embeddings alone (the token and, with the mix, the k before it), so a
+block's keys need nothing but the block's own tokens (and the k before it), which the MegaContext tree
+already holds, and they never change once computed (the session caches them, LayerZeroKeys). Any
+deeper layer's keys need that layer's input, i.e. a pass of the GPT over the whole history: reading
+everything, which is FULL, not a focus policy. No rotary: the rotation encodes the distance between
+query and key; block selection should match content ("which block mentions what the question asks
+about") wherever the block lies, as the long-range paths of NSA / HSA do.
+
+Query: q_h = norm(c_q(h_t)) of one token t: the question's last token (where the GPT's own lookup
+happens: its prediction IS the recall). Never the answer itself: keying on the answer's tokens would
+find the source block through the answer, which no deployed refocus could do.
+
+Block score, per head h (query head h reads kv head h // (n_head / n_kv_head), as the attention does):
+    m_{b,h} = max over t in block b of  q_h . k_t          Quest's bound: the block's best key, not its mean
+    z_{b,h} = (m_{b,h} - mean_b m_{.,h}) / std_b m_{.,h}   how far block b stands out for this head
+    s_b     = max over h of z_{b,h}
+Why max over tokens: a needle is one or two tokens of a 32-token block; mean-pooling (MoBA) drowns it in
+the other 30 (measured on the recall model, lab notebook "MC-KEYMATCH: the best key of a block": the
+needle's block ranked first 0.06 with mean keys and a mean query vs 0.41 with this score; top-3 0.16 vs
+0.72). Why a z-score across blocks, then max over heads: heads differ in scale (QK-norm, query gain)
+and most heads are positional, so their best key scores alike everywhere; a retrieval head makes one
+block stand out, and the z-score lets that head speak without knowing in advance which head it is (no
+tuning on any data).
+"""
+
+import dataclasses
+
+import torch
+
+from mc.allocator import PlanDoesNotFitError, allocate
+from nanochat.gpt import norm
+
+
+def layer0_inputs(model, embeddings: torch.Tensor) -> torch.Tensor:
+    """[R, T, C]: the input of block 0's attention from the token embeddings [R, T, C] alone, as
+    GPT.forward builds it: the normed embedding, plus the previous-token mix when the GPT has one (zero
+    before the first token), normed again by the block."""
+    return norm(model.mix_previous(norm(embeddings)))
+
+
+def layer0_keys(model, x: torch.Tensor) -> torch.Tensor:
+    """[R, T, H_kv, D]: QK-normed layer-0 keys of the layer-0 inputs x [R, T, C], without rotary."""
+    attn = model.transformer.h[0].attn
+    return norm(attn.c_k(x).view(*x.shape[:-1], attn.n_kv_head, attn.head_dim))
+
+
+def layer0_query(model, x: torch.Tensor) -> torch.Tensor:
+    """[R, H, D]: QK-normed layer-0 queries of one token per row, x [R, C], without rotary (and without
+    the query gain, which scales a head's scores uniformly: block_scores' z-score removes it)."""
+    attn = model.transformer.h[0].attn
+    return norm(attn.c_q(x).view(x.size(0), attn.n_head, attn.head_dim))
+
+
+def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> torch.Tensor:
+    """float [R, n_blocks]: max over heads of the z-scored best key of each whole block (module docstring).
+    keys [R, T, H_kv, D] (T // bs whole blocks are scored), queries [R, H, D]."""
+    R, T, H_kv, D = keys.shape
+    n = T // block_size
+    rep = queries.size(1) // H_kv
+    k = keys[:, : n * block_size].repeat_interleave(rep, dim=2)  # [R, n*bs, H, D]
+    s = torch.einsum("rthd,rhd->rth", k.float(), queries.float())
+    best = s.view(R, n, block_size, -1).amax(2)  # [R, n, H]
+    mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
+    return ((best - mean) / std.clamp(min=1e-6)).amax(2)
+
+
+def expand_blocks_to_raw(plans: torch.Tensor, blocks: torch.Tensor, block_size: int, max_lod: int) -> torch.Tensor:
+    """Copy of plans int8 [R, T] with block blocks[r] of row r made raw (blocks long [R]; -1 = leave the
+    row alone): the legal expansion ORACLE uses (expand_to_raw), for one block per row, as one tensor op.
+
+    Expanding the LOD-l gist that holds the block down to raw gives every token t of that LOD-l unit the
+    level m(t) - 1, where m(t) is the finest level whose aligned unit holds both t and the block (m = 1:
+    t is in the block -> raw; m = 2: same LOD2 unit, other block -> LOD1 gist). Tokens outside the unit
+    (m > l) keep their level."""
+    R, T = plans.shape
+    t = torch.arange(T, device=plans.device)
+    start = (blocks.clamp(min=0) * block_size)[:, None]  # [R, 1] the block's first token
+    shared = sum(((t // block_size ** k) == (start // block_size ** k)).long() for k in range(1, max_lod + 1))
+    m = max_lod + 1 - shared  # units nest, so t shares the levels m..max_lod with the block
+    level = plans.gather(1, start).long()  # [R, 1] the block's current level
+    hit = (m <= level) & (blocks >= 0)[:, None]
+    return torch.where(hit, (m - 1).to(plans.dtype), plans)
+
+
+class LayerZeroKeys:
+    """The layer-0 keys of a growing token history (one row), computed once per token: a token's key
+    reads only its own embedding and the k = prev_token_mix before it, so appending never changes the
+    keys already cached. Stored in bfloat16: H_kv * D * 2 bytes per token (256 B at width 128)."""
+
+    def __init__(self, model):
+        self.model = model
+        self.context = int(getattr(model.config, "prev_token_mix", 0) or 0)  # tokens before a key that it reads
+        attn = model.transformer.h[0].attn
+        self.shape = (attn.n_kv_head, attn.head_dim)
+        self.data = torch.empty(0, *self.shape, dtype=torch.bfloat16)
+        self.n = 0
+
+    def _inputs(self, ids: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        """[b - a, C]: layer-0 inputs of tokens a..b-1 of the history ids (1-D), reading k tokens before a."""
+        lo = max(a - self.context, 0)
+        emb = self.model.transformer.wte(ids[lo:b].to(self.model.transformer.wte.weight.device).long())
+        return layer0_inputs(self.model, emb[None].float())[0, a - lo:]
+
+    @torch.no_grad()
+    def extend(self, ids: torch.Tensor):
+        """Cache the keys of ids[self.n:] (ids: the whole history so far, 1-D)."""
+        a, b = self.n, ids.numel()
+        if b <= a:
+            return
+        keys = layer0_keys(self.model, self._inputs(ids, a, b)[None])[0].to("cpu", torch.bfloat16)
+        if b > self.data.size(0):
+            grown = torch.empty(max(2 * b, 1024), *self.shape, dtype=torch.bfloat16)
+            grown[:a] = self.data[:a]
+            self.data = grown
+        self.data[a:b] = keys
+        self.n = b
+
+    def view(self) -> torch.Tensor:
+        return self.data[: self.n]
+
+    @torch.no_grad()
+    def query(self, ids: torch.Tensor, t: int) -> torch.Tensor:
+        """[1, H, D]: the layer-0 query of history token t."""
+        return layer0_query(self.model, self._inputs(ids, t, t + 1))
+
+    def nbytes(self) -> int:
+        return self.data.numel() * self.data.element_size()
+
+
+# ------------------------------------------------------------------ the inference session's keymatch focus
+KEYMATCH_MIN_Z = 3.0  # a block is "asked about" when it stands >= 3 std above the others for some head
+KEYMATCH_MAX_BLOCKS = 2  # blocks made raw per refocus (a fact and its neighbour when it straddles a boundary)
+
+
+def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_tokens: int,
+                     state: torch.Tensor | None = None):
+    """One keymatch refocus of a session's plan int8 [1, T] from block scores z [1, >= n_blocks]:
+    (new_plan, new_state, stats) as mc.allocator.allocate returns them, stats["expands"] = blocks made raw.
+
+    The (at most KEYMATCH_MAX_BLOCKS) best blocks before the raw tail with z >= KEYMATCH_MIN_Z that are
+    not raw yet are made raw (expand_blocks_to_raw); then the allocator's hard fit brings the plan back to
+    <= W, collapsing the OLDEST detail first (token scores rise linearly from -1 at the start of the
+    history to 0 at its end, the chosen blocks score +1, so they are collapsed last), with no other edit
+    (thresholds out of reach): a short history that fits W is never compressed. If even the fully
+    collapsed covering cannot hold a chosen block, fewer blocks are opened."""
+    bs, max_lod = cfg.block_size, cfg.max_lod
+    T = plan.size(1)
+    n_blocks = max(T - recent_tokens, 0) // bs
+    starts = torch.arange(n_blocks) * bs
+    z = z[:, :n_blocks].float().cpu()
+    open_ok = (plan[:, starts] > 0) & (z >= KEYMATCH_MIN_Z)
+    ranked = torch.where(open_ok, z, float("-inf")).argsort(1, descending=True)[0, :KEYMATCH_MAX_BLOCKS]
+    chosen = [int(b) for b in ranked if bool(open_ok[0, b])]
+    hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+    for n in range(len(chosen), -1, -1):
+        opened, scores = plan.clone(), torch.arange(T, dtype=torch.float32)[None] / max(T, 1) - 1.0
+        for b in chosen[:n]:
+            opened = expand_blocks_to_raw(opened, torch.tensor([b]), bs, max_lod)
+            scores[:, b * bs:(b + 1) * bs] = 1.0
+        try:
+            new_plan, new_state, stats = allocate(opened, scores, W, hard, bs, max_lod, recent_tokens, state=state,
+                                                  scores_are_token_map=True)
+        except PlanDoesNotFitError:
+            if n == 0:
+                raise
+            continue
+        for b in chosen[:n]:
+            new_state[:, b * bs:(b + 1) * bs] = 1  # just expanded: hysteresis, as an allocator expand
+        stats["expands"] = torch.tensor([n])
+        return new_plan, new_state, stats
