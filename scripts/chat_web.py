@@ -466,9 +466,12 @@ def main(argv=None):
                         help="--mc: working-context budget W")
     parser.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
                         help="--mc: tokens between refocuses")
+    parser.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
+                        help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys)")
     args = parser.parse_args(argv)
-    if not args.mc and (args.mc_infer_wc_length is not None or args.mc_infer_refocus_interval is not None):
-        die("--mc_infer_wc_length / --mc_infer_refocus_interval only apply with --mc")
+    mc_only = (args.mc_infer_wc_length, args.mc_infer_refocus_interval, args.mc_infer_focus)
+    if not args.mc and any(v is not None for v in mc_only):
+        die("--mc_infer_wc_length / --mc_infer_refocus_interval / --mc_infer_focus only apply with --mc")
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
@@ -478,7 +481,8 @@ def main(argv=None):
     try:
         workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
                                          mc=args.mc, mc_kwargs={"W": args.mc_infer_wc_length,
-                                                                "refocus_interval": args.mc_infer_refocus_interval})
+                                                                "refocus_interval": args.mc_infer_refocus_interval,
+                                                                "focus": args.mc_infer_focus})
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
