@@ -18,9 +18,16 @@ Bad requests get a 4xx JSON error naming the field: {"error": "..."} on the nano
 OpenAI's {"error": {"message", "type", "param", "code"}} under /v1.
 
 Serving: one worker (model + Engine) per device (cuda:0..N-1, or one on cpu/mps). A request takes a
-free worker from an asyncio queue (waiting if all are busy); the blocking token loop runs in its own
-thread and hands events to the event loop, and the thread puts the worker back when generation
-ends (also when the client disconnects: the loop sees a cancel flag between tokens).
+free worker (nanochat/web_pool.py), waiting in a line of at most --max_queue (then 503 + Retry-After);
+the blocking token loop runs in its own thread, which checks a cancel flag and the --request_timeout
+deadline between tokens and puts the worker back when it ends. A client that disconnects cancels its
+request wherever it is: waiting, in prefill, streaming, or mid non-streamed reply (web_guard.until_disconnected).
+Front door (nanochat/web_guard.py), before a request costs memory or a worker: Host must be a loopback name,
+the bound --host or one of --allowed_hosts (DNS rebinding); a web page's Origin must be same-origin or an
+allowed host; with --api_key / $NANOCHAT_API_KEY every path but / and /health needs `Authorization: Bearer`;
+POST bodies must be application/json (415: text/plain and forms need no CORS preflight), <= 1 MB counted
+while reading (413), strict JSON nested <= 32 deep (400). temperature 0 < T < 0.01 is a 400 (0 = greedy).
+
 A reply is cut where the model's context (sequence_len) ends: max_tokens is lowered to the room the
 prompt leaves (finish_reason "length"). A prompt that leaves no room is an ordinary 400; so is any
 ContextTooLongError of the Engine, since the first token is awaited before a response is sent.
@@ -38,19 +45,21 @@ import asyncio
 import json
 import os
 import random
-import threading
 import time
 import uuid
 from dataclasses import dataclass, replace
 
 import torch
-from fastapi import FastAPI, Request
-from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
+from fastapi import Depends, FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from nanochat import cli_checks as ck
-from nanochat.common import autocast_ctx, autodetect_device_type, die, get_base_dir
-from nanochat.engine import ContextTooLongError, Engine, MCEngine, Utf8StreamDecoder
+from nanochat import web_guard as wg
+from nanochat.common import autodetect_device_type, die, get_base_dir
+from nanochat.engine import Engine, MCEngine, Utf8StreamDecoder  # noqa: F401 (tests import the decoder from here)
+from nanochat.web_pool import Generation, QueueFull, QueueTimeout, Worker, WorkerPool
 
 # ----------------------------------------------------------------------------- request limits
 MAX_MESSAGES = 500              # messages per request
@@ -60,16 +69,19 @@ MAX_BODY_BYTES = 1_000_000      # raw request body (32,000 chars of 4-byte UTF-8
 MAX_TOKENS_RANGE = (1, 4096)
 TEMPERATURE_RANGE = (0.0, 2.0)
 TOP_K_RANGE = (1, 200)
+MIN_TEMPERATURE = 0.01          # 0 < T < this is refused: logits / 1e-45 overflow to inf, and it is greedy anyway
+MAX_JSON_DEPTH = 32             # a chat request nests 4 levels; json.loads itself fails near 1,000
+MAX_QUEUE = 16                  # --max_queue default: requests that may wait for a busy worker
+REQUEST_TIMEOUT = 600.0         # --request_timeout default (seconds, queue wait included; 0 = none)
+BODY_TIMEOUT = 30.0             # seconds a client may take to send its (<= 1 MB) body
+RETRY_AFTER = 2                 # seconds, in the Retry-After of a 503
+API_KEY_ENV = "NANOCHAT_API_KEY"
+OPEN_PATHS = ("/", "/health")   # no API key needed: the page (it asks for the key) and liveness probes
 ROLES = ("user", "assistant", "system")
 UI_PATH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "nanochat", "ui.html")
 
 
-class RequestError(Exception):
-    """A request the server refuses: HTTP status, a message that says what to fix, the offending field."""
-
-    def __init__(self, status, message, param=None, code=None, kind="invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code, self.kind = status, message, param, code, kind
+RequestError = wg.Refusal  # a 4xx/5xx with a message that says what to fix (the name the tests know)
 
 
 @dataclass
@@ -125,6 +137,11 @@ def parse_chat_request(body, defaults, openai=False) -> ChatParams:
             raise RequestError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}",
                                param=f"messages[{i}].role")
         text = _content_text(m.get("content"), i)
+        try:  # JSON may carry lone surrogates (\ud800) that no tokenizer can encode
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise RequestError(400, f"messages[{i}].content is not valid Unicode (a lone surrogate)",
+                               param=f"messages[{i}].content") from None
         if not text.strip():
             raise RequestError(400, f"messages[{i}].content is empty", param=f"messages[{i}].content")
         if len(text) > MAX_MESSAGE_CHARS:
@@ -146,100 +163,12 @@ def parse_chat_request(body, defaults, openai=False) -> ChatParams:
         if body.get("max_completion_tokens") is not None and body.get("max_tokens") is None:
             body = {**body, "max_tokens": body["max_completion_tokens"]}
     seed = _number(body, "seed", 0, 2**63 - 1, random.randrange(2**31), integer=True)
+    temperature = _number(body, "temperature", *TEMPERATURE_RANGE, defaults["temperature"], integer=False)
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise RequestError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
+                           param="temperature")
     return ChatParams(clean, _number(body, "max_tokens", *MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True),
-                      _number(body, "temperature", *TEMPERATURE_RANGE, defaults["temperature"], integer=False),
-                      _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed)
-
-
-# ----------------------------------------------------------------------------- workers
-@dataclass
-class Worker:
-    """One model + Engine on one device; serves one request at a time."""
-    engine: object  # nanochat.engine.Engine
-    tokenizer: object
-    device: str = "cpu"
-    name: str = ""
-
-
-class WorkerPool:
-    """Free workers in an asyncio.Queue: acquire() waits for one, release() puts it back."""
-
-    def __init__(self, workers):
-        if not workers:
-            raise ValueError("the worker pool needs at least one worker")
-        self.workers, self._queue, self._loop = list(workers), None, None
-
-    def _free(self):
-        loop = asyncio.get_running_loop()
-        if self._queue is None or self._loop is not loop:  # (re)bind to the serving loop
-            self._queue, self._loop = asyncio.Queue(), loop
-            for w in self.workers:
-                self._queue.put_nowait(w)
-        return self._queue
-
-    async def acquire(self) -> Worker:
-        return await self._free().get()
-
-    def release(self, worker):
-        self._queue.put_nowait(worker)
-
-    def available(self) -> int:
-        return len(self.workers) if self._queue is None else self._queue.qsize()
-
-
-class Generation:
-    """One reply being generated by a worker in a background thread; events arrive on an asyncio queue:
-    ("started",) after prefill, ("text", str)..., then ("end", finish_reason, completion_tokens) or
-    ("too_long", message) or ("error", message). The thread releases the worker when it ends."""
-
-    def __init__(self, pool, worker, prompt, params):
-        self.pool, self.worker, self.prompt, self.params = pool, worker, prompt, params
-        self.loop, self.events, self.cancel = asyncio.get_running_loop(), asyncio.Queue(), threading.Event()
-        threading.Thread(target=self._run, name=f"gen-{worker.name}", daemon=True).start()
-
-    def _put(self, *event):
-        try:
-            self.loop.call_soon_threadsafe(self.events.put_nowait, event)
-        except RuntimeError:  # event loop already closed (server shutting down)
-            self.cancel.set()
-
-    def _run(self):
-        w, p, tok = self.worker, self.params, self.worker.tokenizer
-        stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
-        decoder, n, stopped, started = Utf8StreamDecoder(tok), 0, False, False
-        try:
-            with autocast_ctx(torch.device(w.device).type):
-                for column, _masks in w.engine.generate(self.prompt, num_samples=1, max_tokens=p.max_tokens,
-                                                        temperature=p.temperature, top_k=p.top_k, seed=p.seed):
-                    if not started:
-                        started = True
-                        self._put("started")
-                    if self.cancel.is_set():
-                        break
-                    n += 1
-                    if column[0] in stops:
-                        stopped = True
-                        break
-                    if text := decoder.push(column[0]):
-                        self._put("text", text)
-                    if n >= p.max_tokens:
-                        break
-            if not started:
-                self._put("started")
-            if tail := decoder.flush():
-                self._put("text", tail)
-            # the Engine may end a row at its stop token without yielding it: fewer tokens than asked = stop
-            finish = "stop" if stopped or (n < p.max_tokens and not self.cancel.is_set()) else "length"
-            self._put("end", finish, n)
-        except ContextTooLongError as e:
-            self._put("too_long", str(e))
-        except Exception as e:  # reported to the client; the server keeps running
-            self._put("error", f"generation failed: {type(e).__name__}: {e}")
-        finally:
-            try:
-                self.loop.call_soon_threadsafe(self.pool.release, w)
-            except RuntimeError:
-                pass
+                      temperature, _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed)
 
 
 def too_long(detail):
@@ -248,11 +177,17 @@ def too_long(detail):
                         code="context_length_exceeded")
 
 
-async def start_generation(pool, params) -> tuple:
+def overloaded(message, code):
+    return RequestError(503, f"{message}; retry in a few seconds", code=code, kind="overloaded_error",
+                        headers={"Retry-After": str(RETRY_AFTER)})
+
+
+async def start_generation(pool, params, deadline=None) -> tuple:
     """Acquire a worker, start generating, wait for prefill. -> (generation, prompt_tokens).
     The reply is limited to the context left after the prompt: max_tokens = min(requested,
     sequence_len - prompt_tokens), finish_reason "length" when it runs out. A prompt that leaves no
-    room (or any ContextTooLongError of the Engine) -> RequestError 400 before any response is sent."""
+    room (or any ContextTooLongError of the Engine) -> RequestError 400 before any response is sent.
+    A full waiting line, or a deadline (time.monotonic()) that passes while waiting -> 503 + Retry-After."""
     try:  # the conversation primed for the assistant's reply; the tokenizer checks the role order
         prompt = pool.workers[0].tokenizer.render_for_completion({"messages": params.messages})
     except ValueError as e:
@@ -265,8 +200,13 @@ async def start_generation(pool, params) -> tuple:
         if len(prompt) >= limit:
             raise too_long(f"{len(prompt)} prompt tokens, the context holds {limit} tokens including the reply")
         params = replace(params, max_tokens=min(params.max_tokens, limit - len(prompt)))
-    worker = await pool.acquire()
-    gen = Generation(pool, worker, prompt, params)
+    try:
+        worker = await pool.acquire(None if deadline is None else deadline - time.monotonic())
+    except QueueFull as e:
+        raise overloaded(f"the server is busy: {e}", "queue_full") from None
+    except QueueTimeout:
+        raise overloaded("no worker became free before the request timeout (--request_timeout)", "timeout") from None
+    gen = Generation(pool, worker, prompt, params, deadline)
     try:
         first = await gen.events.get()
     except BaseException:  # request cancelled while waiting for prefill: stop the thread
@@ -300,28 +240,58 @@ def _usage(prompt_tokens, completion_tokens):
             "total_tokens": prompt_tokens + completion_tokens}
 
 
-def _event_stream(gen):
-    return StreamingResponse(gen, media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+class _GenerationStream(StreamingResponse):
+    """An SSE response that stops its generation however it ends: a client that hangs up before the
+    first chunk is pulled never runs the body iterator's own cleanup."""
+
+    def __init__(self, body, gen):
+        super().__init__(body, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        self.gen = gen
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.gen.cancel.set()
 
 
-def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
-    """The FastAPI app over a list of Workers (tests pass tiny in-memory models here)."""
+def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUEUE, request_timeout=REQUEST_TIMEOUT,
+               api_key=None, allowed_hosts=wg.LOCAL_HOSTS) -> FastAPI:
+    """The FastAPI app over a list of Workers (tests pass tiny in-memory models here).
+    max_queue: requests that may wait for a busy worker (None = unbounded); request_timeout: seconds from
+    a parsed request to its last token (None/0 = none); api_key: required as 'Bearer <key>' on everything
+    but the page and /health; allowed_hosts: Host names served (web_guard.allowed_hosts; None = any)."""
     defaults = {"temperature": 0.8, "top_k": 50, "max_tokens": 512, **(defaults or {})}
-    pool = WorkerPool(workers)
+    pool = WorkerPool(workers, max_waiting=max_queue)
     with open(UI_PATH, encoding="utf-8") as f:
         ui_html = f.read()
-    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None)
 
-    def error_response(request, status, message, param=None, code=None, kind="invalid_request_error"):
+    async def guard(request: Request):
+        host = request.headers.get("host")
+        wg.check_host(host, allowed_hosts)
+        wg.check_origin(request.headers.get("origin"), host, allowed_hosts)
+        if request.url.path not in OPEN_PATHS:
+            wg.check_api_key(request.headers.get("authorization"), api_key)
+        if request.method == "POST":  # the size first: a huge declared body is refused before all else
+            wg.check_content_length(request.headers.get("content-length"), MAX_BODY_BYTES)
+            wg.check_content_type(request.headers.get("content-type"))
+
+    app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(guard)])
+
+    def error_response(request, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
         openai_shape = request.url.path.startswith("/v1/")
         body = {"message": message, "type": kind, "param": param, "code": code}
         return JSONResponse({"error": body} if openai_shape else {"error": message, "param": param, "code": code},
-                            status_code=status)
+                            status_code=status, headers=headers)
 
     @app.exception_handler(RequestError)
     async def _request_error(request, exc: RequestError):
-        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.kind)
+        return error_response(request, exc.status, exc.message, exc.param, exc.code, exc.kind, exc.headers)
+
+    @app.exception_handler(wg.ClientGone)
+    async def _client_gone(request, exc):
+        return Response(status_code=499)  # nginx's "client closed request": nobody reads it, the log shows it
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request, exc):
@@ -330,18 +300,22 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
                               kind=kind)
 
     async def read_json(request):
-        raw = await request.body()
-        if len(raw) > MAX_BODY_BYTES:
-            raise RequestError(413, f"request body is {len(raw)} bytes; the limit is {MAX_BODY_BYTES}")
         try:
-            return json.loads(raw)
-        except ValueError as e:
-            raise RequestError(400, f"the request body is not valid JSON ({e})") from e
+            raw = await asyncio.wait_for(wg.read_body(request.stream(), MAX_BODY_BYTES), BODY_TIMEOUT)
+        except ClientDisconnect:
+            raise wg.ClientGone() from None
+        except asyncio.TimeoutError:
+            raise RequestError(408, f"the request body did not arrive within {BODY_TIMEOUT:.0f} s") from None
+        return wg.parse_json(raw, MAX_JSON_DEPTH)
 
-    def log(params, prompt_tokens, n, t0):
+    def deadline():
+        return time.monotonic() + request_timeout if request_timeout else None
+
+    def log(params, prompt_tokens, n, t0, finish=""):
         dt = time.perf_counter() - t0
         print(f"[chat_web] {len(params.messages)} messages, prompt {prompt_tokens} tokens -> {n} tokens "
-              f"in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s)", flush=True)
+              f"in {dt:.2f}s ({n / max(dt, 1e-9):.1f} tok/s){' [timeout]' if finish == 'timeout' else ''}",
+              flush=True)
 
     @app.get("/", response_class=HTMLResponse)
     async def index():
@@ -359,18 +333,18 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
     async def chat(request: Request):
         params = parse_chat_request(await read_json(request), defaults)
         t0 = time.perf_counter()
-        gen, prompt_tokens = await start_generation(pool, params)
+        gen, prompt_tokens = await wg.until_disconnected(request.receive, start_generation(pool, params, deadline()))
 
         async def stream():
             async for event in iterate(gen):
                 if event[0] == "text":
                     yield _sse({"token": event[1]})
                 elif event[0] == "end":
-                    log(params, prompt_tokens, event[2], t0)
+                    log(params, prompt_tokens, event[2], t0, event[1])
                     yield _sse({"done": True, "finish_reason": event[1], "usage": _usage(prompt_tokens, event[2])})
                 else:
                     yield _sse({"error": event[1]})
-        return _event_stream(stream())
+        return _GenerationStream(stream(), gen)
 
     @app.post("/v1/chat/completions")
     async def chat_openai(request: Request):
@@ -381,14 +355,14 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
             raise RequestError(400, f"stream must be true or false, got {stream_flag!r}", param="stream")
         include_usage = isinstance(body.get("stream_options"), dict) and body["stream_options"].get("include_usage") is True
         t0 = time.perf_counter()
-        gen, prompt_tokens = await start_generation(pool, params)
         cid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
         def chunk(delta, finish=None):
             return {"id": cid, "object": "chat.completion.chunk", "created": created, "model": model_id,
                     "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
 
-        if not stream_flag:
+        async def whole_reply():
+            gen, prompt_tokens = await start_generation(pool, params, deadline())
             parts = []
             async for event in iterate(gen):
                 if event[0] == "text":
@@ -397,11 +371,15 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
                     finish, n = event[1], event[2]
                 else:
                     raise RequestError(500, event[1], kind="server_error")
-            log(params, prompt_tokens, n, t0)
+            log(params, prompt_tokens, n, t0, finish)
             message = {"role": "assistant", "content": "".join(parts)}
             return {"id": cid, "object": "chat.completion", "created": created, "model": model_id,
                     "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish}],
                     "usage": _usage(prompt_tokens, n)}
+
+        if not stream_flag:  # nothing is sent until the end, so only this watch notices a client that left
+            return await wg.until_disconnected(request.receive, whole_reply())
+        gen, prompt_tokens = await wg.until_disconnected(request.receive, start_generation(pool, params, deadline()))
 
         async def stream():
             yield _sse(chunk({"role": "assistant", "content": ""}))
@@ -409,14 +387,14 @@ def create_app(workers, model_id="nanochat", defaults=None) -> FastAPI:
                 if event[0] == "text":
                     yield _sse(chunk({"content": event[1]}))
                 elif event[0] == "end":
-                    log(params, prompt_tokens, event[2], t0)
+                    log(params, prompt_tokens, event[2], t0, event[1])
                     yield _sse(chunk({}, finish=event[1]))
                     if include_usage:
                         yield _sse({**chunk({}), "choices": [], "usage": _usage(prompt_tokens, event[2])})
                 else:
                     yield _sse({"error": {"message": event[1], "type": "server_error", "param": None, "code": None}})
             yield "data: [DONE]\n\n"
-        return _event_stream(stream())
+        return _GenerationStream(stream(), gen)
 
     return app
 
@@ -468,6 +446,16 @@ def main(argv=None):
                         help="--mc: tokens between refocuses")
     parser.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
                         help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys)")
+    parser.add_argument("--max_queue", type=ck.nonneg_int, default=MAX_QUEUE,
+                        help="requests that may wait for a busy worker; more get 503 + Retry-After")
+    parser.add_argument("--request_timeout", type=ck.nonneg_float, default=REQUEST_TIMEOUT,
+                        help="seconds per request, queue wait included (0 = none): a reply still being "
+                             "written then ends with finish_reason 'timeout'")
+    parser.add_argument("--api_key", default=os.environ.get(API_KEY_ENV) or None,
+                        help=f"require 'Authorization: Bearer <key>' (default: ${API_KEY_ENV}; none = open)")
+    parser.add_argument("--allowed_hosts", default="",
+                        help="comma-separated extra Host names/addresses to answer besides localhost and --host "
+                             "(e.g. the machine's LAN name under --host 0.0.0.0); '*' = any")
     args = parser.parse_args(argv)
     mc_only = (args.mc_infer_wc_length, args.mc_infer_refocus_interval, args.mc_infer_focus)
     if not args.mc and any(v is not None for v in mc_only):
@@ -475,8 +463,14 @@ def main(argv=None):
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
+    if 0 < args.temperature < MIN_TEMPERATURE:
+        die(f"--temperature={args.temperature}: use 0 (greedy) or at least {MIN_TEMPERATURE}")
     if args.num_gpus < 1:
         die(f"--num_gpus must be at least 1, got {args.num_gpus}")
+    try:
+        hosts = wg.allowed_hosts(args.host, args.allowed_hosts.split(","))
+    except ValueError as e:
+        die(f"--allowed_hosts / --host: {e}")
     device_type = args.device_type or autodetect_device_type()
     try:
         workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
@@ -486,10 +480,13 @@ def main(argv=None):
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
-    app = create_app(workers, model_id=model_id, defaults=defaults)
+    app = create_app(workers, model_id=model_id, defaults=defaults, max_queue=args.max_queue,
+                     request_timeout=args.request_timeout, api_key=args.api_key, allowed_hosts=hosts)
     import uvicorn
 
-    print(f"serving {model_id} on {len(workers)} worker(s): http://{args.host}:{args.port}/", flush=True)
+    print(f"serving {model_id} on {len(workers)} worker(s): http://{args.host}:{args.port}/ "
+          f"(API key {'required' if args.api_key else 'off'}; Host names: "
+          f"{'any' if hosts is None else ', '.join(sorted(hosts))})", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="info")
 
 

@@ -32,6 +32,7 @@ from scripts.chat_web import Utf8StreamDecoder, Worker, create_app
 SEQ_LEN = 256
 MODEL_ID = "tiny-test-model"
 HELLO = [{"role": "user", "content": "Where does Marta Quill live?"}]
+LOCAL = "http://localhost"  # the server answers loopback Host names only (DNS rebinding); TestClient's is "testserver"
 
 
 # ----------------------------------------------------------------------------- fixtures
@@ -82,7 +83,7 @@ def worker(model, tokenizer):
 @pytest.fixture(scope="module")
 def client(worker):
     app = create_app([worker], model_id=MODEL_ID, defaults={"max_tokens": 24, "temperature": 0.8, "top_k": 50})
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         yield c
 
 
@@ -247,7 +248,7 @@ class TooLongEngine:
 
 
 def test_engine_context_error_is_400(tokenizer):
-    with TestClient(create_app([Worker(TooLongEngine(), tokenizer, "cpu")])) as c:
+    with TestClient(create_app([Worker(TooLongEngine(), tokenizer, "cpu")]), base_url=LOCAL) as c:
         r = c.post("/v1/chat/completions", json={"messages": HELLO})
         assert r.status_code == 400 and "engine rule" in r.json()["error"]["message"]
         assert r.json()["error"]["code"] == "context_length_exceeded"
@@ -283,7 +284,7 @@ class ScriptedEngine:
 def test_utf8_streaming_end_to_end(tokenizer):
     ids = tokenizer.encode(UNICODE_TEXT) + [tokenizer.encode_special("<|assistant_end|>")]
     app = create_app([Worker(ScriptedEngine(ids), tokenizer, "cpu")], model_id=MODEL_ID)
-    with TestClient(app) as c:
+    with TestClient(app, base_url=LOCAL) as c:
         raw = c.post("/chat/completions", json={"messages": HELLO, "max_tokens": 200}).content
         events = sse_events(raw.decode("utf-8"))  # strict: raises on any broken byte sequence
         pieces = [e["token"] for e in events[:-1]]
@@ -455,7 +456,7 @@ def test_load_workers_from_checkpoint(tmp_path, monkeypatch, model, tokenizer):
     save_checkpoint(str(tmp_path / "chatsft_checkpoints" / "tiny"), 5, model.state_dict(), None, meta)
     workers, model_id = chat_web.load_workers("sft", None, None, "cpu", 1)
     assert model_id == "nanochat-sft-tiny-step5" and len(workers) == 1 and workers[0].device == "cpu"
-    with TestClient(create_app(workers, model_id=model_id)) as c:
+    with TestClient(create_app(workers, model_id=model_id), base_url=LOCAL) as c:
         r = c.post("/v1/chat/completions", json={"messages": HELLO, "max_tokens": 3})
         assert r.status_code == 200 and r.json()["model"] == model_id
     with pytest.raises(SystemExit):
@@ -479,7 +480,7 @@ def test_mc_worker_serves_conversations_longer_than_the_context(tokenizer, model
     engine = MCEngine(mc_model, tokenizer, reuse_session=False)
     msgs = [{"role": "user", "content": " ".join(f"word{i}" for i in range(300))},
             {"role": "assistant", "content": "ok"}, {"role": "user", "content": "and what came first?"}]
-    with TestClient(create_app([Worker(engine, tokenizer, "cpu")])) as c:
+    with TestClient(create_app([Worker(engine, tokenizer, "cpu")]), base_url=LOCAL) as c:
         body = {"messages": msgs, "max_tokens": 12, "temperature": 1.0, "seed": 3}
         out = c.post("/v1/chat/completions", json=body).json()
         assert out["usage"]["prompt_tokens"] > 5 * mc_model.config.sequence_len
