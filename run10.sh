@@ -5,6 +5,7 @@
 #   bash run10.sh --gpu cpu                 # offline, 2 CPU cores, ~10 minutes, synthetic corpus
 #   bash run10.sh --gpu 5090|h100           # one rented GPU (default h100)
 #   bash run10.sh --gpu h100 --source fineweb --shards 24   # real web text (downloads shards first)
+#   bash run10.sh --gpu cpu --data_dir ~/books               # your own .txt/.jsonl/.parquet files
 #   bash run10.sh ... -- --depth=8          # anything after -- goes to scripts.base_train
 #
 #   bash run10.sh --gpu h100 --profile mc --quality   # the long-range quality run: tokenizer → MC base
@@ -13,6 +14,7 @@
 #                                           # on the dense recall corpus (--source recall) → mc_eval (no chat half)
 #
 # Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --recall, --source synthetic|fineweb,
+#          --data_dir PATH (your own text: tokenizer, base training and base loss read it; implies --source dir),
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy),
 #          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT checkpoints).
 # Re-running the same command continues where it stopped: every training stage resumes from its newest
@@ -21,12 +23,15 @@
 # --profile mc trains with MegaContext (--mc_enabled=1, GistNet + working-context variants) into its
 # own checkpoint folder (base_checkpoints/d<depth>_mc), so baseline checkpoints are never touched.
 set -euo pipefail
+CALLER_DIR=$PWD  # a relative --data_dir is relative to where run10.sh was started, not to the repo
 cd "$(dirname "$0")"
 source dev/recipe_common.sh  # the skip/resume helpers (tokenizer_ready, evaluated, newer, report_reset, ...)
 
 GPU=h100
 PROFILE=baseline
 SOURCE=synthetic
+SOURCE_SET=0
+DATA_DIR=
 SHARDS=24
 QUALITY=0
 RECALL=0
@@ -41,13 +46,15 @@ while [ $# -gt 0 ]; do
     --mc) PROFILE=mc ;;
     --quality) QUALITY=1 ;;
     --recall) RECALL=1 ;;
-    --source) SOURCE="$2"; shift ;;
-    --source=*) SOURCE="${1#*=}" ;;
+    --source) SOURCE="$2"; SOURCE_SET=1; shift ;;
+    --source=*) SOURCE="${1#*=}"; SOURCE_SET=1 ;;
+    --data_dir) [ $# -ge 2 ] || { echo "run10.sh: --data_dir needs a folder" >&2; exit 2; }; DATA_DIR="$2"; shift ;;
+    --data_dir=*) DATA_DIR="${1#*=}" ;;
     --shards) SHARDS="$2"; shift ;;
     --run) export WANDB_RUN="$2"; shift ;;
     --fresh) FRESH=1 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) echo "run10.sh: unknown option $1 (see bash run10.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -58,6 +65,21 @@ case "$PROFILE" in
 esac
 if [ "$QUALITY" = 1 ] && [ "$RECALL" = 1 ]; then
   echo "run10.sh: --quality and --recall are two different long-range recipes; pick one" >&2; exit 2
+fi
+# --data_dir: your own text, source "dir" (nanochat/dataset.py). The long-range recipes need their own corpora.
+if [ -n "$DATA_DIR" ]; then
+  if [ "$SOURCE_SET" = 1 ] && [ "$SOURCE" != dir ]; then
+    echo "run10.sh: --data_dir trains on your own files (source dir), --source $SOURCE on another corpus; drop one" >&2; exit 2
+  fi
+  [ "$RECALL" = 0 ] || { echo "run10.sh: --recall trains on the built-in recall corpus; drop --data_dir" >&2; exit 2; }
+  [ "$QUALITY" = 0 ] || { echo "run10.sh: --quality runs on the synthetic corpus (its recalls are annotated); drop --data_dir" >&2; exit 2; }
+  DATA_DIR=${DATA_DIR/#\~/$HOME}  # --data_dir=~/x: the shell leaves that ~ alone
+  case "$DATA_DIR" in /*) ;; *) DATA_DIR="$CALLER_DIR/$DATA_DIR" ;; esac
+  [ -d "$DATA_DIR" ] || { echo "run10.sh: --data_dir $DATA_DIR is not a folder" >&2; exit 2; }
+  DATA_DIR=$(cd "$DATA_DIR" && pwd -P)  # absolute and canonical: what tok_train records in trained_on.txt
+  SOURCE=dir
+elif [ "$SOURCE" = dir ]; then
+  echo "run10.sh: --source dir reads your own files: add --data_dir PATH" >&2; exit 2
 fi
 if [ "$RECALL" = 1 ]; then
   [ "$SOURCE" = synthetic ] || { echo "run10.sh: --recall trains on the built-in recall corpus; drop --source" >&2; exit 2; }
@@ -78,6 +100,7 @@ GPU_VOCAB=$( [ "$SOURCE" = synthetic ] && echo 2048 || echo 65536 )
 
 # Per-hardware sizes. Every profile keeps total_batch_size fixed per step; device_batch_size only
 # changes how it is split into micro-batches (grad accumulation), never what the model sees.
+# Cadences: a bare integer counts steps (as upstream), a unit makes it tokens (64M, 655360tok).
 case "$GPU" in
   cpu)
     ./mc_setup --cpu
@@ -86,14 +109,14 @@ case "$GPU" in
     TRAIN_ARGS=(--device_type=cpu --depth=4 --aspect_ratio=64 --head_dim=64 --max_seq_len=512
                 --device_batch_size=8 --total_batch_size=8192 --num_iterations=240
                 --embedding_lr=0.05 --warmup_ratio=0.02
-                --eval_every=655360 --eval_tokens=65536 --sample_every=1M --save_every=655360 --log_every=81920)
+                --eval_every=655360tok --eval_tokens=65536 --sample_every=1M --save_every=655360tok --log_every=81920tok)
     EVAL_ARGS=(--device_type=cpu)
     LOSS_ARGS=(--device_type=cpu --device_batch_size=8 --split_tokens=65536)
     # chat half, ~4 minutes: 60 midtraining steps, 30 SFT steps, 40 problems per chat-eval task
     MID_ARGS=(--device_type=cpu --device_batch_size=8 --total_batch_size=8192 --num_iterations=60
-              --eval_every=245760 --eval_tokens=32768 --log_every=81920)
+              --eval_every=245760tok --eval_tokens=32768 --log_every=81920tok)
     SFT_ARGS=(--device_type=cpu --device_batch_size=8 --total_batch_size=8192 --num_iterations=30
-              --eval_every=122880 --eval_tokens=32768 --log_every=40960)
+              --eval_every=122880tok --eval_tokens=32768 --log_every=40960tok)
     CHAT_EVAL_ARGS=(--device-type=cpu --max-problems=40 --max-new-tokens=48)
     MC_EVAL_ARGS=(--device_type=cpu --num_docs=16 --num_probes=32 --n_boot=500)
     # MC on 2 cores: a step costs ~2.2x a vanilla one (LM forward + 3 working contexts of ~W entries +
@@ -166,7 +189,7 @@ if [ "$RECALL" = 1 ]; then
   TRAIN_ARGS=(--depth=2 --aspect_ratio=64 --head_dim=32 --max_seq_len=512 --prev_token_mix=2 --query_gain=4
               --rope_fraction=0.5 --device_batch_size=8 --total_batch_size=4096 --num_iterations=3000
               --embedding_lr=0.05 --eval_every=1M --eval_tokens=65536 --sample_every=-1 --save_every=1M
-              --log_every=204800 --model_tag=d2_recall)
+              --log_every=204800tok --model_tag=d2_recall)
   [ "$GPU" = cpu ] && TRAIN_ARGS+=(--device_type=cpu)
   MC_ARGS=(--mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
            --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
@@ -191,6 +214,9 @@ EVAL_ARGS+=(--model_tag="$TAG")
 if [ "$SOURCE" = fineweb ]; then
   $PY -m nanochat.dataset -n "$SHARDS"
 fi
+DATA_ARGS=()  # the stages that read the pretraining text get the folder too
+TOK_RECORD=$TOK_SOURCE  # what tokenizer/trained_on.txt must say for the tokenizer to be reused
+if [ -n "$DATA_DIR" ]; then DATA_ARGS=(--data_dir="$DATA_DIR"); TOK_RECORD="dir $DATA_DIR"; fi
 
 # Each stage runs unless its output is already there (see dev/recipe_common.sh); trainers resume themselves.
 R=$NANOCHAT_BASE_DIR/report
@@ -198,10 +224,14 @@ C=$NANOCHAT_BASE_DIR
 VOCAB=$(for a in "${TOK_ARGS[@]}"; do case "$a" in --vocab_size=*) echo "${a#*=}" ;; esac; done)
 [ "$FRESH" = 1 ] && start_fresh "$TAG"
 report_reset "$FRESH"
-{ [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB"; } || $PY -m scripts.tok_train --source="$TOK_SOURCE" "${TOK_ARGS[@]}"
-newer tok_eval "$R/tokenizer-evaluation.md" "$C/tokenizer/tokenizer.pkl" || $PY -m scripts.tok_eval --source="$TOK_SOURCE"
-$PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" --resume=auto "${TRAIN_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
-evaluated base_loss "$R/base-model-loss.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_loss --source="$SOURCE" "${LOSS_ARGS[@]}"
+{ [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB" "$TOK_RECORD"; } ||
+  $PY -m scripts.tok_train --source="$TOK_SOURCE" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${TOK_ARGS[@]}"
+newer tok_eval "$R/tokenizer-evaluation.md" "$C/tokenizer/tokenizer.pkl" ||
+  $PY -m scripts.tok_eval --source="$TOK_SOURCE" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"}
+$PY -m scripts.base_train --run="$WANDB_RUN" --source="$SOURCE" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} --resume=auto \
+  "${TRAIN_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}
+evaluated base_loss "$R/base-model-loss.md" "$C/base_checkpoints/$TAG" ||
+  $PY -m scripts.base_loss --source="$SOURCE" ${DATA_ARGS[@]+"${DATA_ARGS[@]}"} "${LOSS_ARGS[@]}"
 evaluated base_eval "$R/base-model-evaluation.md" "$C/base_checkpoints/$TAG" || $PY -m scripts.base_eval "${EVAL_ARGS[@]}"
 if [ "$PROFILE" = mc ] || [ "$RECALL" = 1 ]; then  # the recall recipe evaluates its baseline too
   evaluated mc_eval "$R/mc_eval.json" "$C/base_checkpoints/$TAG" ||
@@ -214,8 +244,9 @@ if [ "$QUALITY" = 1 ]; then
 fi
 # The chat half. The offline default mixtures are synthetic (long-context recall questions, spelling,
 # identity); `--source fineweb` runs on a networked machine use the full mixtures and the standard tasks.
-MIXTURE=$( [ "$SOURCE" = synthetic ] && echo offline || echo full )
-ONLINE=$( [ "$SOURCE" = synthetic ] && echo "" || echo --online )
+# Your own text (--data_dir) may be on an offline machine: it keeps the offline mixtures.
+MIXTURE=$( [ "$SOURCE" = fineweb ] && echo full || echo offline )
+ONLINE=$( [ "$SOURCE" = fineweb ] && echo --online || echo "" )
 $PY -m scripts.mid_train --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${MID_ARGS[@]}"
 evaluated "chat_eval mid" "$R/chat-evaluation-mid.md" "$C/mid_checkpoints/$TAG" ||
   $PY -m scripts.chat_eval -i mid --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"

@@ -5,13 +5,21 @@
 # complete" and exits at once), and the helpers below skip the tokenizer and every eval whose output is
 # already there for the newest checkpoint, each with a line "skip <stage>: <why>". --fresh starts over.
 
-# tokenizer_ready VOCAB: the tokenizer is saved and has exactly VOCAB ids (else it gets retrained)
+# tokenizer_ready VOCAB [SOURCE]: the tokenizer is saved and has exactly VOCAB ids (else it gets retrained);
+# with SOURCE ("synthetic", "fineweb", "dir /abs/folder"), it was also trained on that text, as its
+# trained_on.txt says. A tokenizer from before trained_on.txt existed counts as trained on any corpus but a folder.
 tokenizer_ready() {
-  local dir="$NANOCHAT_BASE_DIR/tokenizer" have
+  local dir="$NANOCHAT_BASE_DIR/tokenizer" have on
   [ -f "$dir/tokenizer.pkl" ] && [ -f "$dir/token_bytes.pt" ] || return 1
   have=$($PY -c 'from nanochat.tokenizer import get_tokenizer; print(get_tokenizer().get_vocab_size())' 2>/dev/null) || return 1
   if [ "$have" != "$1" ]; then echo "tokenizer: $dir has $have ids, $1 requested: training a new one"; return 1; fi
-  echo "skip tokenizer: $dir already has the requested $1 ids"
+  if [ -n "${2:-}" ]; then
+    on=$(cat "$dir/trained_on.txt" 2>/dev/null || true)
+    if { [ -n "$on" ] && [ "$on" != "$2" ]; } || { [ -z "$on" ] && [ "${2#dir }" != "$2" ]; }; then
+      echo "tokenizer: $dir was trained on ${on:-an unrecorded corpus}, this run reads $2: training a new one"; return 1
+    fi
+  fi
+  echo "skip tokenizer: $dir already has the requested $1 ids${2:+ (trained on $2)}"
 }
 
 # latest_ckpt DIR: the newest complete step in a checkpoint folder (a step_N folder with meta.json), or nothing

@@ -139,8 +139,9 @@ def init_wandb(run_name: str, project: str, config: dict, master_process: bool):
 
 
 def parse_token_count(value) -> int:
-    """argparse type for cadences measured in tokens: '131072', '64K', '2M', '1.5B'; -1 disables."""
-    v = str(value).strip().upper().replace("_", "")
+    """argparse type for token counts: '131072', '64K', '2M', '1.5B', optionally followed by 'tok' ('4Mtok', the
+    spelling that marks a cadence as tokens, nanochat/cadence.py); -1 disables."""
+    v = str(value).strip().upper().replace("_", "").removesuffix("TOK")
     scale = {"K": 10**3, "M": 10**6, "B": 10**9, "G": 10**9}.get(v[-1:], 1)
     if scale != 1:
         v = v[:-1]

@@ -20,10 +20,12 @@ fineweb   FineWeb-Edu shards (parquet, column "text") in $NANOCHAT_BASE_DIR/base
     never moves a document between splits.
 
 dir       your own files: `--data_dir DIR` with *.parquet (column "text"), *.jsonl (one JSON object
-    per non-blank line, field "text") and *.txt (the whole file is ONE document: long documents are
-    what MegaContext is for; put many short documents in a .jsonl instead). Only files directly in
-    DIR are read, in sorted filename order, documents in file order; that gives every document a
-    global index g. Split rule: val = documents with g % 100 == 0 (the first document and every
+    per non-blank line, field "text") and *.txt (a whole file, read completely; one longer than
+    TXT_DOC_CHARS is cut into consecutive documents of at most that size at paragraph or line breaks,
+    nanochat/text_split.py, so one book still has a train and a val split; pieces of 16K-64K chars
+    stay long, as MegaContext wants, and consecutive pieces of a file follow each other in the token
+    stream). Only files directly in DIR are read, in sorted filename order, documents in file order;
+    that gives every document a global index g. Split rule: val = documents with g % 100 == 0 (the first document and every
     100th after it), train = all the others. So a folder needs at least 2 documents.
 
 Finite sources (fineweb, dir) loop: after the last document of a split, iteration starts again at
@@ -54,11 +56,15 @@ import pyarrow.parquet as pq
 
 from nanochat.common import get_base_dir, print0
 from nanochat.synthetic import synthetic_document, synthetic_texts
+from nanochat.text_split import split_text
 
 BASE_URL = "https://huggingface.co/datasets/karpathy/fineweb-edu-100b-shuffle/resolve/main"
 MAX_SHARD = 1822          # shards are shard_00000 ... shard_01822; the last one is the val split
 VAL_EVERY = 100           # dir source: document g is val iff g % VAL_EVERY == 0
 DIR_EXTENSIONS = (".parquet", ".jsonl", ".txt")
+# dir source: a .txt longer than this becomes several documents. 64K chars is ~15K tokens: long enough
+# for mc_eval's --doc_tokens=8192 on your own text, short enough that one 300 KB book gives 5 documents.
+TXT_DOC_CHARS = 64_000
 
 
 def shard_name(index: int) -> str:
@@ -225,8 +231,14 @@ class TextSource:
     description: str = ""
 
 
+def _txt_documents(path: str) -> list[str]:
+    """The documents of one .txt file: all of its text, in pieces of at most TXT_DOC_CHARS."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        return split_text(f.read(), TXT_DOC_CHARS)
+
+
 def _count_docs(path: str) -> int:
-    """Documents in one file: parquet rows (from metadata), non-blank jsonl lines, 1 per txt."""
+    """Documents in one file: parquet rows (from metadata), non-blank jsonl lines, .txt pieces."""
     if path.endswith(".parquet"):
         problem = _parquet_problem(path)
         if problem is not None:
@@ -235,7 +247,7 @@ def _count_docs(path: str) -> int:
     if path.endswith(".jsonl"):
         with open(path, "rb") as f:
             return sum(1 for line in f if line.strip())
-    return 1
+    return len(_txt_documents(path))
 
 
 SOURCES = ("synthetic", "recall", "fineweb", "dir")  # the --source choices of every script
@@ -285,8 +297,10 @@ def resolve_source(source: str = "synthetic", data_dir=None, seed: int = 0) -> T
                              f"or drop --data_dir for the synthetic corpus")
         counts = [_count_docs(p) for p in files]
         if sum(counts) < 2:
-            raise ValueError(f"data dir {data_dir} holds {sum(counts)} document(s); need at least 2 "
-                             f"(every {VAL_EVERY}th document, starting with the first, is held out for val)")
+            raise ValueError(f"data dir {data_dir} holds {sum(counts)} document(s) ({sum(map(os.path.getsize, files)):,} "
+                             f"bytes); need at least 2, one for val (every {VAL_EVERY}th document, starting with the "
+                             f"first) and one for train: add text (another file, a .jsonl with one document per "
+                             f"line, or a .txt over {TXT_DOC_CHARS:,} characters, which is cut into documents)")
         return TextSource("dir", data_dir, files, counts,
                           description=f"your files in {data_dir}: {len(files)} files, {sum(counts):,} documents "
                                       f"(val = every {VAL_EVERY}th document from the first)")
@@ -320,9 +334,8 @@ def _iter_file(path: str, skip: int = 0) -> Iterator[str]:
                 if not isinstance(text, str):
                     raise ValueError(f"{path}:{lineno}: no string field 'text'; each line needs {{\"text\": ...}}")
                 yield text
-    elif skip == 0:
-        with open(path, encoding="utf-8", errors="replace") as f:
-            yield f.read()
+    else:
+        yield from _txt_documents(path)[skip:]
 
 
 def _iter_from(files: list[str], counts: list[int], start: int) -> Iterator[tuple[int, str]]:
@@ -342,6 +355,12 @@ def _split_size(src: TextSource, split: str) -> int:
     n = sum(src.doc_counts)
     n_val = (n + VAL_EVERY - 1) // VAL_EVERY  # g = 0, 100, 200, ... < n
     return n_val if split == "val" else n - n_val
+
+
+def documents_per_pass(src: TextSource, split: str) -> int | None:
+    """Documents in one pass over a finite source's split (iter_documents then repeats them); None for
+    the endless synthetic corpus. Lets a consumer read each document once (tok_train)."""
+    return None if src.kind == "synthetic" else _split_size(src, split)
 
 
 def _iter_split_once(src: TextSource, split: str, j: int) -> Iterator[str]:

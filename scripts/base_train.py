@@ -16,8 +16,10 @@ Batch arithmetic. One optimizer step consumes exactly --total_batch_size tokens:
 and the data loader hands every step the same global rows whatever that split is, so runs with
 different micro-batches or GPU counts are token-for-token comparable (and curves line up).
 
-Cadences (--eval_every, --core_metric_every, --sample_every, --save_every, --log_every) are token
-counts ("2M", "131072", -1 = off), never steps, so runs with different batch splits stay aligned.
+Cadences (--eval_every, --core_metric_every, --sample_every, --save_every) count optimizer steps when
+bare, as upstream (--eval_every=250), and tokens with a unit (4M, 500K, 131072tok); -1 = off. Either way
+they become token intervals (steps × --total_batch_size) before training (nanochat/cadence.py), so MC and
+vanilla runs stay aligned. --log_every (ours) is a token count however written (0 = every step).
 --resume=auto restores weights, optimizers, loader position and RNG (a finished run exits: "already complete");
 a NaN/inf loss or gradient stops training with a debug checkpoint, or skips the step (--nonfinite=skip).
 
@@ -43,6 +45,7 @@ from tqdm import tqdm
 from mc.config import add_mc_flags
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
+from nanochat.cadence import parse_cadence, to_token_intervals
 from nanochat.checkpoint_manager import (
     CheckpointError,
     load_checkpoint,
@@ -132,14 +135,15 @@ def build_parser():
     # data
     a("--source", default="synthetic", choices=SOURCES, help="pretraining text")
     a("--data_dir", default="", help="a folder of your own .parquet/.jsonl/.txt files (implies --source=dir)")
-    # cadences, in tokens
-    a("--eval_every", type=parse_token_count, default=parse_token_count("128M"), help="val bpb cadence (tokens)")
+    # cadences: a bare integer = optimizer steps (upstream), with a unit = tokens (4M, 500K, 131072tok)
+    a("--eval_every", type=parse_cadence, default="128M", help="val bpb cadence (steps, or tokens: 4M; -1 = final only)")
     a("--eval_tokens", type=parse_token_count, default=10 * 524288, help="tokens per val bpb evaluation")
-    a("--core_metric_every", type=parse_token_count, default=-1, help="CORE metric cadence (tokens; -1 = off)")
+    a("--core_metric_every", type=parse_cadence, default="-1", help="CORE metric cadence (steps, or tokens: 4M; -1 = off)")
     a("--core_metric_max_per_task", type=ck.positive_int_or_off, default=500)
-    a("--sample_every", type=parse_token_count, default=parse_token_count("1B"), help="sampling cadence (tokens)")
-    a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (tokens; -1 = only at the end)")
-    a("--log_every", type=parse_token_count, default=0, help="console/W&B log cadence (tokens; 0 = every step)")
+    a("--sample_every", type=parse_cadence, default="1B", help="sampling cadence (steps, or tokens: 4M; -1 = off)")
+    a("--save_every", type=parse_cadence, default="-1", help="checkpoint cadence (steps, or tokens: 4M; -1 = only at the end)")
+    a("--log_every", type=parse_token_count, default=0,
+      help="console/W&B log cadence, in tokens even when bare (ours, not upstream's; 0 = every step)")
     # output
     a("--model_tag", type=ck.model_tag, default="", help="checkpoint folder name (default d<depth>)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint if any, or a step number")
@@ -161,6 +165,7 @@ def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data_dir:
         args.source = "dir"
+    cadence_line = to_token_intervals(args, args.total_batch_size)  # before vars(args) becomes the run's config
     ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
     device_type = device.type
     master = rank == 0
@@ -323,6 +328,7 @@ def main(argv=None):
     print0(f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × "
            f"{grad_accum_steps} grad accum; {num_iterations:,} steps = {total_tokens:,} tokens "
            f"({total_tokens / num_params:.1f} tokens/param)")
+    print0(cadence_line)
     if mc_enabled:
         mc_summary = describe(mc_config, mc_plan, T, sum(p.numel() for p in mc_modules.parameters()))
         print0(mc_summary)

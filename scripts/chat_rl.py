@@ -19,9 +19,11 @@ each micro-batch of --device_batch_size rows backpropagates its share × world_s
 are averaged across processes before clipping (as in base_train), then one optimizer step.
 
 Learning rate: --init_lr_frac × the base rates, decaying linearly to 0 over the run.
-Cadences are token counts of rollout sequences (prompt + reply, summed over all processes):
---eval_every runs pass@k on the first --eval_examples held-out questions (k = 1..--eval_samples
-samples at --temperature), --save_every saves a checkpoint. Output: chatrl_checkpoints/<tag>,
+Cadences count optimizer steps when bare, as upstream (--eval_every=60), or rollout tokens (prompt + reply,
+summed over all processes) with a unit (2M, 500K, 131072tok); -1 = off (nanochat/cadence.py; a step's
+token count varies here, so each cadence keeps its unit): --eval_every runs pass@k on the first
+--eval_examples held-out questions (k = 1..--eval_samples samples at --temperature), --save_every saves
+a checkpoint. Output: chatrl_checkpoints/<tag>,
 report/chat_rl_curve.jsonl (train_loss = -J, plus mean reward), report section "Chat RL".
 --resume=auto continues from this stage's newest checkpoint (a finished run exits: "already complete"); a
 NaN/inf loss or gradient stops training with a debug checkpoint, or skips the step (--nonfinite=skip).
@@ -39,6 +41,7 @@ from tqdm import tqdm
 
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
+from nanochat.cadence import CADENCE_FLAGS, parse_cadence
 from nanochat.chat_data import collate
 from nanochat.chat_train import (
     hub_kw,
@@ -66,7 +69,6 @@ from nanochat.common import (
     die,
     get_base_dir,
     init_wandb,
-    parse_token_count,
     print0,
 )
 from nanochat.report import get_report
@@ -74,7 +76,6 @@ from nanochat.training import (
     CurveLog,
     NonFiniteGuard,
     complete,
-    crossed,
     restore_rng,
     resume_problem,
     resume_step,
@@ -113,10 +114,12 @@ def build_parser():
     a("--init_lr_frac", type=ck.nonneg_float, default=0.05, help="all learning rates × this")
     a("--weight_decay", type=ck.nonneg_float, default=0.0)
     a("--grad_clip", type=ck.nonneg_float, default=1.0, help="clip the global grad norm (0 = off)")
-    a("--eval_every", type=parse_token_count, default=parse_token_count("2M"), help="pass@k cadence (rollout tokens)")
+    a("--eval_every", type=parse_cadence, default="2M",
+      help="pass@k cadence (steps, or rollout tokens: 2M; -1 = final only)")
     a("--eval_examples", type=ck.nonneg_int, default=200, help="held-out questions per pass@k evaluation")
     a("--eval_samples", type=ck.positive_int, default=4, help="k of pass@k: samples per held-out question")
-    a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (rollout tokens; -1 = end only)")
+    a("--save_every", type=parse_cadence, default="-1",
+      help="checkpoint cadence (steps, or rollout tokens: 2M; -1 = end only)")
     a("--model_tag", type=ck.model_tag, default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
     a("--keep_last", type=ck.positive_int_or_off, default=-1, help="keep only the newest N checkpoints (-1 = keep all)")
@@ -228,6 +231,7 @@ def main(argv=None):
     master = rank == 0
     base_dir = get_base_dir()
     user_config = vars(args).copy()
+    user_config.update({k: str(v) for k, v in user_config.items() if k in CADENCE_FLAGS})  # "60" / "2000000tok"
     if args.examples_per_step % world_size:
         die(f"--examples_per_step={args.examples_per_step} must be a multiple of the process count {world_size}")
     if min(args.examples_per_step, args.num_samples, args.device_batch_size, args.eval_samples) < 1:
@@ -323,14 +327,15 @@ def main(argv=None):
                     disable=None if master else True, file=sys.stderr, mininterval=2.0, dynamic_ncols=True)
     for step in range(start_step, num_iterations + 1):
         last_step = step == num_iterations
-        if last_step or crossed(tokens_prev, tokens, args.eval_every):
+        steps_prev = step if step == start_step > 0 else step - 1  # a resumed step was evaluated before its save
+        if last_step or args.eval_every.due(steps_prev, step, tokens_prev, tokens):
             model.eval()
             last_pass = pass_at_k(engine, tokenizer, eval_task, args, rank, world_size, device)
             model.train()
             print0(f"step {step:05d} | tokens {tokens:,} | " + " ".join(f"pass@{k + 1} {p:.3f}" for k, p in enumerate(last_pass)))
             wandb_run.log({"step": step, **{f"eval/pass@{k + 1}": p for k, p in enumerate(last_pass)}})
             log_curve({"step": step, "tokens": tokens, **{f"pass_at_{k + 1}": p for k, p in enumerate(last_pass)}})
-        if step > start_step and (last_step or crossed(tokens_prev, tokens, args.save_every)):
+        if step > start_step and (last_step or args.save_every.due(steps_prev, step, tokens_prev, tokens)):
             save(step)
         if last_step:
             break

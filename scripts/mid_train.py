@@ -29,8 +29,10 @@ over processes (÷ world_size) before clipping, so every split of the same rows 
 and a micro-batch with no supervised tokens adds exactly nothing (no 0/0, no NaN). A step with N = 0
 (every row masked) is skipped: no optimizer update.
 
-Cadences are token counts (--eval_every, --save_every, --log_every); "tokens" here are row slots,
-step × total_batch_size, with total_batch_size = device_batch_size × max_seq_len × world × grad_accum.
+Cadences --eval_every and --save_every count optimizer steps when bare, as upstream (--eval_every=150),
+and tokens with a unit (4M, 500K, 131072tok); -1 = off (nanochat/cadence.py). --log_every (ours) is a
+token count however written. Tokens here are row slots, step × total_batch_size, with total_batch_size =
+device_batch_size × max_seq_len × world × grad_accum; steps become token intervals once that is known.
 The horizon is --num_iterations steps, or (-1) --num_epochs passes over the train mixture, measured by
 the loader's conversation cursor (the same on every rank).
 
@@ -57,6 +59,7 @@ from tqdm import tqdm
 
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
+from nanochat.cadence import parse_cadence, to_token_intervals
 from nanochat.chat_data import ChatLoader
 from nanochat.chat_train import add_mid_mixture_flags as add_mixture_flags  # the midtraining mixture
 from nanochat.chat_train import (
@@ -158,11 +161,13 @@ def build_parser(stage: str, add_mixture_flags=None):
     a("--warmup_ratio", type=ck.nonneg_float, default=d["warmup_ratio"])
     a("--warmdown_ratio", type=ck.nonneg_float, default=d["warmdown_ratio"])
     a("--final_lr_frac", type=ck.nonneg_float, default=0.0)
-    # cadences, in tokens
-    a("--eval_every", type=parse_token_count, default=parse_token_count(d["eval_every"]), help="val bpb cadence (tokens)")
+    # cadences: a bare integer = optimizer steps (upstream), with a unit = tokens (4M, 500K, 131072tok)
+    a("--eval_every", type=parse_cadence, default=d["eval_every"],
+      help="val bpb cadence (steps, or tokens: 4M; -1 = final only)")
     a("--eval_tokens", type=parse_token_count, default=parse_token_count(d["eval_tokens"]), help="tokens per val eval")
-    a("--save_every", type=parse_token_count, default=-1, help="checkpoint cadence (tokens; -1 = only at the end)")
-    a("--log_every", type=parse_token_count, default=0, help="console/W&B log cadence (tokens; 0 = every step)")
+    a("--save_every", type=parse_cadence, default="-1", help="checkpoint cadence (steps, or tokens: 4M; -1 = only at the end)")
+    a("--log_every", type=parse_token_count, default=0,
+      help="console/W&B log cadence, in tokens even when bare (ours, not upstream's; 0 = every step)")
     # output
     a("--model_tag", type=ck.model_tag, default="", help="output checkpoint folder name (default: the source's tag)")
     a("--resume", default="", help="'' = fresh run, 'auto' = latest checkpoint of this stage if any, or a step")
@@ -260,6 +265,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             f"world_size = {B}×{T}×{world_size} = {tokens_per_fwdbwd}; pick sizes that divide "
             f"(e.g. --total_batch_size={max(1, round(total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
     grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+    cadence_line = to_token_intervals(args, total_batch_size)  # steps → tokens, now that a step's size is known
+    user_config.update(eval_every=args.eval_every, save_every=args.save_every)
 
     # ----------------------------------------------------------------------------------------------
     # Data.
@@ -327,6 +334,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     horizon = f"{num_iterations:,} steps" if num_iterations else f"{args.num_epochs} epoch(s) of {n_train:,} conversations"
     print0(f"{d['title']}: {n_train:,} train conversations, rows of {T} tokens, pack={pack}; batch "
            f"{total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × {grad_accum_steps} grad accum; {horizon}")
+    print0(cadence_line)
     log_curve = CurveLog(os.path.join(base_dir, "report", f"{d['prog']}_curve.jsonl"), master, start_step).log
 
     def save(step, loader_state_now, directory=checkpoint_dir, extra_meta=None):

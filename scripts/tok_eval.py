@@ -90,7 +90,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Tokenizer compression vs GPT-2/GPT-4", allow_abbrev=False)
     p.add_argument("--source", type=str, default="synthetic", choices=SOURCES,
                    help="text source for the validation-document sample")
-    p.add_argument("--data_dir", type=str, default=None, help="folder of parquet shards for --source fineweb|dir")
+    p.add_argument("--data_dir", type=str, default=None, help="--source fineweb: its shard folder; else a folder of your own files (implies --source dir)")
     p.add_argument("--doc_chars", type=ck.positive_int, default=20_000,
                    help="characters of the validation document used")
     args = p.parse_args(argv)
@@ -98,7 +98,10 @@ def main(argv=None):
         p.error(f"--doc_chars must be positive, got {args.doc_chars}")
 
     tokenizer = get_tokenizer()
-    src = resolve_source(args.source, args.data_dir)
+    try:
+        src = resolve_source(args.source, args.data_dir)
+    except ValueError as e:  # missing/too little data: the message names the fix
+        raise SystemExit(f"tok_eval: {e}") from None
     val_doc = next(iter(iter_documents(src, "val")), None)
     if not val_doc:
         raise SystemExit(f"tok_eval: source {args.source!r} has no validation documents; check --source/--data_dir")

@@ -1,8 +1,10 @@
 """
 Train the project tokenizer (byte-level BPE via rustbpe) and save it to $NANOCHAT_BASE_DIR/tokenizer.
 
-Reads up to --max_chars characters of training text (each document truncated to --doc_cap chars, so
-a few huge documents cannot dominate the merge statistics) from a nanochat.dataset text source,
+Reads up to --max_chars characters of training text from the train split of a nanochat.dataset text
+source, each document fed to the BPE trainer in pieces of at most --doc_cap chars (cut at line breaks;
+no text is dropped). A finite source (--source dir|fineweb) is read at most once: a folder smaller than
+--max_chars is used whole, each character exactly once, and the log says how much that was. Then it
 learns a vocab of exactly --vocab_size ids (BPE tokens + special tokens; if the text runs out of
 merges first, reserved padding ids with a warning, or an error with --pad_vocab 0), writes tokenizer.pkl and
 token_bytes.pt, checks an encode/decode roundtrip, and logs a "Tokenizer training" report section.
@@ -10,16 +12,22 @@ token_bytes.pt, checks an encode/decode roundtrip, and logs a "Tokenizer trainin
     python -m scripts.tok_train                                   # 65536 vocab, synthetic corpus
     python -m scripts.tok_train --vocab_size 4096 --max_chars 20000000   # CPU-sized
     python -m scripts.tok_train --source fineweb                  # downloaded FineWeb-Edu shards
+    python -m scripts.tok_train --data_dir my_texts               # your own .txt/.jsonl/.parquet files
+
+Next to the tokenizer it writes trained_on.txt ("synthetic", "fineweb", or "dir <folder>"), so run10.sh
+retrains it when the recipe's text source changes.
 """
 
 import argparse
+import itertools
 import os
 import time
 
 from nanochat import cli_checks as ck
 from nanochat.common import str2bool
-from nanochat.dataset import SOURCES, iter_documents, resolve_source
+from nanochat.dataset import SOURCES, documents_per_pass, iter_documents, resolve_source
 from nanochat.report import get_report
+from nanochat.text_split import split_text
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer, get_tokenizer_dir
 
 
@@ -27,10 +35,11 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description="Train the BPE tokenizer", allow_abbrev=False)
     p.add_argument("--vocab_size", type=ck.positive_int, default=65536, help="total vocab incl. special tokens")
     p.add_argument("--max_chars", type=ck.positive_int, default=2_000_000_000, help="max training characters")
-    p.add_argument("--doc_cap", type=ck.positive_int, default=10_000, help="max characters taken from each document")
+    p.add_argument("--doc_cap", type=ck.positive_int, default=10_000,
+                   help="longer documents are fed to the trainer in pieces of at most this many characters")
     p.add_argument("--source", type=str, default="synthetic", choices=SOURCES,
                    help="text source (see nanochat.dataset)")
-    p.add_argument("--data_dir", type=str, default=None, help="folder of parquet shards for --source fineweb|dir")
+    p.add_argument("--data_dir", type=str, default=None, help="--source fineweb: its shard folder; else a folder of your own files (implies --source dir)")
     p.add_argument("--pad_vocab", type=str2bool, default=True,
                    help="if the text runs out of merges before --vocab_size (the synthetic corpus has ~2.3k "
                         "distinct chunks), fill the rest with reserved never-used ids (1, with a warning) or fail (0)")
@@ -47,25 +56,40 @@ def parse_args(argv=None):
 
 
 def capped_texts(docs, max_chars, doc_cap, stats):
-    """Yield documents truncated to doc_cap chars until max_chars total; counts go into stats."""
+    """Yield the documents in pieces of at most doc_cap chars until max_chars total; counts go into stats.
+    Pieces, not truncation: a long document's text all counts (a 30K-char chapter is not cut to 10K)."""
     for doc in docs:
-        doc = doc[:doc_cap]
         stats["docs"] += 1
-        stats["chars"] += len(doc)
-        yield doc
-        if stats["chars"] >= max_chars:
-            return
+        for piece in split_text(doc, doc_cap):
+            stats["pieces"] += 1
+            stats["chars"] += len(piece)
+            yield piece
+            if stats["chars"] >= max_chars:
+                stats["stopped_at_max_chars"] = True
+                return
+
+
+def source_record(src) -> str:
+    """What trained_on.txt says: the text source, and for a folder its real path."""
+    return f"dir {os.path.realpath(src.data_dir)}" if src.kind == "dir" else src.kind
 
 
 def main(argv=None):
     args = parse_args(argv)
     print(f"tok_train: vocab_size={args.vocab_size:,} max_chars={args.max_chars:,} doc_cap={args.doc_cap:,} "
-          f"source={args.source}", flush=True)
+          f"source={args.source}" + (f" data_dir={args.data_dir}" if args.data_dir else ""), flush=True)
 
     # ------------------------------------------------------------------ train
-    src = resolve_source(args.source, args.data_dir)
-    stats = {"docs": 0, "chars": 0}
-    texts = capped_texts(iter_documents(src, "train"), args.max_chars, args.doc_cap, stats)
+    try:
+        src = resolve_source(args.source, args.data_dir)
+    except ValueError as e:  # missing/too little data: the message names the fix
+        raise SystemExit(f"tok_train: {e}") from None
+    docs = iter_documents(src, "train")
+    per_pass = documents_per_pass(src, "train")
+    if per_pass is not None:  # a folder or shards: one pass, never the same text again (iter_documents loops)
+        docs = itertools.islice(docs, per_pass)
+    stats = {"docs": 0, "pieces": 0, "chars": 0, "stopped_at_max_chars": False}
+    texts = capped_texts(docs, args.max_chars, args.doc_cap, stats)
     t0 = time.time()
     try:
         tokenizer = RustBPETokenizer.train_from_iterator(texts, args.vocab_size, pad_vocab=args.pad_vocab)
@@ -74,7 +98,14 @@ def main(argv=None):
             raise SystemExit(f"tok_train: source {args.source!r} yielded no documents; check --source/--data_dir")
         raise SystemExit(f"tok_train: {e}") from e
     train_time = time.time() - t0
-    print(f"trained on {stats['chars']:,} chars from {stats['docs']:,} documents in {train_time:.2f}s", flush=True)
+    if per_pass is None:
+        extent = f"{stats['docs']:,} documents of the endless synthetic corpus, up to --max_chars"
+    elif stats["stopped_at_max_chars"]:
+        extent = f"{stats['docs']:,} of the {per_pass:,} train documents (stopped at --max_chars)"
+    else:
+        extent = f"all {per_pass:,} train documents, each once (the source holds less than --max_chars)"
+    print(f"trained on {stats['chars']:,} chars: {extent}, fed as {stats['pieces']:,} pieces of at most "
+          f"{args.doc_cap:,} chars, in {train_time:.2f}s", flush=True)
     n_learned = tokenizer.get_vocab_size() - len(SPECIAL_TOKENS) - tokenizer.num_reserved
     if tokenizer.num_reserved:
         print(f"WARNING: the text supports only {n_learned:,} BPE tokens; the last {tokenizer.num_reserved:,} of "
@@ -84,6 +115,8 @@ def main(argv=None):
     # ------------------------------------------------------------------ save
     tok_dir = get_tokenizer_dir()
     tokenizer.save(tok_dir)
+    with open(os.path.join(tok_dir, "trained_on.txt"), "w", encoding="utf-8") as f:
+        f.write(source_record(src) + "\n")
     print(f"saved {os.path.join(tok_dir, 'tokenizer.pkl')} and token_bytes.pt", flush=True)
 
     # ------------------------------------------------------------------ sanity checks
@@ -104,6 +137,7 @@ def main(argv=None):
     get_report().log(section="Tokenizer training", data=[
         vars(args),
         {"train_time_s": round(train_time, 2), "train_chars": stats["chars"], "train_docs": stats["docs"],
+         "train_docs_per_pass": per_pass, "trained_on": source_record(src),
          "bpe_tokens_learned": n_learned, "reserved_padding_ids": tokenizer.num_reserved},
         {"vocab_size": tokenizer.get_vocab_size(), "num_special_tokens": len(SPECIAL_TOKENS),
          "token_bytes_min": int(regular.min()), "token_bytes_max": int(regular.max()),

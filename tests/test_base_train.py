@@ -63,17 +63,39 @@ def test_loss_falls(env):
 
 def test_resume_continues_exactly(env):
     common = ["--device_batch_size=4", "--num_iterations=8", "--model_tag=resume"]
-    r = run_train(env, *common, "--save_every=2048")  # checkpoints at steps 4 and 8
+    r = run_train(env, *common, "--save_every=4")  # checkpoints at steps 4 and 8
     assert r.returncode == 0, r.stderr[-3000:]
     uninterrupted = train_losses(env)
     ckpt = os.path.join(env, "base_checkpoints", "resume")
     shutil.rmtree(os.path.join(ckpt, "step_000008"))  # as if the run had died after step 4's save
-    r = run_train(env, *common, "--save_every=2048", "--resume=auto")
+    r = run_train(env, *common, "--save_every=4", "--resume=auto")
     assert r.returncode == 0, r.stderr[-3000:]
     assert "resumed from" in r.stdout
     resumed = train_losses(env)
     for step in range(5, 9):
         assert resumed[step] == pytest.approx(uninterrupted[step], rel=1e-6, abs=1e-6), step
+
+
+def test_upstream_cadences_count_steps(env):
+    """An upstream command line: --eval_every=2 evaluates at steps 0, 2, 4 (and the final one), --save_every=3
+    saves at step 3 (and the end); a unit makes it tokens: 1024tok = 2 steps of 512 tokens, the same steps."""
+    def eval_steps():
+        with open(os.path.join(env, "report", "base_train_curve.jsonl")) as f:
+            return [r["step"] for r in map(json.loads, f) if "val_bpb" in r]
+
+    flags = ["--device_batch_size=8", "--num_iterations=5"]
+    r = run_train(env, *flags, "--model_tag=cad_steps", "--eval_every=2", "--save_every=3")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert eval_steps() == [0, 2, 4, 5]
+    assert "eval_every 2 steps (1,024 tokens)" in r.stdout and "save_every 3 steps (1,536 tokens)" in r.stdout
+    ckpt = os.path.join(env, "base_checkpoints", "cad_steps")
+    assert sorted(os.listdir(ckpt)) == ["step_000003", "step_000005"]
+    with open(os.path.join(ckpt, "step_000005", "meta.json")) as f:
+        user_config = json.load(f)["user_config"]
+    assert (user_config["eval_every"], user_config["save_every"]) == (1024, 1536)  # meta keeps token intervals
+    r = run_train(env, *flags, "--model_tag=cad_tokens", "--eval_every=1024tok")
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert eval_steps() == [0, 2, 4, 5]
 
 
 def test_ddp_two_processes_match_one(env):
@@ -97,7 +119,7 @@ def test_ddp_two_processes_match_one(env):
     (["--no_such_flag=1"], "unrecognized arguments: --no_such_flag"),
     (["--depth=four"], "argument --depth: expected an integer, got 'four'"),
     (["--depth=0"], "argument --depth: must be an integer >= 1, got '0'"),
-    (["--eval_every=lots"], "expected a token count"),
+    (["--eval_every=lots"], "expected optimizer steps (250, as upstream nanochat), a token count with a unit"),
     (["--device_batch_size=8", "--device_batch_size=3"], "is not a multiple of device_batch_size"),
     (["--data_dir=/nonexistent/corpus"], "/nonexistent/corpus"),
     (["--head_dim=48"], "not a multiple of --head_dim"),

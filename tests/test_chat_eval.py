@@ -152,16 +152,18 @@ def test_chat_rl_runs_and_saves(env, monkeypatch):
     monkeypatch.setattr(chat_rl, "build_tasks", lambda args: (ParityReward("train", 4, 300), ParityReward("val", 2, 300)))
     chat_rl.main(["--device_type=cpu", "--num_iterations=2", "--examples_per_step=2", "--num_samples=4",
                   "--device_batch_size=2", "--max_new_tokens=6", "--eval_examples=2", "--eval_samples=2",
-                  "--eval_every=-1", "--temperature=1.0"])
+                  "--eval_every=1", "--save_every=1", "--temperature=1.0"])  # bare = steps, as upstream
     rl_dir, sft_dir = (os.path.join(env, d, "tiny") for d in ("chatrl_checkpoints", "chatsft_checkpoints"))
     after, _, meta, _ = load_checkpoint(rl_dir, None, "cpu")
     before, _, _, _ = load_checkpoint(sft_dir, None, "cpu")
     assert meta["step"] == 2 and len(meta["pass_at_k"]) == 2
+    assert sorted(os.listdir(rl_dir)) == ["step_000001", "step_000002"] and meta["user_config"]["eval_every"] == "1"
     assert any(not torch.equal(before[k], after[k]) for k in after)  # the policy moved
     with open(os.path.join(env, "report", "chat_rl_curve.jsonl")) as f:
         rows = [json.loads(line) for line in f]
     train = [r for r in rows if "reward" in r]
     assert [r["step"] for r in train] == [1, 2] and all(0 < r["reward"] < 1 for r in train)
+    assert [r["step"] for r in rows if "pass_at_1" in r] == [0, 1, 2]
     assert all(r["train_loss"] == r["train_loss"] for r in train)  # finite, no NaN
     assert os.path.exists(os.path.join(env, "report", "chat-rl.md"))
 

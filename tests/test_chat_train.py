@@ -204,8 +204,8 @@ def test_mid_then_sft_loss_falls_and_saves(env):
 
 
 def test_sft_resume_continues_exactly(env, capsys):
-    common = ["--source=base", "--num_iterations=6", "--model_tag=resume", "--eval_every=-1", "--save_every=1536"]
-    run_sft(*common)  # 512 tokens/step: checkpoints at steps 3 and 6
+    common = ["--source=base", "--num_iterations=6", "--model_tag=resume", "--eval_every=-1", "--save_every=3"]
+    run_sft(*common)  # checkpoints at steps 3 and 6
     uninterrupted = curve(env, "chat_sft")
     ckpt = os.path.join(env, "chatsft_checkpoints", "resume")
     shutil.rmtree(os.path.join(ckpt, "step_000006"))

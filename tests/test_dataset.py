@@ -24,8 +24,18 @@ import pyarrow.parquet as pq
 import pytest
 
 from nanochat import dataset
-from nanochat.dataset import MAX_SHARD, download_shards, iter_documents, list_parquet_files, resolve_source, shard_name
+from nanochat.dataset import (
+    MAX_SHARD,
+    TXT_DOC_CHARS,
+    documents_per_pass,
+    download_shards,
+    iter_documents,
+    list_parquet_files,
+    resolve_source,
+    shard_name,
+)
 from nanochat.synthetic import synthetic_document
+from nanochat.text_split import split_text
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -282,6 +292,69 @@ def test_dir_source_errors(tmp_path, user_dir):
         take(iter_documents(src, "train"), 300)
     with pytest.raises(ValueError, match="split"):
         next(iter_documents(src, "test"))
+
+
+def book_text(n_chars: int, seed: int = 0) -> str:
+    """Paragraphs of pseudo-words (blank lines between, line breaks inside), about n_chars long."""
+    rng = random.Random(seed)
+    words = ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(2, 9))) for _ in range(500)]
+    paras, size = [], 0
+    while size < n_chars:
+        lines = [" ".join(rng.choice(words) for _ in range(rng.randint(5, 14))) for _ in range(rng.randint(1, 12))]
+        paras.append("\n".join(lines))
+        size += len(paras[-1]) + 2
+    return "\n\n".join(paras) + "\n"
+
+
+def test_split_text_is_lossless_and_prefers_breaks():
+    text = book_text(50_000)
+    for cap in (1, 7, 100, 999, 4096, 49_999, 60_000):
+        pieces = split_text(text, cap)
+        assert "".join(pieces) == text, cap
+        assert all(0 < len(p) <= cap for p in pieces), cap
+        assert all(len(p) > cap // 4 for p in pieces[:-1]), cap
+    pieces = split_text(text, 4096)
+    assert all(p.endswith("\n\n") for p in pieces[:-1])  # paragraph breaks here are never far apart
+    one_line = "x" * 10_000
+    assert split_text(one_line, 3000) == ["x" * 2500] * 4  # no break in reach: even hard cuts, no tiny tail
+    assert split_text("a\nb", 10) == ["a\nb"] and split_text("", 10) == []
+    with pytest.raises(ValueError):
+        split_text("abc", 0)
+
+
+def test_dir_source_one_book(tmp_path):
+    """One .txt of a few hundred KB: documents of at most TXT_DOC_CHARS, the whole text, every character once
+    per pass (val + train pieces put back in order give the book), and a train split to read."""
+    text = book_text(300_000)
+    (tmp_path / "book.txt").write_text(text)
+    src = resolve_source("dir", str(tmp_path))
+    n = sum(src.doc_counts)
+    assert n == len(split_text(text, TXT_DOC_CHARS)) and n >= 5
+    assert documents_per_pass(src, "train") == n - 1 and documents_per_pass(src, "val") == 1
+    val = take(iter_documents(src, "val"), 1)
+    train = take(iter_documents(src, "train"), n - 1)
+    assert "".join(val + train) == text  # g = 0 is val; the rest, in order, is train
+    assert all(len(d) <= TXT_DOC_CHARS for d in val + train)
+    assert take(iter_documents(src, "train", start=n - 1), 1) == train[:1]  # the next pass starts over
+    assert take(iter_documents(src, "train", start=2), 2) == train[2:4]  # resume skips whole pieces
+    assert documents_per_pass(resolve_source("synthetic"), "train") is None  # endless
+
+
+def test_dir_source_several_files_read_completely(tmp_path):
+    texts = [book_text(30_000, seed=i) for i in range(5)] + [book_text(150_000, seed=9)]
+    for i, t in enumerate(texts):
+        (tmp_path / f"ch{i}.txt").write_text(t)
+    src = resolve_source("dir", str(tmp_path))
+    assert src.doc_counts == [1] * 5 + [len(split_text(texts[-1], TXT_DOC_CHARS))]
+    n = sum(src.doc_counts)
+    docs = take(iter_documents(src, "val"), 1) + take(iter_documents(src, "train"), n - 1)
+    assert "".join(docs) == "".join(texts)  # no 10,000-char (or any) truncation
+
+
+def test_dir_source_too_little_text_is_one_clear_error(tmp_path):
+    (tmp_path / "short.txt").write_text("just a few lines\n" * 100)
+    with pytest.raises(ValueError, match=r"holds 1 document\(s\).*need at least 2.*add text.*\.txt over 64,000"):
+        resolve_source("dir", str(tmp_path))
 
 
 def test_fineweb_without_shards(tmp_path, monkeypatch):

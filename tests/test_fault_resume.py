@@ -35,12 +35,12 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BASE = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
         "--total_batch_size=512", "--device_batch_size=4", "--eval_every=-1", "--eval_tokens=512",
         "--sample_every=-1", "--log_every=0", "--warmup_ratio=0", "--num_iterations=16",
-        "--save_every=2048", "--model_tag=fault"]  # 512 tokens/step, 2 micro-batches: checkpoints at 4, 8, 12, 16
+        "--save_every=4", "--model_tag=fault"]  # steps (512 tokens each), 2 micro-batches: checkpoints at 4, 8, 12, 16
 MC = ["--mc_enabled=1", "--mc_block_size=8", "--mc_train_wc_length=24", "--allocator_recent_tokens=8",
       "--mc_num_random_variants=2", "--gistnet_layers=1", "--mc_gist_delta_weight=0.1", "--num_iterations=8"]
 SFT = ["--device_type=cpu", "--device_batch_size=2", "--total_batch_size=512", "--recall_context_chars=300",
        "--val_examples=8", "--eval_tokens=512", "--log_every=0", "--eval_every=-1", "--recall_examples=8",
-       "--spelling_examples=8", "--source=base", "--num_iterations=6", "--save_every=1024", "--model_tag=fault"]
+       "--spelling_examples=8", "--source=base", "--num_iterations=6", "--save_every=2", "--model_tag=fault"]
 STAGES = {"base_train": ("base_checkpoints", "base_train_curve.jsonl"),
           "chat_sft": ("chatsft_checkpoints", "chat_sft_curve.jsonl")}
 

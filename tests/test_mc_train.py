@@ -93,7 +93,7 @@ def test_mc_loss_falls_and_gistnet_is_checkpointed(env, monkeypatch):
 
 
 def test_mc_resume_continues_exactly_and_refuses_changes(env, capsys):
-    common = [*MC, "--device_batch_size=4", "--num_iterations=8", "--model_tag=resume", "--save_every=2048"]
+    common = [*MC, "--device_batch_size=4", "--num_iterations=8", "--model_tag=resume", "--save_every=4"]
     train(*common)  # checkpoints at steps 4 and 8
     uninterrupted = curve(env)
     shutil.rmtree(os.path.join(env, "base_checkpoints", "resume", "step_000008"))

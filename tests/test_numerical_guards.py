@@ -23,7 +23,7 @@ from nanochat.training import NonFiniteGuard, loss_parts
 
 TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
         "--total_batch_size=512", "--device_batch_size=4", "--eval_every=-1", "--eval_tokens=512",
-        "--sample_every=-1", "--log_every=0", "--warmup_ratio=0", "--num_iterations=5", "--save_every=1024"]
+        "--sample_every=-1", "--log_every=0", "--warmup_ratio=0", "--num_iterations=5", "--save_every=2"]
 MC = ["--mc_enabled=1", "--mc_block_size=8", "--mc_train_wc_length=24", "--allocator_recent_tokens=8",
       "--mc_num_random_variants=2", "--gistnet_layers=1"]
 
@@ -167,7 +167,7 @@ def test_mid_train_stop_and_skip(tmp_path, monkeypatch, capsys):
     base = make_tiny_base(str(tmp_path))
     monkeypatch.setenv("NANOCHAT_BASE_DIR", base)
     flags = [*CHAT, "--recall_examples=4", "--spelling_examples=4", "--identity_repeats=1", "--eval_every=-1",
-             "--num_iterations=4", "--save_every=1024"]
+             "--num_iterations=4", "--save_every=2"]
     with pytest.raises(SystemExit):
         mid_main([*flags, "--debug_inject_nan_step=3"])
     assert_stopped_with_debug_checkpoint(capsys, os.path.join(base, "mid_checkpoints", "tiny"), 3)

@@ -5,6 +5,7 @@ lossless encode/decode, special tokens, save/load, clear errors, chat rendering 
 
 import importlib
 import importlib.util
+import itertools
 import os
 import pickle
 import random
@@ -238,11 +239,12 @@ def test_render_for_completion(tok):
 
 # ---------------------------------------------------------------------- scripts
 def _stub_dataset(docs):
-    """A stand-in for nanochat.dataset with the contract's two functions (and the --source choices)."""
+    """A stand-in for nanochat.dataset with the contract's functions (and the --source choices)."""
     stub = types.ModuleType("nanochat.dataset")
     stub.SOURCES = ("synthetic", "recall", "fineweb", "dir")
     stub.resolve_source = lambda source="synthetic", data_dir=None: types.SimpleNamespace(kind=source)
     stub.iter_documents = lambda src, split, start=0: iter(docs if split == "train" else docs[:1])
+    stub.documents_per_pass = lambda src, split: None  # endless, like the synthetic corpus
     return stub
 
 
@@ -298,3 +300,66 @@ def test_tok_train_subprocess_synthetic(tmp_path):
     tok = RustBPETokenizer.from_directory(tmp_path / "tokenizer")
     assert tok.get_vocab_size() == 512
     assert (tmp_path / "tokenizer" / "token_bytes.pt").exists()
+
+
+def _book(n_chars, seed=0):
+    from tests.test_dataset import book_text
+    return book_text(n_chars, seed)
+
+
+def _train_tok_on_dir(data_dir, tmp_path, monkeypatch, capsys, *flags):
+    """tok_train.main on a folder (the real nanochat.dataset); returns (texts the BPE trainer got, stdout)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", str(tmp_path / "base"))
+    tok_train = _fresh_import("scripts.tok_train", monkeypatch)
+    monkeypatch.setattr(tok_train, "get_report", lambda: types.SimpleNamespace(log=lambda section, data: None))
+    seen, train = [], RustBPETokenizer.train_from_iterator
+
+    def recording(texts, *args, **kwargs):
+        return train((seen.append(t) or t for t in texts), *args, **kwargs)
+
+    monkeypatch.setattr(tok_train.RustBPETokenizer, "train_from_iterator", staticmethod(recording))
+    tok_train.main(["--data_dir", str(data_dir), "--vocab_size", "300", *flags])
+    return seen, capsys.readouterr().out
+
+
+def test_tok_train_one_book_folder(tmp_path, monkeypatch, capsys):
+    """One .txt book: no traceback; every character of its train documents reaches the trainer exactly once
+    (one pass, not looped to --max_chars; pieces of --doc_cap, not truncated), and the tokenizer trains."""
+    from nanochat.dataset import documents_per_pass, iter_documents, resolve_source
+
+    book = tmp_path / "book"
+    book.mkdir()
+    (book / "book.txt").write_text(_book(300_000))
+    src = resolve_source("dir", str(book))
+    train_docs = list(itertools.islice(iter_documents(src, "train"), documents_per_pass(src, "train")))
+    seen, out = _train_tok_on_dir(book, tmp_path, monkeypatch, capsys)
+    assert "".join(seen) == "".join(train_docs)
+    assert max(map(len, seen)) <= 10_000 and len(seen) > len(train_docs)  # --doc_cap pieces
+    chars = sum(map(len, train_docs))
+    assert f"trained on {chars:,} chars: all {len(train_docs)} train documents, each once" in out
+    assert get_tokenizer().get_vocab_size() == 300
+    with open(tmp_path / "base" / "tokenizer" / "trained_on.txt") as f:
+        assert f.read() == f"dir {os.path.realpath(book)}\n"
+
+    seen, out = _train_tok_on_dir(book, tmp_path, monkeypatch, capsys, "--max_chars", "50000")
+    assert 50_000 <= sum(map(len, seen)) < 60_000 and "(stopped at --max_chars)" in out
+
+
+def test_tok_train_several_files_each_read_once(tmp_path, monkeypatch, capsys):
+    folder = tmp_path / "chapters"
+    folder.mkdir()
+    texts = [_book(25_000, seed=i) for i in range(6)]
+    for i, t in enumerate(texts):
+        (folder / f"ch{i:02d}.txt").write_text(t)
+    seen, out = _train_tok_on_dir(folder, tmp_path, monkeypatch, capsys, "--doc_cap", "4000")
+    assert "".join(seen) == "".join(texts[1:])  # file 0 is the val document; the rest whole, once
+    assert "all 5 train documents, each once" in out
+
+
+def test_tok_train_too_little_text_is_one_clear_error(tmp_path):
+    (tmp_path / "note.txt").write_text("a short note\n" * 50)
+    env = dict(os.environ, NANOCHAT_BASE_DIR=str(tmp_path / "base"), PYTHONPATH=REPO)
+    r = subprocess.run([sys.executable, "-m", "scripts.tok_train", "--data_dir", str(tmp_path), "--vocab_size", "300"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "Traceback" not in r.stderr
+    assert "tok_train: data dir" in r.stderr and "need at least 2" in r.stderr and "add text" in r.stderr
