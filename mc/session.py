@@ -387,9 +387,11 @@ class MCSession:
         return stats
 
     @torch.inference_mode()
-    def refocus(self) -> dict:
+    def refocus(self, block_scores: torch.Tensor | None = None) -> dict:
         """LensNet + allocator (mc.focus.refocus), then truncate the KV cache at the first changed entry.
-        Returns this refocus's metrics (also in stats()["last"] and sent as telemetry)."""
+        Returns this refocus's metrics (also in stats()["last"] and sent as telemetry). block_scores [1, n_blocks]:
+        open the blocks these scores single out instead of asking the focus policy (mc.keymatch.keymatch_refocus;
+        evaluation uses it for ORACLE, the needle's blocks by ground truth)."""
         if self.num_tokens == 0:
             return {}
         t0 = time.perf_counter()
@@ -398,9 +400,10 @@ class MCSession:
         cached = self.kv.get_pos()
         fitted = self.num_entries > self.max_entries
         forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
-        if self.keys is not None:
-            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, self._keymatch_scores(), self.W,
-                                                        self.cfg, self.cfg.recent_tokens, state=self.state)
+        if self.keys is not None or block_scores is not None:
+            z = self._keymatch_scores() if block_scores is None else block_scores
+            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, self.W, self.cfg,
+                                                        self.cfg.recent_tokens, state=self.state)
         else:
             new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, self.W,
                                                         state=self.state, generator=self.generator,

@@ -280,3 +280,15 @@ def test_keymatch_makes_room_by_collapsing_the_oldest_detail():
     assert info["expands"] == 1 and info["forced"] >= 1
     assert lod_of(s, [FACT_AT, FACT_AT + 1]) == [0, 0] and answer == VALUE
     assert max(rec.sizes) <= W and s.stats()["max_kv_entries"] <= W + INTERVAL
+
+
+def test_given_block_scores_open_those_blocks_whatever_the_policy():
+    """refocus(block_scores=...) (mc_recall's ORACLE): the named block opens even under fixed focus."""
+    s, rec = chat(scorer=False)
+    s.ingest([USER, ASK, KEY])
+    z = torch.zeros(1, s.num_tokens // BS)
+    z[0, FACT_BLOCK] = 10.0
+    info = s.refocus(block_scores=z)
+    assert info["expands"] == 1 and lod_of(s, [FACT_AT, FACT_AT + 1]) == [0, 0]
+    assert next(s.generate(1, temperature=0.0)) == VALUE
+    assert max(rec.sizes) <= W
