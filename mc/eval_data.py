@@ -151,8 +151,9 @@ def _needle(rng: random.Random, kind: str, haystack: str):
 
 
 def probe_item(tokenizer, index: int, T: int, W: int, block_size: int, kind: str, straddle: bool,
-               seed: int = 0) -> EvalItem:
-    """A needle-in-a-haystack item of exactly T + 1 ids (see the module docstring)."""
+               seed: int = 0, at: float | None = None) -> EvalItem:
+    """A needle-in-a-haystack item of exactly T + 1 ids (see the module docstring). at: where the needle
+    goes, as a fraction of the room before the cut (None: uniformly drawn, as mc_eval's probes)."""
     if kind not in ("passkey", "kv"):
         raise ValueError(f"probe kind must be passkey or kv, got {kind!r}")
     rng = random.Random(_seed("mc-eval-probe", seed, index, T, kind, straddle))
@@ -170,7 +171,9 @@ def probe_item(tokenizer, index: int, T: int, W: int, block_size: int, kind: str
             continue
         k = ends[-1]  # the haystack ends at its last sentence end; then the query
         fixed = len(needle) + len(query) + len(answer)
-        target = rng.uniform(block_size, max(block_size, T - W - len(needle)))
+        target = rng.uniform(block_size, max(block_size, T - W - len(needle)))  # drawn always: same rng stream
+        if at is not None:
+            target = block_size + at * max(0, T - W - len(needle) - block_size)
         best = None
         for candidates in (ends, words):  # sentence boundaries first; word boundaries when none fits
             for j in candidates:

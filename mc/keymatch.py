@@ -115,7 +115,7 @@ class LayerZeroKeys:
         emb = self.model.transformer.wte(ids[lo:b].to(self.model.transformer.wte.weight.device).long())
         return layer0_inputs(self.model, emb[None].float())[0, a - lo:]
 
-    @torch.no_grad()
+    @torch.inference_mode()  # the session calls it in inference mode; its cache must stay one kind of tensor
     def extend(self, ids: torch.Tensor):
         """Cache the keys of ids[self.n:] (ids: the whole history so far, 1-D)."""
         a, b = self.n, ids.numel()
@@ -132,7 +132,7 @@ class LayerZeroKeys:
     def view(self) -> torch.Tensor:
         return self.data[: self.n]
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def query(self, ids: torch.Tensor, t: int) -> torch.Tensor:
         """[1, H, D]: the layer-0 query of history token t."""
         return layer0_query(self.model, self._inputs(ids, t, t + 1))
