@@ -27,7 +27,8 @@ find the source block through the answer, which no deployed refocus could do.
 Block score, per head h (query head h reads kv head h // (n_head / n_kv_head), as the attention does):
     m_{b,h} = max over t in block b of  q_h . k_t          Quest's bound: the block's best key, not its mean
     z_{b,h} = (m_{b,h} - mean_b m_{.,h}) / std_b m_{.,h}   how far block b stands out for this head
-    s_b     = max over h of z_{b,h}
+    s_b     = max over h of z_{b,h}     (a block right after a match in the last CONTINUATION tokens of its
+                                     block inherits that block's z: the value may run into it)
 Why max over tokens: a needle is one or two tokens of a 32-token block; mean-pooling (MoBA) drowns it in
 the other 30 (measured on the recall model, lab notebook "MC-KEYMATCH: the best key of a block": the
 needle's block ranked first 0.06 with mean keys and a mean query vs 0.41 with this score; top-3 0.16 vs
@@ -65,17 +66,28 @@ def layer0_query(model, x: torch.Tensor) -> torch.Tensor:
     return norm(attn.c_q(x).view(x.size(0), attn.n_head, attn.head_dim))
 
 
+CONTINUATION = 8  # a match in the last 8 tokens of a block: what follows it (the value) may lie in the next block
+
+
 def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> torch.Tensor:
-    """float [R, n_blocks]: max over heads of the z-scored best key of each whole block (module docstring).
-    keys [R, T, H_kv, D] (T // bs whole blocks are scored), queries [R, H, D]."""
+    """float [R, n_blocks]: max over heads of the z-scored best key of each whole block (module docstring),
+    with the continuation rule. keys [R, T, H_kv, D] (T // bs whole blocks are scored), queries [R, H, D]."""
     R, T, H_kv, D = keys.shape
     n = T // block_size
     rep = queries.size(1) // H_kv
     k = keys[:, : n * block_size].repeat_interleave(rep, dim=2)  # [R, n*bs, H, D]
     s = torch.einsum("rthd,rhd->rth", k.float(), queries.float())
-    best = s.view(R, n, block_size, -1).amax(2)  # [R, n, H]
+    best, where = s.view(R, n, block_size, -1).max(2)  # [R, n, H]: the best key and its offset in the block
     mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
-    return ((best - mean) / std.clamp(min=1e-6)).amax(2)
+    z = (best - mean) / std.clamp(min=1e-6)
+    # Continuation: the retrieval head matches the token where the value starts (or the cue right before
+    # it), and the model then reads the tokens that FOLLOW the match. When the match sits in the last
+    # CONTINUATION tokens of block b, the value may run into block b + 1 (measured: MC-KEYMATCH read 0.94
+    # of the needles inside one block but 0.06 of those straddling two, lab notebook), so block b + 1
+    # scores at least what block b does, for that head.
+    carry = torch.where(where >= block_size - CONTINUATION, z, float("-inf"))[:, :-1]
+    z = torch.cat([z[:, :1], torch.maximum(z[:, 1:], carry)], 1)
+    return z.amax(2)
 
 
 def expand_blocks_to_raw(plans: torch.Tensor, blocks: torch.Tensor, block_size: int, max_lod: int) -> torch.Tensor:

@@ -283,3 +283,19 @@ def test_figures_no_verdict_covers_are_labelled():
             assert "NOT VALID" in line
     assert "nll.horizon" in summary["not covered by validity"]
     assert result["comparisons"]["MC-LensNet vs MC-fixed"]["probe EM 4xW"].endswith("(not covered by validity)")
+
+
+def test_a_match_at_the_end_of_a_block_carries_into_the_next_one():
+    """The continuation rule (mc/keymatch.py): the value that follows a match in the last CONTINUATION tokens
+    of block b may lie in block b + 1, which then scores at least block b's z; a match early in its block
+    carries nothing."""
+    from mc.keymatch import CONTINUATION
+    keys = torch.zeros(1, 8 * BS, 1, 2)
+    keys[0, :, 0, 1] = 1.0  # every token matches a little
+    q = torch.tensor([[[1.0, 0.1]]])
+    keys[0, 3 * BS - 2, 0] = torch.tensor([5.0, 0.0])  # block 2, two tokens before its end
+    keys[0, 5 * BS + 3, 0] = torch.tensor([4.0, 0.0])  # block 5, near its start
+    s = block_scores(keys, q, BS)[0]
+    assert s[3] == s[2] == s.max()  # block 3 inherits block 2's score
+    assert s[6] < 1.0 < s[5]  # no carry from an early match
+    assert 3 * BS - 2 >= 3 * BS - CONTINUATION
