@@ -1,5 +1,7 @@
 """
 The focus allocator: LensNet scores -> legal, block-aligned expand/collapse edits of a plan under W.
+Contract: detail is only ever removed when the budget needs it (step 0's hard fit, or room for an
+expand in step 1); a plan within budget is refined, never coarsened.
 
 Input: a plan int8 [rows, T] covering the whole history (no -1; see mc/working_context.py), one
 score in [-1, 1] per WC entry (+ = wants more detail, - = can be coarser), the budget W, and the
@@ -23,18 +25,22 @@ One call:
    collapse its lowest-scored collapse groups, whatever their score and hysteresis, until it fits
    (PlanDoesNotFitError, a ValueError, if even the fully collapsed covering does not fit). Counted in stats["forced"].
 1. `allocator_iterations` times, per row: candidates are expand entries with score >= expand_threshold
-   and collapse groups with score <= collapse_threshold that the hysteresis state allows; at most
-   `allocator_max_replacements` edits are applied, in priority order (greedy: largest |score| first;
-   stochastic_greedy: one draw at a time among the top-k remaining by |score|, softmax(|score| /
-   temperature), from `generator`). Candidates are taken from the plan at the start of the iteration;
-   an edit whose span overlaps one already applied this iteration is skipped.
+   and collapse groups with score <= collapse_threshold that the hysteresis state allows (candidates
+   are taken from the plan at the start of the iteration). Only expands are chosen on their own, at most
+   `allocator_max_replacements` edits in all, in priority order (greedy: largest |score| first;
+   stochastic_greedy: one draw at a time among the top-k remaining expands by |score|,
+   softmax(|score| / temperature), from `generator`); an expand whose span overlaps an edit already
+   applied this iteration is skipped.
    Budget: the target S = allocator_soft_max_length (0 = W), capped at W. An expand is applied only if
-   entries + c <= S. Collapse-to-make-room rule: if the expand does not fit and a collapse candidate
-   remains that does not overlap it, the lowest-scored such collapse is applied first, then the
-   expand (two edits). It is always worth it: the expand scores >= expand_threshold, the collapse
-   <= collapse_threshold, so the swap gains at least the threshold gap (expand - collapse threshold).
-   If no room can be made the expand is skipped. Collapses never need room. The loop stops early when
-   an iteration makes no edit.
+   entries + c <= S. Collapse-to-make-room rule: if it does not fit, the fewest lowest-scored collapse
+   candidates that overlap neither it nor an applied edit and make it fit (one, unless the row is above
+   S) are applied first, then the expand. One swap is always worth it: the expand scores >=
+   expand_threshold, the collapse <= collapse_threshold, so it gains at least the threshold gap. If no
+   room can be made (no such collapses, or max_replacements would be passed) neither is applied.
+   Collapses never happen on their own: a row within budget loses no detail, whatever its scores (a
+   history that fits W stays as it is; a trained LensNet that rates raw tokens below every gist would
+   otherwise compress a short chat, and the model would no longer be the plain GPT on it). The loop
+   stops early when an iteration makes no edit.
    Entries therefore never exceed W (after step 0) and never grow past S through expands.
 2. Hysteresis: state is int8 [rows, T_state] per token: +1 = the entry covering it was just expanded,
    -1 = just collapsed, 0 = untouched. A collapse group containing a +1 token and an expand of a gist
@@ -150,9 +156,22 @@ def _overlaps(touched, start, span):
     return any(s < start + span and start < e for s, e in touched)
 
 
+def _make_room(room, touched, span, n, target, c, k_max):
+    """The fewest lowest-scored collapses from `room` (sorted lowest score first) that overlap neither
+    `touched` nor `span` and bring n + c (the expand) within target; None if that takes more than k_max
+    or there are not enough. Collapse groups are disjoint (one level each), so picks never overlap."""
+    need = -(-(n + c - target) // c)
+    if need > k_max:
+        return None
+    picks = [x for x in room if not _overlaps(touched, x[2], x[3]) and not _overlaps([span], x[2], x[3])][:need]
+    return picks if len(picks) == need else None
+
+
 def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator):
-    """Greedy (or sampled) choice of edits for one row; returns the list of chosen candidates in order."""
-    remaining = sorted(cands, key=lambda x: -abs(x[1]))  # priority: |score|, stable
+    """Greedy (or sampled) choice of edits for one row; returns the chosen candidates in order. Only
+    expands are ranked; collapses are applied only as the room an expand needs (module docstring)."""
+    remaining = sorted((x for x in cands if x[0] > 0), key=lambda x: -abs(x[1]))  # priority: |score|, stable
+    room = sorted((x for x in cands if x[0] < 0), key=lambda x: x[1])  # make-room pool: lowest score first
     chosen, touched = [], []
     while remaining and len(chosen) < max_edits:
         if stochastic and temperature > 0 and len(remaining) > 1:
@@ -161,29 +180,19 @@ def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, 
             i = int(torch.multinomial(torch.softmax(w, 0), 1, generator=generator))
         else:
             i = 0
-        kind, score, start, span, _ = cand = remaining.pop(i)
+        _, _, start, span, _ = cand = remaining.pop(i)
         if _overlaps(touched, start, span):
             continue
-        if kind < 0:
-            chosen.append(cand)
-            touched.append((start, start + span))
-            n -= c
-            continue
-        if n + c > target:  # collapse first to make room
-            room = [x for x in remaining if x[0] < 0 and not _overlaps(touched, x[2], x[3])
-                    and not _overlaps([(start, start + span)], x[2], x[3])]
-            if not room or len(chosen) + 2 > max_edits:
+        picks = []
+        if n + c > target:  # collapse first to make room (all the needed collapses, or nothing)
+            picks = _make_room(room, touched, (start, start + span), n, target, c, max_edits - len(chosen) - 1)
+            if picks is None:
                 continue
-            worst = min(room, key=lambda x: x[1])
-            remaining.remove(worst)
-            chosen.append(worst)
-            touched.append((worst[2], worst[2] + worst[3]))
-            n -= c
-            if n + c > target:  # one collapse was not enough (target far below entries): keep the collapse
-                continue
-        chosen.append(cand)
-        touched.append((start, start + span))
-        n += c
+        for x in picks + [cand]:
+            room = [y for y in room if y is not x]
+            chosen.append(x)
+            touched.append((x[2], x[2] + x[3]))
+            n += c if x[0] > 0 else -c
     return chosen
 
 

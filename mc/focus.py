@@ -29,6 +29,9 @@ scored every gist below -0.5, so absolute thresholds (--allocator_expand_thresho
 its ranking among gists was never used. Centred, a gist is expanded when LensNet rates it
 expand_threshold above the row's average gist (same run: MC-LensNet gap recovery 0.68 -> 0.84 with
 ~1 expansion per item). A fresh LensNet (all 0) and fixed focus (lensnet None) are unchanged by it.
+The same LensNet rates raw tokens below the gists, i.e. collapse candidates; the allocator applies a
+collapse only in its hard fit or as room for an expand (mc/allocator.py), so a plan within W (a short
+chat, all raw) is never coarsened by those scores.
 
 LensNet sees the working context the model currently reads, so a gist it wants refined must already
 be in it; expanding a LOD2 gist to raw takes two refocuses (LOD2 -> LOD1 children inherit the score

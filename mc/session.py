@@ -14,7 +14,8 @@ State (batch 1):
 - the plan, int8 [1, T]: level of detail of every history token (mc/working_context.py); full
   coverage; new tokens join it raw. The working context (WC) is its entry list: an entry starts at
   token t iff plan[t] = l and t % bs**l == 0 and spans bs**l tokens. Kept as two CPU vectors
-  (span_start, lod), appended to for every new token and recomputed from the plan after a refocus.
+  (span_start, lod; mc/buffer.py), appended to for every new token and recomputed from the plan after
+  a refocus.
 - the allocator's hysteresis state, int8 [1, T].
 - a KV cache over the WC entries, unpadded, in entry order: cache slot i holds entry i. Each entry
   is fed to the GPT as inputs_embeds (wte(id) for a raw token, the gist for a gist) with its own
@@ -23,14 +24,15 @@ State (batch 1):
   directly for any position, so histories past the GPT's rotary table (10 x sequence_len) work.
   Invariant: the cache holds a prefix of the current entry list.
 
-Refocus (refocus(); automatically every refocus_interval ingested/appended tokens; the engine also
-calls it at every user turn): mc.focus.refocus = LensNet scores the current WC (lensnet None = fixed
-focus: every score 0, only forced collapses) and the allocator edits the plan under W (step 0, the
-hard fit, collapses the lowest-scored groups until entries <= W). When a long ingest left more than
-W + refocus_interval entries, a score-free hard fit runs first so LensNet never sees more entries than
-the model does. With --mc_infer_focus=keymatch the GPT's own layer-0 attention chooses instead of
-LensNet (mc.keymatch.keymatch_refocus): the history's last token is the query, the blocks that stand
-out are made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token).
+Refocus (refocus(); automatically every refocus_interval ingested/appended tokens, and at once when
+the WC would pass W entries; the engine also calls it at every user turn): mc.focus.refocus = LensNet
+scores the current WC (lensnet None = fixed focus: every score 0, only forced collapses) and the
+allocator edits the plan under the refocus budget (see Budget; step 0, the hard fit, collapses the
+lowest-scored groups until entries fit it). When a long ingest left more than W entries, a score-free
+hard fit to W runs first so LensNet never sees more entries than the model does. With
+--mc_infer_focus=keymatch the GPT's own layer-0 attention chooses instead of LensNet
+(mc.keymatch.keymatch_refocus): the history's last token is the query, the blocks that stand out are
+made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token).
 
 Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
 before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
@@ -41,18 +43,24 @@ another cache slot, so it is recomputed too.) Accounting, per refocus:
     reprefill = #{new entries with span_start < end of the history the cache covered} - kept
 i.e. the entries recomputed only because of the refocus (not the new tokens every decoder must feed).
 
-Budget. W = mc_config.wc_length(sequence_len) capped at sequence_len - refocus_interval. Right after a
-refocus entries <= W; between refocuses each token adds one raw entry, and a refocus runs before the
-count passes W + refocus_interval, so the KV cache never exceeds W + refocus_interval <= sequence_len
-entries and a decode step costs the same at any history length. The per-refocus work over the plan
-(allocator, entry list) is O(T) vectorised tensor ops on 1-byte-per-token maps, amortised over
-refocus_interval tokens. Largest history: its most compressed covering must fit W (about
-(W - recent_tokens - max_lod * (bs - 1)) * bs**max_lod tokens); beyond that HistoryTooLongError.
+Budget. W is a hard cap: the WC (and so the KV cache) never holds more than W <= sequence_len entries,
+decoded tokens included. A history of at most W tokens is never compressed: every token stays raw and
+the session's logits are the plain GPT's (the allocator only removes detail when the budget needs it,
+mc/allocator.py). Once the history is longer than W, a refocus fits the WC to W - refocus_interval
+entries (the refocus budget; headroom), each new token adds one raw entry, and the next refocus comes
+after at most refocus_interval tokens, or at once when an ingest would pass W, so entries <= W at all
+times and refocuses stay amortised. Default W = min(mc_config.wc_length(sequence_len) + refocus_interval,
+sequence_len): a refocus then leaves at most the training W entries, the most the checkpoint's variants
+held. W - refocus_interval must exceed recent_tokens (the raw tail). A decode step costs the same at
+any history length. The per-refocus work over the plan (allocator, entry list) is O(T) vectorised tensor
+ops on 1-byte-per-token maps, amortised over refocus_interval tokens. Largest history: its most
+compressed covering must fit the refocus budget (about (W - refocus_interval - recent_tokens -
+max_lod * (bs - 1)) * bs**max_lod tokens); beyond that HistoryTooLongError.
 
 Metrics (stats(), and telemetry events through mc.telemetry.emit_event, one set per refocus):
 - swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
 - residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
-- budget_used = entries / W; expands / collapses / forced edits; allocator iterations
+- budget_used = entries / W (the cap); expands / collapses / forced edits; allocator iterations
 - reprefill_tokens (this refocus), reprefill_per_token = re-prefilled entries / appended tokens
 - history_tokens, wc_entries, max_kv_entries, tree_bytes (memory held by the history state)
 Events: focus_allocator, inference_update, mc_tree_snapshot, working_context_snapshot.
@@ -65,6 +73,7 @@ import uuid
 import torch
 
 from mc.allocator import PlanDoesNotFitError, allocate
+from mc.buffer import AppendBuffer
 from mc.focus import first_changed_token
 from mc.focus import refocus as focus_refocus
 from mc.keymatch import LayerZeroKeys, block_scores, keymatch_refocus
@@ -89,41 +98,6 @@ class HistoryTooLongError(ContextTooLongError):
     """Even the most compressed covering of the history no longer fits W entries."""
 
 
-class _Buffer:
-    """A 1-D CPU tensor with spare capacity: appending k values costs O(k) amortised (no O(T) cat per token)."""
-
-    def __init__(self, dtype):
-        self.data, self.n = torch.empty(64, dtype=dtype), 0
-
-    def view(self) -> torch.Tensor:
-        return self.data[: self.n]
-
-    def extend(self, values: torch.Tensor):
-        k = values.numel()
-        if self.n + k > self.data.numel():
-            grown = torch.empty(max(2 * (self.n + k), 64), dtype=self.data.dtype)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n: self.n + k] = values
-        self.n += k
-
-    def append(self, value):
-        """One scalar (the per-token decode path: no temporary tensors)."""
-        if self.n == self.data.numel():
-            grown = torch.empty(2 * self.n, dtype=self.data.dtype)
-            grown[: self.n] = self.data[: self.n]
-            self.data = grown
-        self.data[self.n] = value
-        self.n += 1
-
-    def set(self, values: torch.Tensor):
-        self.n = 0
-        self.extend(values)
-
-    def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
-
-
 class MCSession:
     def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
                  refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
@@ -145,21 +119,23 @@ class MCSession:
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise MCSessionError(f"--mc_infer_refocus_interval={interval!r} must be an integer >= 1")
         if W is None:
-            W = min(cfg.wc_length(seq_len), seq_len - interval)
+            W = min(cfg.wc_length(seq_len) + interval, seq_len)
         if isinstance(W, bool) or not isinstance(W, int) or W < 1:
             raise MCSessionError(f"the working-context budget W={W!r} must be an integer >= 1")
-        if W + interval > seq_len:
-            raise MCSessionError(f"W={W} + refocus_interval={interval} = {W + interval} exceeds the model's "
-                                 f"sequence_len={seq_len}: between refocuses the WC grows by up to refocus_interval "
-                                 f"raw tokens; lower W (--mc_infer_wc_length) or --mc_infer_refocus_interval")
-        if W <= cfg.recent_tokens:
-            raise MCSessionError(f"W={W} must exceed --allocator_recent_tokens={cfg.recent_tokens} (the raw tail); "
-                                 f"raise W (--mc_infer_wc_length), or with the default W lower "
-                                 f"--mc_infer_refocus_interval")
+        if W > seq_len:
+            raise MCSessionError(f"W={W} exceeds the model's sequence_len={seq_len}: the working context (and its KV "
+                                 f"cache) holds up to W entries; lower W (--mc_infer_wc_length)")
+        if W - interval <= cfg.recent_tokens:
+            raise MCSessionError(f"W={W} - refocus_interval={interval} = {W - interval} must exceed "
+                                 f"--allocator_recent_tokens={cfg.recent_tokens} (the raw tail): a history longer than "
+                                 f"W is refocused to W - refocus_interval entries; raise W (--mc_infer_wc_length) or "
+                                 f"lower --mc_infer_refocus_interval")
         self.model, self.mc_modules, self.cfg = model, mc_modules, cfg
         self.lensnet = mc_modules.lensnet
         self.keys = LayerZeroKeys(model) if cfg.infer_focus == "keymatch" else None  # mc/keymatch.py
-        self.W, self.refocus_interval, self.max_entries = W, interval, W + interval
+        self.W, self.refocus_interval = W, interval
+        self.max_entries = W  # the hard cap on WC entries (and KV cache slots), decoded tokens included
+        self.fit_budget = W - interval  # a refocus of a history longer than W fits it to this: headroom
         self.device = torch.device(device) if device is not None else model.get_device()
         self.telemetry = telemetry or NoOpTelemetryProvider()
         self.session_id = session_id or uuid.uuid4().hex[:12]
@@ -170,8 +146,8 @@ class MCSession:
         self.head_dim = c.n_embd // c.n_head
         self.rope_fraction = c.rope_fraction
         self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False)
-        self._ids, self._plan = _Buffer(torch.int32), _Buffer(torch.int8)
-        self._starts, self._lods = _Buffer(torch.long), _Buffer(torch.long)
+        self._ids, self._plan = AppendBuffer(torch.int32), AppendBuffer(torch.int8)
+        self._starts, self._lods = AppendBuffer(torch.long), AppendBuffer(torch.long)
         self.state = None  # allocator hysteresis, int8 [1, <= T]
         self.kv = KVCache(1, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device=self.device)
         self._logits = None  # [V] after the last cached entry
@@ -219,10 +195,11 @@ class MCSession:
     # ------------------------------------------------------------------ history
     @torch.inference_mode()
     def ingest(self, token_ids):
-        """Append tokens (a prompt, a user turn, a document, ...) to the history. Refocuses when
-        refocus_interval tokens have arrived since the last refocus (once per call)."""
+        """Append tokens (a prompt, a user turn, a document, ...) to the history. Refocuses (once per call)
+        when refocus_interval tokens have arrived since the last refocus, or at once when the WC would
+        hold more than W entries (module docstring, Budget)."""
         self._add(token_ids)
-        if self._since_refocus >= self.refocus_interval:
+        if self.num_entries > self.W or self._since_refocus >= self.refocus_interval:
             self.refocus()
 
     @torch.inference_mode()
@@ -336,8 +313,8 @@ class MCSession:
             if c == n:  # nothing new but no logits kept: recompute the last entry
                 self.kv.set_pos(c - 1)
                 c -= 1
-            if n > self.model.config.sequence_len:  # cannot happen: refocus keeps n <= W + interval
-                raise RuntimeError(f"working context of {n} entries exceeds sequence_len")
+            if n > self.W:  # cannot happen: ingest refocuses before the WC passes W (<= sequence_len)
+                raise RuntimeError(f"working context of {n} entries exceeds W={self.W}")
             raw_only = not bool(self._lods.view()[c:n].any())
             logits = self.model(inputs_embeds=self._embed(c, n, raw_only)[None],
                                 cos_sin_override=self._cos_sin(c, n, raw_only), kv_cache=self.kv, last_only=True)
@@ -363,12 +340,12 @@ class MCSession:
     # ------------------------------------------------------------------ refocus
     def _capacity_error(self, e):
         bs, L, R = self.bs, self.max_lod, self.cfg.recent_tokens
-        cap = max(self.W - R - L * (bs - 1), 0) * bs ** L
+        cap = max(self.fit_budget - R - L * (bs - 1), 0) * bs ** L
         return HistoryTooLongError(
             f"the history of {self.num_tokens} tokens no longer fits the MegaContext working context even fully "
-            f"compressed (W={self.W} entries, --mc_block_size={bs}, --mc_max_lod={L}, --allocator_recent_tokens={R}; "
-            f"this W holds about {cap} tokens). Start a new chat, or use a checkpoint with a larger --mc_max_lod "
-            f"or W ({e})")
+            f"compressed (W={self.W} entries, refocused to W - refocus_interval = {self.fit_budget}, "
+            f"--mc_block_size={bs}, --mc_max_lod={L}, --allocator_recent_tokens={R}; this W holds about {cap} "
+            f"tokens). Start a new chat, or use a checkpoint with a larger --mc_max_lod or W ({e})")
 
     def _allocate(self, fn, *args, **kwargs):
         try:
@@ -377,7 +354,9 @@ class MCSession:
             raise self._capacity_error(e) from None
 
     def _hard_fit(self):
-        """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats."""
+        """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats.
+        Run before LensNet when a long ingest left more than W entries, so it never reads more than the
+        model does; LensNet's scores then choose what goes to reach the refocus budget."""
         cfg = dataclasses.replace(self.cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
         old = self.plan.clone()
         plan, self.state, stats = self._allocate(allocate, old, torch.zeros(old.shape), self.W, cfg,
@@ -398,14 +377,16 @@ class MCSession:
         old_plan = self.plan.clone()
         old_starts, old_lods = (x.clone() for x in self.entries())
         cached = self.kv.get_pos()
-        fitted = self.num_entries > self.max_entries
+        fitted = self.num_entries > self.W
         forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
+        # a history that fits W keeps every token (the plain model); a longer one is fitted with headroom
+        budget = self.W if self.num_tokens <= self.W else self.fit_budget
         if self.keys is not None or block_scores is not None:
             z = self._keymatch_scores() if block_scores is None else block_scores
-            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, self.W, self.cfg,
+            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, budget, self.cfg,
                                                         self.cfg.recent_tokens, state=self.state)
         else:
-            new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, self.W,
+            new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, budget,
                                                         state=self.state, generator=self.generator,
                                                         wc=self.working_context() if self.lensnet is not None else
                                                         self._score_free_wc())

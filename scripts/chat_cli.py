@@ -17,8 +17,8 @@ conversation that no longer fits ends with a message (type 'clear', or restart w
 crash. With --mc the checkpoint's MegaContext modules carry the chat instead: nanochat.engine.MCEngine
 keeps ONE mc.session.MCSession for the whole conversation (each turn ingests only the new user message,
 refocuses, and generates; 'clear' starts a new session), so replies are never cut by the context.
---mc_infer_wc_length / --mc_infer_refocus_interval override the checkpoint's working-context budget W
-and refocus interval (W + interval must fit the model's sequence_len); MC_OTEL_ENDPOINT sends the
+--mc_infer_wc_length / --mc_infer_refocus_interval override the checkpoint's working-context cap W
+and refocus interval (W must fit the model's sequence_len); MC_OTEL_ENDPOINT sends the
 session's telemetry (inference_update, focus_allocator, ...) like training does.
 """
 
@@ -47,8 +47,8 @@ def parse_args(argv=None):
                    help="cuda | cpu | mps (empty = autodetect)")
     p.add_argument("--mc", action="store_true", help="use the MegaContext inference session (unbounded chats)")
     p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
-                   help="--mc: working-context budget W in entries (default: the checkpoint's, capped so W + "
-                        "refocus interval fits sequence_len)")
+                   help="--mc: working-context cap W in entries, decoded tokens included (default: the checkpoint's "
+                        "training W + the refocus interval, at most sequence_len)")
     p.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
                    help="--mc: tokens between LensNet refocuses while decoding (default: the checkpoint's)")
     p.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,

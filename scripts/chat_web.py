@@ -441,7 +441,7 @@ def main(argv=None):
     parser.add_argument("--max_tokens", type=ck.positive_int, default=512, help="default when a request sets none")
     parser.add_argument("--mc", action="store_true", help="MegaContext session per request (an MC checkpoint)")
     parser.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
-                        help="--mc: working-context budget W")
+                        help="--mc: working-context cap W in entries")
     parser.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
                         help="--mc: tokens between refocuses")
     parser.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,

@@ -9,13 +9,14 @@ For each history length H (random token ids; the cost does not depend on the con
 are set up and then generate --decode_tokens greedy tokens each:
 - mc:     mc.session.MCSession: the H tokens are ingested (tree + hard fit + refocus), then decoding
           with refocus every --mc_infer_refocus_interval tokens; the re-prefill after each refocus is
-          part of the measured decode time. KV cache <= W + interval entries at any H.
+          part of the measured decode time. KV cache <= W entries at any H (W: the session's cap).
 - full:   every history token raw in one KV cache (chunked prefill of H tokens, positions computed
           directly so H may pass the GPT's rotary table). Cost per token grows with H; skipped (with
           the reason printed) when H > --max_full_tokens (the prefill is O(H^2)) or memory runs out.
-- window: the last W tokens, exact attention over a sliding window: the cache grows from W to
-          W + interval - 1 tokens, then the last W tokens are re-prefilled from scratch (no rolling
-          cache, whose deeper-layer keys would still encode the dropped tokens). Same KV bound as mc.
+- window: the last W - interval tokens, exact attention over a sliding window: the cache grows from
+          W - interval to W - 1 tokens, then the last W - interval tokens are re-prefilled from scratch
+          (no rolling cache, whose deeper-layer keys would still encode the dropped tokens). Same KV
+          bound as mc, which also refocuses to W - interval entries.
 Timing: every decoder of every history is set up and warmed up (`interval` tokens) first; then --rounds
 rounds each run decode_tokens / rounds tokens (by default one refocus interval, so every MC round holds
 one refocus and its re-prefill) on every decoder in turn, so all of them see the same machine load.
@@ -33,7 +34,8 @@ maps are O(H) vectorised ops -- the one term that grows with the history.
 
 A random model (no --model_tag/--source) is --depth blocks of --width channels, --head_dim heads, a
 --vocab_size head and --max_seq_len context, with GistNet and LensNet built from the --mc_*/--allocator_*
-flags (bench defaults: W = 0.75 x 512 = 384 entries, 64 recent tokens raw, refocus every 64 tokens).
+flags (bench defaults: training W = 0.75 x 512 = 384 entries, so the session's cap W = 384 + 64 = 448,
+64 recent tokens raw, refocus every 64 tokens).
 Its LensNet is fresh by default: it runs at every refocus (its cost is measured) but scores 0, so only
 the hard fit edits, which keeps the WC full (~W entries: the largest KV cache, the worst case for
 attention). --random_lensnet=1 gives it random output weights instead (real expands and collapses).
@@ -270,7 +272,7 @@ def setup_history(H, model, modules, cfg, args, device, log):
     interval = cfg.infer_refocus_interval
     makers = {"mc": lambda: MCDecoder(model, modules, cfg, args.mc_infer_wc_length, history),
               "full": lambda: RawDecoder(model, history),
-              "window": lambda: RawDecoder(model, history, window=W, interval=interval)}
+              "window": lambda: RawDecoder(model, history, window=W - interval, interval=interval)}
     decoders, rows = {}, {}
     for name, make in makers.items():
         row = {"history": H, "mode": name, "W": W, "refocus_interval": interval, "skipped": None}

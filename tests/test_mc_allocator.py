@@ -93,14 +93,37 @@ def test_greedy_all_positive_expands_highest_first():
     assert expanded.tolist() == [False, True, False, True, True, False]
 
 
-def test_all_negative_collapses_and_tail_stays_raw():
+def test_all_negative_under_budget_changes_nothing():
+    """A plan within W is never coarsened, however low its scores (a short chat stays the plain model)."""
     bs, T, R = 4, 40, 6
+    mixed = torch.zeros(1, T, dtype=torch.int8)
+    mixed[:, 8:16] = 1  # two LOD1 gists amid raw tokens
+    for plan in (torch.zeros(2, T, dtype=torch.int8), mixed):
+        L = int(entry_counts(plan, bs).max())
+        scores = -torch.rand(plan.size(0), L, generator=torch.Generator().manual_seed(0)) * 0.5 - 0.5
+        for c in (cfg(allocator_max_replacements=100, allocator_iterations=3),
+                  cfg(allocator_type="stochastic_greedy", allocator_max_replacements=100)):
+            W = int(entry_counts(plan, bs).max())  # exactly full: still no edit
+            new, state, stats = allocate(plan, scores, W, c, bs, 2, R, generator=torch.Generator().manual_seed(0))
+            assert torch.equal(new, plan) and (state == 0).all() and stats["iterations"] == 0
+            assert (stats["collapses"] == 0).all() and (stats["forced"] == 0).all()
+
+
+def test_all_negative_over_budget_collapses_only_to_fit_and_tail_stays_raw():
+    bs, T, R, W = 4, 40, 6, 30
     plan = torch.zeros(2, T, dtype=torch.int8)
     scores = -torch.rand(2, T, generator=torch.Generator().manual_seed(0)) * 0.5 - 0.5
-    new, _, stats = allocate(plan, scores, T, cfg(allocator_max_replacements=100), bs, 1, R)
+    new, _, stats = allocate(plan, scores, W, cfg(allocator_max_replacements=100), bs, 1, R)
     check_plan(new, bs, max_lod=1)
-    assert (new[:, : (T - R) // bs * bs] == 1).all() and (new[:, (T - R) // bs * bs:] == 0).all()
-    assert (stats["collapses"] == (T - R) // bs).all() and (stats["expands"] == 0).all()
+    # the hard fit takes the fewest collapses that fit W (ceil(10 / 3) = 4), the lowest-scored ones; the
+    # remaining all-negative groups are not collapsed on their own
+    assert (stats["forced"] == 4).all() and (stats["collapses"] == 0).all() and (stats["expands"] == 0).all()
+    assert (entry_counts(new, bs) == T - 4 * (bs - 1)).all()
+    assert (new[:, (T - R) // bs * bs:] == 0).all()
+    group = scores[:, : (T - R) // bs * bs].reshape(2, -1, bs).mean(-1)
+    collapsed = new[:, : (T - R) // bs * bs].reshape(2, -1, bs)[..., 0] == 1
+    for r in range(2):
+        assert set(group[r].argsort()[:4].tolist()) == set(collapsed[r].nonzero()[:, 0].tolist())
 
 
 def test_scores_between_thresholds_make_no_edits():
@@ -122,6 +145,27 @@ def test_collapse_to_make_room_for_a_better_expand():
     assert new[0, :4].tolist() == [1] * 4 and new[0, 4:8].tolist() == [0] * 4 and new[0, 8:12].tolist() == [1] * 4
     assert stats["expands"].item() == 1 and stats["collapses"].item() == 1
     assert entry_counts(new, bs).item() <= 10
+    # with room for the expand, the low-scored raw block is left alone (no collapse without need)
+    new, _, stats = allocate(plan, scores, 13, cfg(), bs, 1, 4)
+    assert new[0, :8].tolist() == [0] * 8 and new[0, 8:12].tolist() == [1] * 4
+    assert stats["expands"].item() == 1 and stats["collapses"].item() == 0
+    # no room and max_replacements=1: the swap needs two edits, so neither is made
+    new, _, stats = allocate(plan, scores, 10, cfg(allocator_max_replacements=1), bs, 1, 4)
+    assert torch.equal(new, plan) and stats["collapses"].item() == 0
+
+
+def test_make_room_below_a_soft_target_takes_several_collapses_or_none():
+    bs = 4
+    plan = _gist_plan(4, bs, 4)
+    plan[:, :8] = 0  # blocks 0, 1 raw (8 entries), blocks 2, 3 gists, 4 raw tail -> 14 entries
+    scores = torch.tensor([[-0.8] * 8 + [0.9, 0.0] + [0.0] * 4])
+    # soft target 11 < 14 entries: the expand (+3) fits only after both raw blocks collapse (-6)
+    new, _, stats = allocate(plan, scores, 14, cfg(allocator_soft_max_length=11), bs, 1, 4)
+    assert new[0, :8].tolist() == [1] * 8 and new[0, 8:12].tolist() == [0] * 4
+    assert stats["expands"].item() == 1 and stats["collapses"].item() == 2 and entry_counts(new, bs).item() == 11
+    # soft target 8: three collapses would be needed and only two exist: nothing changes
+    new, _, stats = allocate(plan, scores, 14, cfg(allocator_soft_max_length=8), bs, 1, 4)
+    assert torch.equal(new, plan) and stats["collapses"].item() == 0
 
 
 def test_hard_fit_when_history_outgrew_w():
@@ -137,18 +181,21 @@ def test_hard_fit_when_history_outgrew_w():
 
 def test_hysteresis_blocks_immediate_reversal():
     bs = 4
-    plan = _gist_plan(2, bs, 4)
-    up = torch.tensor([[0.9, 0.9] + [0.0] * 4])
+    plan = _gist_plan(3, bs, 4)
+    up = torch.tensor([[0.9, 0.9, 0.0] + [0.0] * 4])
     new, state, _ = allocate(plan, up, 100, cfg(), bs, 1, 4)
-    assert (new[0, :8] == 0).all()
-    down = torch.full((1, int(entry_counts(new, bs))), -0.9)
-    again, state2, stats = allocate(new, down, 100, cfg(), bs, 1, 4, state=state)
-    assert torch.equal(again, new) and stats["collapses"].item() == 0  # just expanded: not collapsed
-    third, _, stats = allocate(again, down, 100, cfg(), bs, 1, 4, state=state2)
-    assert stats["collapses"].item() == 2  # one call later it may
-    # and the other way round
-    undo, state3, _ = allocate(third, torch.full((1, 6), 0.9), 100, cfg(), bs, 1, 4, state=torch.full((1, 12), -1,
-                                                                                                      dtype=torch.int8))
+    assert (new[0, :8] == 0).all() and (new[0, 8:12] == 1).all()  # blocks 0, 1 expanded: 13 entries
+    # now block 2 wants detail and there is no room: the only collapses that could make room are the
+    # blocks just expanded, which the state protects
+    down = torch.tensor([[-0.9] * 8 + [0.9] + [0.0] * 4])
+    again, state2, stats = allocate(new, down, 13, cfg(), bs, 1, 4, state=state)
+    assert torch.equal(again, new) and stats["collapses"].item() == 0 and stats["expands"].item() == 0
+    third, _, stats = allocate(again, down, 13, cfg(), bs, 1, 4, state=state2)
+    assert stats["collapses"].item() == 1 and stats["expands"].item() == 1  # one call later it may
+    assert (third[0, 8:12] == 0).all()
+    # and the other way round: a just-collapsed gist is not expanded
+    undo, _, _ = allocate(third, torch.full((1, 13), 0.9), 100, cfg(), bs, 1, 4,
+                          state=torch.full((1, 16), -1, dtype=torch.int8))
     assert torch.equal(undo, third)
 
 

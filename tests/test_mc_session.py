@@ -1,7 +1,7 @@
 """Tests for mc/session.py (MegaContext inference) on tiny CPU models:
 - a history 12x the model's sequence_len (past the GPT's rotary table) ingests and decodes; the WC never
-  exceeds W after a refocus, the KV cache never exceeds W + refocus_interval <= sequence_len, the WC is a
-  legal full covering, and its embeddings equal build_working_context over the tree
+  exceeds W (so neither does the KV cache, W <= sequence_len), the WC is a legal full covering, and its
+  embeddings equal build_working_context over the tree (the budget itself: tests/test_mc_session_budget.py)
 - after every refocus the partially re-prefilled KV cache gives the same logits as a from-scratch
   forward of the whole WC; the re-prefill count = entries from the first changed entry
 - the attended entries stay bounded as the history grows (behaviour, not timing)
@@ -88,11 +88,11 @@ def check_wc(session):
 def test_long_history_bounded_and_exact():
     model, modules, cfg = tiny_mc_model()
     s = MCSession(model, modules, cfg)
-    assert s.W == 40 and s.refocus_interval == 16 and s.W + s.refocus_interval <= SEQ
+    assert s.W == 40 + 16 and s.fit_budget == 40 and s.refocus_interval == 16 and s.W <= SEQ
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, 256, (300,), generator=g).tolist()
-    s.ingest(prompt)  # > W + interval entries at once: hard fit, then LensNet
-    assert s.num_entries <= s.W
+    s.ingest(prompt)  # > W entries at once: hard fit, then LensNet
+    assert s.num_entries <= s.fit_budget
     s.refocus()
     check_wc(s)
     refocuses, edits = 0, 0
@@ -101,7 +101,7 @@ def test_long_history_bounded_and_exact():
         s.refocus()
         for tok in s.generate(60, temperature=1.0, seed=turn):
             assert 0 <= tok < 256
-            assert s.num_entries <= s.max_entries
+            assert s.num_entries <= s.max_entries == s.W
             if s.stats()["refocuses"] > refocuses:  # a refocus just ran: compare with a from-scratch forward
                 refocuses = s.stats()["refocuses"]
                 edits += s.last["expands"] + s.last["collapses"]
@@ -109,7 +109,7 @@ def test_long_history_bounded_and_exact():
         check_wc(s)
     st = s.stats()
     assert st["history_tokens"] > 12 * SEQ > 10 * SEQ  # past the GPT's own rotary table (10 x sequence_len)
-    assert st["max_kv_entries"] <= s.W + s.refocus_interval <= SEQ
+    assert st["max_kv_entries"] <= s.W <= SEQ
     assert st["expands"] > 0 and st["collapses"] + st["forced"] > 0 and edits > 0  # the focus really moved
     assert st["reprefill_entries"] > 0 and st["generated_tokens"] == 240
     assert st["lod_histogram"][2] > 0  # LOD2 gists in use
@@ -119,7 +119,7 @@ def test_long_history_bounded_and_exact():
 
 def test_reprefill_from_first_changed_entry():
     model, modules, cfg = tiny_mc_model(seed=1, positional_type="simple")
-    s = MCSession(model, modules, cfg, refocus_interval=24, W=36)
+    s = MCSession(model, modules, cfg, refocus_interval=24, W=60)  # refocused to 36 entries
     s.ingest(torch.randint(0, 256, (400,)).tolist())
     s.refocus_interval = 10**9  # refocus by hand after every token below
     seen = 0
@@ -159,9 +159,9 @@ def test_attended_entries_do_not_grow_with_history():
         st = s.stats()
         peaks.append(st["max_kv_entries"])
         per_token.append((st["forward_entries"] - base) / 64)
-        assert st["max_kv_entries"] <= s.W + s.refocus_interval
+        assert st["max_kv_entries"] <= s.W
     assert max(peaks) <= MC["train_wc_length"] + MC["infer_refocus_interval"]
-    # entries pushed through the GPT per generated token: 1 + re-prefill, bounded by (W + interval) / interval + 1
+    # entries pushed through the GPT per generated token: 1 + re-prefill, bounded by W / interval + 1
     assert all(p <= 1 + (40 + 16) / 16 for p in per_token), per_token
 
 
@@ -230,7 +230,9 @@ def test_clear_errors():
     with pytest.raises(MCSessionError, match="--profile mc"):
         MCSession(vanilla)
     with pytest.raises(MCSessionError, match=r"exceeds the model's sequence_len=64"):
-        MCSession(model, modules, cfg, W=50, refocus_interval=16)
+        MCSession(model, modules, cfg, W=65, refocus_interval=16)
+    with pytest.raises(MCSessionError, match=r"W=30 - refocus_interval=24 = 6 must exceed"):
+        MCSession(model, modules, cfg, W=30, refocus_interval=24)
     with pytest.raises(MCSessionError, match="recent_tokens"):
         MCSession(model, modules, cfg, W=8)
     with pytest.raises(MCSessionError, match="refocus_interval"):
@@ -242,7 +244,7 @@ def test_clear_errors():
         s.ingest([256])
     # a history whose most compressed covering no longer fits W: a ContextTooLongError naming the limits
     small = dataclasses.replace(cfg, max_lod=1)
-    s = MCSession(model, modules, small, W=20)
+    s = MCSession(model, modules, small, W=20, refocus_interval=4)
     with pytest.raises(HistoryTooLongError, match=r"W=20 .*--mc_max_lod=1") as e:
         s.ingest(list(range(200)))
     assert isinstance(e.value, ContextTooLongError)

@@ -3,10 +3,11 @@
 A small rigged model pins the mechanism end to end through MCSession's public API (ingest / refocus /
 generate, as nanochat.engine.MCEngine drives it: every user turn is ingested, then refocused):
 - a history of 40 blocks of 32 filler tokens (10 user turns), with the fact "KEY VALUE" planted in block 3,
-  so by the time the question comes that block is one LOD1 gist in a working context of W = 128 entries;
+  so by the time the question comes that block is one LOD1 gist in a working context refocused to
+  128 entries (the session's W, its hard cap, is 128 + the refocus interval of 64);
 - the user turn "USER ASK KEY" arrives; at its refocus the scorer rates the fact's gist as relevant to the
   question, the allocator expands it (LOD1 -> 32 raw tokens), and greedy decoding answers VALUE, read from
-  the raw VALUE token; the working context never holds more than W entries after a refocus;
+  the raw VALUE token; the working context never holds more than 128 entries after a refocus;
 - the same for a second fact "KEY2 VALUE2" (block 9), in a fresh chat and as a follow-up question in the
   same chat (the first block is released again); and with the question at the end of a long message, where
   the WC is over W at the refocus and raw history is collapsed to make room for the expansion;
@@ -144,7 +145,7 @@ def chat(scorer=True, focus="lensnet"):
     model, modules, cfg = build(scorer, focus=focus)
     rec = WCSizes()
     s = MCSession(model, modules, cfg, telemetry=rec)
-    assert (s.W, s.refocus_interval) == (W, INTERVAL)
+    assert (s.W, s.fit_budget, s.refocus_interval) == (W + INTERVAL, W, INTERVAL)
     ids = history()
     for turn in range(TURNS):
         s.ingest(ids[turn * TURN_LEN:(turn + 1) * TURN_LEN])
