@@ -177,21 +177,22 @@ if [ "$QUALITY" = 1 ]; then
 fi
 TOK_SOURCE=$SOURCE
 if [ "$RECALL" = 1 ]; then
-  # The recall recipe (lab notebook, "recall"; scripts/recall_bench.py measures each part): the dense
-  # recall corpus with the loss on the answers, a 2-token previous mix, a learned query gain and
-  # partial RoPE on a 2-layer, width-128 GPT, T=512 (W = 128: probes at 4W = 512 and 16W = 2048).
+  # The recall recipe (lab notebook, 2026-12-07 "the learning rate was the lever"): the dense recall
+  # corpus with the loss on the answers, a 4-token previous mix, a learned query gain and partial RoPE on
+  # a 2-layer, width-128 GPT, T=512 (W = 128: probes at 4W = 512 and 16W = 2048), at 0.3x the default
+  # learning rates: at the defaults the lookup circuit never formed while the LR was at its peak.
   # The tokenizer stays the story corpus's (the recall corpus is a subset of its vocabulary).
-  # Measured on 2 cores: the loss sits on a plateau for ~2,450 steps, then the recall circuit forms
-  # (~21 min for the 3,000 steps); FULL exact match 0.16 at 3,000 steps, 0.25 after 1,500 more
-  # (-- --num_iterations=4500 --warmdown_ratio=0.99 resumes it). MC on top: --profile mc -- --init_from=d2_recall.
+  # MC on top (a second command): --profile mc --recall warm-starts GistNet + LensNet on d2_recall.
   SOURCE=recall
   TOK_SOURCE=synthetic
-  TRAIN_ARGS=(--depth=2 --aspect_ratio=64 --head_dim=32 --max_seq_len=512 --prev_token_mix=2 --query_gain=4
-              --rope_fraction=0.5 --device_batch_size=8 --total_batch_size=4096 --num_iterations=3000
-              --embedding_lr=0.05 --eval_every=1M --eval_tokens=65536 --sample_every=-1 --save_every=1M
+  TRAIN_ARGS=(--depth=2 --aspect_ratio=64 --head_dim=32 --max_seq_len=512 --prev_token_mix=4 --query_gain=4
+              --rope_fraction=0.5 --device_batch_size=8 --total_batch_size=4096 --num_iterations=2000
+              --matrix_lr=0.006 --embedding_lr=0.015 --unembedding_lr=0.0012
+              --eval_every=1M --eval_tokens=65536 --sample_every=-1 --save_every=1M
               --log_every=204800tok --model_tag=d2_recall)
   [ "$GPU" = cpu ] && TRAIN_ARGS+=(--device_type=cpu)
-  MC_ARGS=(--mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
+  MC_ARGS=(--init_from=d2_recall --num_iterations=400 --warmdown_ratio=0.99
+           --mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
            --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
   MC_TAG=d2_recall_mc
   MC_EVAL_ARGS+=(--num_docs=16 --num_probes=32 --num_assoc=8 --probe_multipliers=4,16 --n_boot=500)
