@@ -2,7 +2,9 @@
 Which model options let a small GPT learn exact recall on CPU? Trains one small GPT per configuration
 on the same tokens and reports FULL attention's exact match on mc_eval's probes at several lengths.
 
-    python -m scripts.recall_bench --configs=all,no_mix,no_partial_rope --tokens=3M --out=recall_bench.json
+    python -m scripts.recall_bench --configs=all,no_mix,no_partial_rope --tokens=6M --out=recall_bench.json
+
+Defaults are the recall recipe's (run10.sh --recall): k = 4, T = 512, 4,096 tokens per step, 0.3x rates.
 
 Each configuration is the recipe minus one part ("all" = every part on), so a row's drop against "all"
 is that part's contribution on this budget. The parts (nanochat/gpt.py, nanochat/synthetic.py):
@@ -48,18 +50,19 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--configs", default="all," + ",".join(f"no_{x}" for x in PARTS),
                    help="comma list: all, no_<part> (parts: " + ", ".join(PARTS) + ")")
-    p.add_argument("--tokens", type=parse_token_count, default=parse_token_count("3M"), help="training tokens per config")
-    p.add_argument("--mix", type=ck.positive_int, default=1, help="k of --prev_token_mix when the mix is on")
+    p.add_argument("--tokens", type=parse_token_count, default=parse_token_count("6M"), help="training tokens per config")
+    p.add_argument("--mix", type=ck.positive_int, default=4, help="k of --prev_token_mix when the mix is on")
     p.add_argument("--rope_fraction", type=ck.finite_float, default=0.5, help="when partial_rope is on")
     p.add_argument("--query_gain", type=ck.nonneg_float, default=4.0, help="when query_gain is on")
     p.add_argument("--corpus_docs", type=ck.nonneg_int, default=16, help="dense val documents per length for 'corpus'")
     p.add_argument("--depth", type=ck.positive_int, default=2)
     p.add_argument("--width", type=ck.positive_int, default=128)
     p.add_argument("--head_dim", type=ck.positive_int, default=32)
-    p.add_argument("--max_seq_len", type=ck.positive_int, default=2048)
-    p.add_argument("--batch_tokens", type=ck.positive_int, default=8192, help="tokens per optimizer step")
-    p.add_argument("--matrix_lr", type=ck.nonneg_float, default=0.02)
-    p.add_argument("--embedding_lr", type=ck.nonneg_float, default=0.05)
+    p.add_argument("--max_seq_len", type=ck.positive_int, default=512)
+    p.add_argument("--batch_tokens", type=ck.positive_int, default=4096, help="tokens per optimizer step")
+    p.add_argument("--matrix_lr", type=ck.nonneg_float, default=0.006)  # the recall recipe's 0.3x rates
+    p.add_argument("--embedding_lr", type=ck.nonneg_float, default=0.015)
+    p.add_argument("--unembedding_lr", type=ck.nonneg_float, default=0.0012)
     p.add_argument("--wc_length", type=ck.positive_int, default=128, help="W: probes at multiples of it")
     p.add_argument("--lengths", default="4,16", help="history lengths as multiples of W")
     p.add_argument("--num_probes", type=ck.nonneg_int, default=64, help="probes per length (half passkey, half kv)")
@@ -91,7 +94,8 @@ def build_model(args, config: str, vocab_size: int):
 
 def train(args, config: str, model, tokenizer):
     source = resolve_source("synthetic" if config == "no_dense" else "recall")
-    adamw, muon = model.setup_optimizers(embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr)
+    adamw, muon = model.setup_optimizers(embedding_lr=args.embedding_lr, matrix_lr=args.matrix_lr,
+                                         unembedding_lr=args.unembedding_lr)
     total_steps = sum(max(1, n // args.batch_tokens) for _, n in stages(config, args.max_seq_len, args.tokens))
     step, losses = 0, []
     for T, n in stages(config, args.max_seq_len, args.tokens):
