@@ -27,8 +27,8 @@ find the source block through the answer, which no deployed refocus could do.
 Block score, per head h (query head h reads kv head h // (n_head / n_kv_head), as the attention does):
     m_{b,h} = max over t in block b of  q_h . k_t          Quest's bound: the block's best key, not its mean
     z_{b,h} = (m_{b,h} - mean_b m_{.,h}) / std_b m_{.,h}   how far block b stands out for this head
-    s_b     = max over h of z_{b,h}     (a block right after a match in the last CONTINUATION tokens of its
-                                     block inherits that block's z: the value may run into it)
+    s_b     = max over h of z_{b,h}     (a block next to a match within CONTINUATION tokens of their shared
+                                     edge inherits the match's z: the value after it, or the cue before it)
 Why max over tokens: a needle is one or two tokens of a 32-token block; mean-pooling (MoBA) drowns it in
 the other 30 (measured on the recall model, lab notebook "MC-KEYMATCH: the best key of a block": the
 needle's block ranked first 0.06 with mean keys and a mean query vs 0.41 with this score; top-3 0.16 vs
@@ -66,7 +66,8 @@ def layer0_query(model, x: torch.Tensor) -> torch.Tensor:
     return norm(attn.c_q(x).view(x.size(0), attn.n_head, attn.head_dim))
 
 
-CONTINUATION = 8  # a match in the last 8 tokens of a block: what follows it (the value) may lie in the next block
+CONTINUATION = 8  # a match within 8 tokens of a block edge: the value after it / the cue before it may lie across
+EDGE_TIE = 1e-3  # how far below the matched block its neighbour scores
 
 
 def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -80,14 +81,19 @@ def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> 
     best, where = s.view(R, n, block_size, -1).max(2)  # [R, n, H]: the best key and its offset in the block
     mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
     z = (best - mean) / std.clamp(min=1e-6)
-    # Continuation: the retrieval head matches the token where the value starts (or the cue right before
-    # it), and the model then reads the tokens that FOLLOW the match. When the match sits in the last
-    # CONTINUATION tokens of block b, the value may run into block b + 1 (measured: MC-KEYMATCH read 0.94
-    # of the needles inside one block but 0.06 of those straddling two, lab notebook), so block b + 1
-    # scores at least what block b does, for that head.
-    carry = torch.where(where >= block_size - CONTINUATION, z, float("-inf"))[:, :-1]
-    z = torch.cat([z[:, :1], torch.maximum(z[:, 1:], carry)], 1)
-    return z.amax(2)
+    # Block edges. The retrieval head matches the token where the value starts; the model then reads the
+    # tokens that FOLLOW the match (the rest of the value), and the match itself was made with the cue the
+    # previous-token mix carried from the tokens BEFORE it. A raw token after a gist gets the gist, not its
+    # cue, as its "previous token". So a match in the last CONTINUATION tokens of block b makes block b + 1
+    # score at least block b's z (measured: MC-KEYMATCH read 0.94 of the 16W needles inside one block but
+    # 0.06 of those straddling two, lab notebook), and a match in the first CONTINUATION tokens makes
+    # block b - 1 do so (a 50K-token session missed a value that began its block).
+    # The neighbour scores a hair below the match (EDGE_TIE), so the matched block itself is opened first.
+    ninf = torch.full_like(z[:, :1], float("-inf"))
+    carried = z - EDGE_TIE
+    forward = torch.cat([ninf, torch.where(where >= block_size - CONTINUATION, carried, float("-inf"))[:, :-1]], 1)
+    backward = torch.cat([torch.where(where < CONTINUATION, carried, float("-inf"))[:, 1:], ninf], 1)
+    return torch.maximum(z, torch.maximum(forward, backward)).amax(2)
 
 
 def expand_blocks_to_raw(plans: torch.Tensor, blocks: torch.Tensor, block_size: int, max_lod: int) -> torch.Tensor:
@@ -163,34 +169,40 @@ def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_to
     """One keymatch refocus of a session's plan int8 [1, T] from block scores z [1, >= n_blocks]:
     (new_plan, new_state, stats) as mc.allocator.allocate returns them, stats["expands"] = blocks made raw.
 
-    The (at most KEYMATCH_MAX_BLOCKS) best blocks before the raw tail with z >= KEYMATCH_MIN_Z that are
-    not raw yet are made raw (expand_blocks_to_raw); then the allocator's hard fit brings the plan back to
-    <= W, collapsing the OLDEST detail first (token scores rise linearly from -1 at the start of the
-    history to 0 at its end, the chosen blocks score +1, so they are collapsed last), with no other edit
-    (thresholds out of reach): a short history that fits W is never compressed. If even the fully
-    collapsed covering cannot hold a chosen block, fewer blocks are opened."""
+    The asked blocks are the (at most KEYMATCH_MAX_BLOCKS) best blocks before the raw tail with
+    z >= KEYMATCH_MIN_Z; those not raw yet are chosen. First the allocator's hard fit brings the plan to W
+    minus the most the chosen blocks can cost (max_lod (bs - 1) entries each), collapsing the OLDEST detail
+    first (token scores rise linearly from -1 at the start of the history to 0 at its end, the asked
+    blocks score +1, so a block opened by an earlier refocus for the same question stays open;
+    thresholds out of reach, so no other edit); then the chosen blocks are opened to raw (expand_blocks_to_raw), whatever level the fit left
+    them at. Room is made before the blocks open, so a fit can never close them again (opening first and
+    fitting after did: with few collapse candidates the hard fit took the chosen block too, measured on a
+    50K-token session). A history that fits W is never compressed. If even the fully collapsed covering
+    leaves no room for a chosen block, fewer blocks are opened."""
     bs, max_lod = cfg.block_size, cfg.max_lod
     T = plan.size(1)
     n_blocks = max(T - recent_tokens, 0) // bs
     starts = torch.arange(n_blocks) * bs
     z = z[:, :n_blocks].float().cpu()
-    open_ok = (plan[:, starts] > 0) & (z >= KEYMATCH_MIN_Z)
-    ranked = torch.where(open_ok, z, float("-inf")).argsort(1, descending=True)[0, :KEYMATCH_MAX_BLOCKS]
-    chosen = [int(b) for b in ranked if bool(open_ok[0, b])]
+    asked = [int(b) for b in z.argsort(1, descending=True)[0, :KEYMATCH_MAX_BLOCKS] if z[0, b] >= KEYMATCH_MIN_Z]
+    chosen = [b for b in asked if int(plan[0, b * bs]) > 0]  # the asked blocks not raw yet
     hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+    oldest_first = torch.arange(T, dtype=torch.float32)[None] / max(T, 1) - 1.0
+    for b in asked:  # what the question asks about is collapsed last (a second refocus must not close it)
+        oldest_first[:, b * bs:(b + 1) * bs] = 1.0
     for n in range(len(chosen), -1, -1):
-        opened, scores = plan.clone(), torch.arange(T, dtype=torch.float32)[None] / max(T, 1) - 1.0
-        for b in chosen[:n]:
-            opened = expand_blocks_to_raw(opened, torch.tensor([b]), bs, max_lod)
-            scores[:, b * bs:(b + 1) * bs] = 1.0
+        reserve = n * max_lod * (bs - 1)
+        if W - reserve < 1:
+            continue
         try:
-            new_plan, new_state, stats = allocate(opened, scores, W, hard, bs, max_lod, recent_tokens, state=state,
-                                                  scores_are_token_map=True)
+            new_plan, new_state, stats = allocate(plan, oldest_first, W - reserve, hard, bs, max_lod, recent_tokens,
+                                                  state=state, scores_are_token_map=True)
         except PlanDoesNotFitError:
             if n == 0:
                 raise
             continue
         for b in chosen[:n]:
+            new_plan = expand_blocks_to_raw(new_plan, torch.tensor([b]), bs, max_lod)
             new_state[:, b * bs:(b + 1) * bs] = 1  # just expanded: hysteresis, as an allocator expand
         stats["expands"] = torch.tensor([n])
         return new_plan, new_state, stats

@@ -289,13 +289,22 @@ def test_a_match_at_the_end_of_a_block_carries_into_the_next_one():
     """The continuation rule (mc/keymatch.py): the value that follows a match in the last CONTINUATION tokens
     of block b may lie in block b + 1, which then scores at least block b's z; a match early in its block
     carries nothing."""
-    from mc.keymatch import CONTINUATION
+    from mc.keymatch import CONTINUATION, EDGE_TIE
     keys = torch.zeros(1, 8 * BS, 1, 2)
     keys[0, :, 0, 1] = 1.0  # every token matches a little
     q = torch.tensor([[[1.0, 0.1]]])
     keys[0, 3 * BS - 2, 0] = torch.tensor([5.0, 0.0])  # block 2, two tokens before its end
     keys[0, 5 * BS + 3, 0] = torch.tensor([4.0, 0.0])  # block 5, near its start
     s = block_scores(keys, q, BS)[0]
-    assert s[3] == s[2] == s.max()  # block 3 inherits block 2's score
+    assert s[2] == s.max() and s[3] == pytest.approx(float(s[2]) - EDGE_TIE)  # block 3 inherits, a hair below
     assert s[6] < 1.0 < s[5]  # no carry from an early match
     assert 3 * BS - 2 >= 3 * BS - CONTINUATION
+
+
+def test_a_match_at_the_start_of_a_block_carries_into_the_previous_one():
+    """The cue the previous-token mix read lies before a match at a block's start: block b - 1 inherits."""
+    keys = torch.zeros(1, 8 * BS, 1, 2)
+    keys[0, :, 0, 1] = 1.0
+    keys[0, 4 * BS + 1, 0] = torch.tensor([5.0, 0.0])  # the second token of block 4
+    s = block_scores(keys, torch.tensor([[[1.0, 0.1]]]), BS)[0]
+    assert s[4] == s.max() and s[3] == pytest.approx(float(s[4]) - 1e-3) and s[5] < s[3]
