@@ -13,7 +13,7 @@ from nanochat.tokenizer import RustBPETokenizer
 def pytest_configure(config):
     """Statistical tests were checked over many seeds on the pinned CPU torch; another build changes the
     float kernels and so the training trajectories. Refuse it loudly instead of going red by chance.
-    (CUDA machines get an unpinned CUDA build from mc_setup; the check is for CPU builds.)"""
+    (The check is for CPU builds; uv.lock pins the CUDA build to the same version.)"""
     setup = open(os.path.join(os.path.dirname(os.path.dirname(__file__)), "mc_setup")).read()
     pin = re.search(r"^TORCH_PIN=(\S+)", setup, re.M).group(1)
     have = torch.__version__.split("+")[0]

@@ -8,20 +8,18 @@ New chat clears the conversation. A screenshot of the finished conversation is s
 printed: <pytest tmp dir>/chat_web.png, also copied to $NANOCHAT_BASE_DIR/report/chat_web.png when
 that variable is set.
 
-The browser is driven over the Chrome DevTools Protocol through --remote-debugging-pipe (JSON messages
-ending in NUL on file descriptors 3 and 4): only the standard library, no websocket or playwright.
-Chromium comes from $MC_CHROMIUM, else `chromium` / `chromium-browser` / `google-chrome` on PATH. If there
-is none the test skips, unless MC_INSTALL_CHROMIUM=1, which runs dev/install_chromium.sh first.
+The browser is driven by Selenium (the `dev` extra) through chromedriver. Chromium comes from $MC_CHROMIUM,
+else `chromium` / `chromium-browser` / `google-chrome` on PATH; chromedriver from $MC_CHROMEDRIVER, else
+`chromedriver` on PATH (Debian's `chromium-driver` matches its `chromium`). `bash dev/test.sh` installs both
+first (dev/install_chromium.sh). When they (or selenium) are missing the test FAILS, so CI cannot pass
+without having run it; MC_ALLOW_NO_BROWSER=1 turns that into a skip (a laptop without apt).
 
     .venv/bin/python -m pytest tests/test_chat_web_browser.py -s     # -s shows the screenshot path live
 """
 
-import base64
 import json
 import os
 import shutil
-import subprocess
-import threading
 import time
 
 import pytest
@@ -29,140 +27,92 @@ import pytest
 from scripts.chat_web import Worker, create_app
 from tests.test_chat_web import serve, tiny_model, tiny_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WIDTH, HEIGHT = 1000, 720
 FIRST, SECOND = "Hello! Who are you?", "Tell me a short story about the blue vault."
 
 
-def find_chromium():
-    """Path of a Chromium/Chrome binary, installing one if MC_INSTALL_CHROMIUM=1; None if there is none."""
-    def lookup():
-        for exe in (os.environ.get("MC_CHROMIUM"), "chromium", "chromium-browser", "google-chrome"):
-            path = exe and shutil.which(exe)
+def unavailable(reason):
+    """No browser here: a failure, or a skip when MC_ALLOW_NO_BROWSER=1 says that is fine on this machine."""
+    if os.environ.get("MC_ALLOW_NO_BROWSER") == "1":
+        pytest.skip(f"{reason} (MC_ALLOW_NO_BROWSER=1)")
+    pytest.fail(f"{reason}: run `bash dev/install_chromium.sh` (Debian/apt; dev/test.sh does it), or point "
+                f"MC_CHROMIUM / MC_CHROMEDRIVER at a browser and its driver, or set MC_ALLOW_NO_BROWSER=1 to "
+                f"skip this test", pytrace=False)
+
+
+def find_browser():
+    """(chromium path, chromedriver path); fails or skips (see unavailable) when either is missing."""
+    def first(*names):
+        for name in names:
+            path = name and shutil.which(name)
             if path:
                 return path
         return None
 
-    if lookup() is None and os.environ.get("MC_INSTALL_CHROMIUM") == "1":
-        subprocess.run(["bash", os.path.join(REPO, "dev", "install_chromium.sh")], check=True, timeout=900)
-    return lookup()
+    chromium = first(os.environ.get("MC_CHROMIUM"), "chromium", "chromium-browser", "google-chrome")
+    driver = first(os.environ.get("MC_CHROMEDRIVER"), "chromedriver")
+    if chromium is None:
+        unavailable("no Chromium found (looked at $MC_CHROMIUM, chromium, chromium-browser, google-chrome)")
+    if driver is None:
+        unavailable("no chromedriver found (looked at $MC_CHROMEDRIVER, chromedriver)")
+    return chromium, driver
 
 
-class CDP:
-    """A headless Chromium and a Chrome DevTools Protocol connection to it over a pipe pair.
-    send(method, params, session) -> result; a reader thread matches replies to requests by id."""
-
-    def __init__(self, exe, profile_dir, log_path):
-        to_chrome_r, self.to_chrome = os.pipe()      # Chromium reads commands on its fd 3
-        self.from_chrome, from_chrome_w = os.pipe()  # and writes replies/events on its fd 4
-        flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run", "--no-default-browser-check",
-                 "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile_dir}",
-                 f"--window-size={WIDTH},{HEIGHT}", "--remote-debugging-pipe", "about:blank"]
-        # bash moves the pipe ends to fds 3 and 4, then becomes Chromium (exec keeps the pid)
-        script = f'exec "$0" "$@" 3<&{to_chrome_r} 4>&{from_chrome_w} {to_chrome_r}<&- {from_chrome_w}>&-'
-        self.log = open(log_path, "wb")
-        self.proc = subprocess.Popen(["bash", "-c", script, exe, *flags], pass_fds=(to_chrome_r, from_chrome_w),
-                                     stdin=subprocess.DEVNULL, stdout=self.log, stderr=subprocess.STDOUT)
-        os.close(to_chrome_r)
-        os.close(from_chrome_w)
-        self.next_id, self.replies, self.cond = 0, {}, threading.Condition()
-        threading.Thread(target=self._read, daemon=True).start()
-
-    def _read(self):
-        buf = b""
-        while True:
-            data = os.read(self.from_chrome, 1 << 16)
-            if not data:
-                break
-            buf += data
-            *messages, buf = buf.split(b"\0")
-            for raw in messages:
-                msg = json.loads(raw)
-                if "id" in msg:
-                    with self.cond:
-                        self.replies[msg["id"]] = msg
-                        self.cond.notify_all()
-
-    def send(self, method, params=None, session=None, timeout=15):
-        with self.cond:
-            self.next_id += 1
-            mid = self.next_id
-        msg = {"id": mid, "method": method, "params": params or {}}
-        if session:
-            msg["sessionId"] = session
-        os.write(self.to_chrome, json.dumps(msg).encode() + b"\0")
-        with self.cond:
-            ok = self.cond.wait_for(lambda: mid in self.replies or self.proc.poll() is not None, timeout)
-            reply = self.replies.pop(mid, None)
-        if reply is None:
-            raise RuntimeError(f"no reply to {method} within {timeout}s (chromium "
-                               f"{'exited' if self.proc.poll() is not None else 'hung'}; ok={ok})")
-        if "error" in reply:
-            raise RuntimeError(f"{method} failed: {reply['error']}")
-        return reply["result"]
-
-    def close(self):
-        try:
-            self.send("Browser.close", timeout=5)
-        except (RuntimeError, OSError):
-            pass
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait(timeout=10)
-        for fd in (self.to_chrome, self.from_chrome):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-        self.log.close()
+def start_browser(chromium, driver, log_path):
+    """A headless Chromium with a WIDTH x HEIGHT viewport, under Selenium's Chrome driver."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        unavailable("selenium is not installed (./mc_setup --dev installs it)")
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = chromium
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+                 "--no-first-run", "--no-default-browser-check", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--window-size={WIDTH},{HEIGHT}"):
+        opts.add_argument(flag)
+    # an explicit driver path: Selenium Manager (which would look for one online) never runs
+    browser = webdriver.Chrome(options=opts, service=Service(executable_path=driver, log_output=str(log_path)))
+    browser.execute_cdp_cmd("Emulation.setDeviceMetricsOverride",
+                            {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
+    return browser
 
 
 class Page:
-    """One tab: evaluate JS, type, click, wait, screenshot."""
+    """The open tab: evaluate JS, type, click, wait."""
 
-    def __init__(self, cdp):
-        self.cdp = cdp
-        target = cdp.send("Target.createTarget", {"url": "about:blank"})["targetId"]
-        self.session = cdp.send("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
-        self.call("Page.enable")
-        self.call("Emulation.setDeviceMetricsOverride",
-                  {"width": WIDTH, "height": HEIGHT, "deviceScaleFactor": 1, "mobile": False})
-
-    def call(self, method, params=None, timeout=15):
-        return self.cdp.send(method, params, session=self.session, timeout=timeout)
+    def __init__(self, browser):
+        self.browser = browser
 
     def js(self, expression):
-        out = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True, "awaitPromise": True})
-        if "exceptionDetails" in out:
-            raise RuntimeError(f"page JS failed: {expression}: {out['exceptionDetails']}")
-        return out["result"].get("value")
+        """The value of a JS expression in the page."""
+        return self.browser.execute_script(f"return {expression};")
 
     def wait_for(self, expression, timeout=20, what=None):
-        deadline = time.time() + timeout
-        while not self.js(expression):
-            if time.time() > deadline:
-                raise AssertionError(f"timed out waiting for {what or expression}")
-            time.sleep(0.02)
+        from selenium.common.exceptions import TimeoutException
+        from selenium.webdriver.support.ui import WebDriverWait
+
+        try:
+            WebDriverWait(self.browser, timeout, poll_frequency=0.02).until(lambda _: self.js(expression))
+        except TimeoutException:
+            raise AssertionError(f"timed out waiting for {what or expression}") from None
 
     def type_into(self, selector, text):
-        self.js(f"document.querySelector({json.dumps(selector)}).focus()")
-        self.call("Input.insertText", {"text": text})
+        """Real key events for a short text; a long one is inserted like a paste (8,000 keystrokes are slow)."""
+        from selenium.webdriver.common.by import By
+
+        box = self.browser.find_element(By.CSS_SELECTOR, selector)
+        if len(text) <= 200:
+            box.send_keys(text)
+        else:
+            box.click()
+            self.browser.execute_cdp_cmd("Input.insertText", {"text": text})
 
     def click(self, selector):
-        """A real mouse click at the centre of the element."""
-        box = self.js(f"(() => {{ const r = document.querySelector({json.dumps(selector)}).getBoundingClientRect();"
-                      f" return [r.x + r.width / 2, r.y + r.height / 2]; }})()")
-        for kind in ("mousePressed", "mouseReleased"):
-            self.call("Input.dispatchMouseEvent", {"type": kind, "x": box[0], "y": box[1], "button": "left",
-                                                   "clickCount": 1})
+        """A real mouse click at the centre of the element (WebDriver's element click)."""
+        from selenium.webdriver.common.by import By
 
-    def screenshot(self, path):
-        data = self.call("Page.captureScreenshot", {"format": "png"})["data"]
-        with open(path, "wb") as f:
-            f.write(base64.b64decode(data))
+        self.browser.find_element(By.CSS_SELECTOR, selector).click()
 
 
 class PacedEngine:
@@ -199,10 +149,7 @@ def send_and_watch(page, text):
 
 
 def test_chat_ui_in_headless_chromium(tmp_path, capsys):
-    exe = find_chromium()
-    if exe is None:
-        pytest.skip("no Chromium found (looked at $MC_CHROMIUM, chromium, chromium-browser, google-chrome): "
-                    "run `bash dev/install_chromium.sh`, or set MC_INSTALL_CHROMIUM=1 to let this test do it")
+    chromium, driver = find_browser()
     from nanochat.engine import Engine
 
     tokenizer = tiny_tokenizer()
@@ -210,14 +157,14 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
     app = create_app([Worker(engine, tokenizer, "cpu")], model_id="nanochat-tiny-test",
                      defaults={"max_tokens": 40})
     with serve(app) as url:
-        cdp = CDP(exe, tmp_path / "profile", tmp_path / "chromium.log")
+        browser = start_browser(chromium, driver, tmp_path / "chromedriver.log")
         try:
-            page = Page(cdp)
-            page.call("Page.navigate", {"url": url + "/"})
+            page = Page(browser)
+            browser.get(url + "/")
             page.wait_for("document.readyState === 'complete' && "
                           "document.getElementById('model').textContent === 'nanochat-tiny-test'", what="page load")
-            page.js("for (const id of ['temperature', 'top_k', 'max_tokens']) document.getElementById(id).value = "
-                    "{temperature: 0.9, top_k: 40, max_tokens: 40}[id]")
+            page.js("Object.entries({temperature: 0.9, top_k: 40, max_tokens: 40})"
+                    ".forEach(([id, value]) => document.getElementById(id).value = value)")
 
             # turn 1: the reply streams in (seen growing while the page is in the streaming state)
             state, midway = send_and_watch(page, FIRST)
@@ -233,7 +180,7 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
             assert state["users"] == [FIRST, SECOND] and len(state["replies"]) == 2 and not state["errors"], state
             assert state["replies"][1]["text"].strip()
             shot = tmp_path / "chat_web.png"
-            page.screenshot(shot)
+            assert browser.save_screenshot(str(shot))
             assert shot.stat().st_size > 5000
 
             # an over-long message: the server's 400 is shown and the text goes back into the box
@@ -250,7 +197,7 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
             assert state["users"] == [] and state["replies"] == [] and state["errors"] == []
             assert page.js("document.querySelector('.empty') !== null && document.getElementById('input').value === ''")
         finally:
-            cdp.close()
+            browser.quit()
 
     paths = [str(shot)]
     base = os.environ.get("NANOCHAT_BASE_DIR")
@@ -259,3 +206,4 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
         paths.append(shutil.copyfile(shot, os.path.join(base, "report", "chat_web.png")))
     with capsys.disabled():
         print(f"\nchat UI screenshot: {' and '.join(paths)}")
+
