@@ -207,3 +207,40 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
     with capsys.disabled():
         print(f"\nchat UI screenshot: {' and '.join(paths)}")
 
+
+def test_chat_ui_with_an_api_key(tmp_path):
+    """A server started with --api_key: the first send gets the 401, the page shows the API key box and puts
+    the message back; with the key typed in, the reply streams; after a reload the key is remembered."""
+    chromium, driver = find_browser()
+    from nanochat.engine import Engine
+
+    tokenizer = tiny_tokenizer()
+    app = create_app([Worker(Engine(tiny_model(tokenizer), tokenizer), tokenizer, "cpu")], model_id="keyed",
+                     defaults={"max_tokens": 8}, api_key="sk-browser-test")
+    with serve(app) as url:
+        browser = start_browser(chromium, driver, tmp_path / "chromedriver.log")
+        try:
+            page = Page(browser)
+            browser.get(url + "/")
+            page.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent "
+                          "=== 'keyed'", what="page load (/health needs no key)")
+            assert page.js("document.getElementById('api_key_label').hidden") is True
+            page.type_into("#input", FIRST)
+            page.click("#send")
+            page.wait_for("document.querySelectorAll('.error').length === 1", what="the 401 message")
+            state = json.loads(page.js(STATE))
+            assert "API key" in state["errors"][0] and state["users"] == [], state
+            assert page.js("document.getElementById('api_key_label').hidden") is False
+            assert page.js("document.getElementById('input').value") == FIRST
+            page.type_into("#api_key", "sk-browser-test")
+            page.js("document.getElementById('api_key').dispatchEvent(new Event('change'))")
+            page.js("document.getElementById('input').value = ''")
+            state, _ = send_and_watch(page, FIRST)
+            assert state["users"] == [FIRST] and state["replies"][0]["text"].strip(), state
+            browser.refresh()
+            page.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent "
+                          "=== 'keyed'", what="reload")
+            assert page.js("document.getElementById('api_key').value") == "sk-browser-test"
+            assert page.js("document.getElementById('api_key_label').hidden") is False
+        finally:
+            browser.quit()
