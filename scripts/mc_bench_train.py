@@ -4,6 +4,9 @@ Training throughput of vanilla vs MegaContext on the same model, in one process,
     python -m scripts.mc_bench_train --device_type=cpu --depth=4 --max_seq_len=512 --device_batch_size=8
     python -m scripts.mc_bench_train ... --mc_num_random_variants=2 --mc_train_wc_length=0.25 --out=bench.json
 
+MC defaults here: --mc_train_wc_length=0.25 --allocator_recent_tokens=64 (the training defaults, W = 0.2 T
+and 128 recent tokens, do not fit T = 512); every other MC flag defaults as in training.
+
 Two copies of one freshly initialised GPT (same seed), each with its own optimizers; the MC copy also
 has GistNet. Every round runs --steps optimizer steps of the vanilla path, then --steps of the MC
 path (forward, backward, clip, optimizer step), on the same random-token micro-batches, so both see
@@ -53,6 +56,10 @@ def build_parser():
     a("--anneal_progress", type=ck.nonneg_float, default=1.0, help="where in the W anneal to measure (1 = target W)")
     a("--out", default="", help="write the numbers as JSON here")
     add_mc_flags(p)
+    # The bench's own MC defaults (the measured CPU config of the MC training notes): a quarter of T as W and
+    # 64 raw recent tokens, so the docstring's first command runs at T = 512 (the training defaults,
+    # W = 0.2 T = 102 with R = 128 recent tokens, are refused there: R must stay below W).
+    p.set_defaults(mc_train_wc_length=0.25, allocator_recent_tokens=64)
     return p
 
 
