@@ -44,7 +44,8 @@ class WorkingContext:
 
 
 def _spans(block_size: int, max_level: int, device) -> torch.Tensor:
-    return torch.tensor([block_size ** level for level in range(max_level + 1)], dtype=torch.long, device=device)
+    # built on the device (no host -> device copy, which blocks the training step on CUDA)
+    return block_size ** torch.arange(max_level + 1, dtype=torch.long, device=device)
 
 
 def entry_starts(plan: torch.Tensor, block_size: int, max_level: int | None = None) -> torch.Tensor:
@@ -153,10 +154,16 @@ def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_id
         tables.append(x.reshape(-1, C).to(dtype))
         off += x.size(0) * x.size(1)
     table = torch.cat(tables, 0) if len(tables) > 1 else tables[0]
-    n_per = torch.tensor([x.size(1) if x is not None else 0 for x in levels], device=device)
+    # Each level's row offset in the table and entries per sample, picked per entry with Python scalars
+    # (kernel arguments) instead of index tensors copied from the host, which block the step on CUDA.
     lod_c = lod.clamp(min=0)
-    flat = (torch.tensor(offsets, device=device)[lod_c] + sample_idx[:, None] * n_per[lod_c]
-            + span_start // spans[lod_c])
+    base, per_sample = torch.zeros_like(lod_c), torch.zeros_like(lod_c)
+    for level, x in enumerate(levels):
+        if x is not None:
+            here = lod_c == level
+            base = torch.where(here, offsets[level], base)
+            per_sample = torch.where(here, x.size(1), per_sample)
+    flat = base + sample_idx[:, None] * per_sample + span_start // spans[lod_c]
     flat = torch.where(valid, flat, 0)
     emb = table[flat.reshape(-1)].view(R, L, C) * valid[..., None].to(dtype)
     return WorkingContext(emb, positions, lod, span_start, span_len, valid, sample_idx)
@@ -197,7 +204,7 @@ def check_invariants(wc: WorkingContext, history_len: int, block_size: int = 32,
         fail(counts > max_len, f"more than max_len={max_len} entries")
     top = max_lod if max_lod is not None else 12  # 32**12 still fits in int64
     fail(v & ((lod < 0) | (lod > top)), f"lod outside [0, {top}]")
-    expected_len = torch.tensor(block_size, device=v.device).pow(lod.clamp(0, top))
+    expected_len = block_size ** lod.clamp(0, top)
     fail(v & (n != expected_len), f"span_len is not block_size**lod (block_size={block_size})")
     fail(v & (s % n.clamp(min=1) != 0), "gist span is not aligned to its length")
     end = s + n
