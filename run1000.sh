@@ -4,6 +4,7 @@
 #   bash run1000.sh                        # NPROC=8 by default
 #   NPROC=4 bash run1000.sh                # fewer GPUs: same tokens per step, more grad accumulation
 #
+# The chat half ends with RL on GSM8K and its eval (SKIP_RL=1 stops after SFT).
 # Re-running the same command continues it: finished stages and evals are skipped ("skip <stage>: why"),
 # an interrupted training stage resumes from its last checkpoint. --fresh starts over (see dev/recipe_common.sh).
 set -euo pipefail

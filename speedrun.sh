@@ -5,6 +5,7 @@
 #   NPROC=4 bash speedrun.sh               # fewer GPUs: same tokens per step, more grad accumulation
 #   bash speedrun.sh -- --device_batch_size=16   # extra flags for scripts.base_train
 #
+# The chat half ends with RL on GSM8K and its eval (SKIP_RL=1 stops after SFT).
 # Re-running the same command continues it: finished stages and evals are skipped ("skip <stage>: why"),
 # an interrupted training stage resumes from its last checkpoint. --fresh starts over (see dev/recipe_common.sh).
 set -euo pipefail

@@ -129,6 +129,13 @@ run_recipe() {
   "${TR[@]}" -m scripts.chat_sft --source_tag="$tag" --mixture=full --run="$WANDB_RUN" --resume=auto
   evaluated "chat_eval sft" "$R/chat-evaluation-sft.md" "$C/chatsft_checkpoints/$tag" ||
     "${TR[@]}" -m scripts.chat_eval -i sft --model-tag="$tag" --online
+  # RL on GSM8K (upstream's last stage: REINFORCE on the SFT model, one pass over the train split), then
+  # its chat eval on GSM8K. SKIP_RL=1 ends the recipe after SFT.
+  if [ "${SKIP_RL:-0}" != 1 ]; then
+    "${TR[@]}" -m scripts.chat_rl --task=gsm8k --source_tag="$tag" --run="$WANDB_RUN" --resume=auto
+    evaluated "chat_eval rl" "$R/chat-evaluation-rl.md" "$C/chatrl_checkpoints/$tag" ||
+      "${TR[@]}" -m scripts.chat_eval -i rl --model-tag="$tag" --online -a GSM8K
+  fi
   $PY -m nanochat.report generate
   echo "done — report at ./report.md"
 }
