@@ -12,8 +12,8 @@ fraction of the history; default 0.02, i.e. ~49K tokens before the question at H
 of --turn_tokens tokens and refocuses after each (as MCEngine does at every user turn); the last turn ends
 with the question. Then it decodes greedily; exact match = the value and the closing "." token for token.
 
-Conditions, each a fresh session over the same ids with the same W (--mc_infer_wc_length, default the
-session's):
+Conditions, each a fresh session over the same ids with the same W (--mc_infer_wc_length, default 3/4 of
+the GPT's sequence_len; the checkpoint's training W would not hold a 50K-token history at max LOD 2):
 - keymatch  --mc_infer_focus=keymatch: the GPT's own layer-0 keys pick the blocks (mc/keymatch.py)
 - lensnet   the checkpoint's LensNet + allocator (skipped when the checkpoint has none)
 - fixed     no scorer: the forced collapses only (gists of the past + the raw tail)
@@ -49,7 +49,9 @@ def build_parser():
     p.add_argument("--probes", type=ck.positive_int, default=8, help="passkeys per history length")
     p.add_argument("--needle_at", type=float, default=0.02, help="where the passkey is stated, as a fraction of H")
     p.add_argument("--turn_tokens", type=ck.positive_int, default=4096, help="tokens per user turn (one refocus each)")
-    p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None, help="W (default: the session's)")
+    p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
+                   help="W, the session's entry cap (default 3/4 of the GPT's sequence_len: 384 at T = 512, which "
+                        "holds ~300K tokens at max LOD 2; the checkpoint's own W is sized for training)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of " + ", ".join(CONDITIONS))
     p.add_argument("--seed", type=int, default=0, help="probe set (mc_eval reports seed 0)")
     p.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"])
@@ -118,7 +120,8 @@ def main(argv=None):
     if model.mc_modules.lensnet is None and "lensnet" in conditions:
         conditions.remove("lensnet")
         print("this checkpoint has no LensNet: the lensnet condition is skipped", flush=True)
-    W, bs = args.mc_infer_wc_length, model.mc_config.block_size
+    W = args.mc_infer_wc_length or (3 * model.config.sequence_len) // 4
+    bs = model.mc_config.block_size
     results = {"settings": vars(args), "histories": {}}
     for H in histories:
         items = [probe_item(tokenizer, i, H, bs * 4, bs, "passkey", straddle=False, seed=args.seed,
