@@ -8,8 +8,12 @@ The order matters: namespaces and mounts need root (or a user namespace) and mus
 the seccomp filter needs no-new-privs; the guard comes last so that this setup code is not subject to it.
 """
 
+# Every module is imported here, before isolation: the waiter outside the pid namespace runs after the
+# mounts change, when the stdlib may no longer be importable (a lazy `import signal` failed once in CI).
 import json
 import os
+import resource
+import signal
 import sys
 
 # <linux/sched.h>, <sys/mount.h>, <linux/prctl.h>, <linux/seccomp.h>, <linux/filter.h>, <linux/audit.h>
@@ -204,7 +208,6 @@ def remount_readonly(libc, sandbox):
 
 def _wait_and_exit(pid):
     """The process outside the pid namespace: wait for the program (pid 1 inside) and leave the same way."""
-    import signal
     while True:
         try:
             _, status = os.waitpid(pid, 0)
@@ -313,8 +316,6 @@ def isolate(cfg, report, libc):
 
 def lower_limits(cfg):
     """rlimits for the program: CPU, memory, file size, open files, processes (and threads), no core dumps."""
-    import resource
-    import signal
     mem, cpu = cfg["memory_bytes"], cfg["cpu_seconds"]
     limits = [("RLIMIT_CPU", cpu, cpu + 1), ("RLIMIT_FSIZE", cfg["fsize"], cfg["fsize"]), ("RLIMIT_NPROC", 1, 1),
               ("RLIMIT_CORE", 0, 0), ("RLIMIT_NOFILE", 256, 256)]
