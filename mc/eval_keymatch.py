@@ -26,6 +26,7 @@ from mc.eval_conditions import check_cut, covering_plan, plan_entries
 from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs, layer0_keys, layer0_query
 from mc.working_context import entry_counts
 
+
 def query_end(answer_spans, T: int, W: int) -> int:
     """History index where an item's question ends: u0 of the earliest answer span [u0, u1) whose first
     target lies in the raw window (history token u0 - 1 >= T - W), else T (no answer to protect)."""

@@ -182,7 +182,6 @@ def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_to
     bs, max_lod = cfg.block_size, cfg.max_lod
     T = plan.size(1)
     n_blocks = max(T - recent_tokens, 0) // bs
-    starts = torch.arange(n_blocks) * bs
     z = z[:, :n_blocks].float().cpu()
     asked = [int(b) for b in z.argsort(1, descending=True)[0, :KEYMATCH_MAX_BLOCKS] if z[0, b] >= KEYMATCH_MIN_Z]
     chosen = [b for b in asked if int(plan[0, b * bs]) > 0]  # the asked blocks not raw yet

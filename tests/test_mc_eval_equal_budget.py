@@ -19,11 +19,11 @@ from mc.eval_conditions import (
 )
 from mc.eval_data import Answer, EvalItem
 from mc.eval_keymatch import keymatch_focus, keymatch_plans, query_end, query_positions
-from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs
 from mc.eval_plot import em_panels, plot_exact_match
 from mc.eval_report import summarize
 from mc.eval_run import Setup, evaluate_batch
 from mc.gistnet import GistNet
+from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs
 from mc.working_context import check_plan, entry_counts
 from nanochat.gpt import GPT, GPTConfig
 

@@ -5,6 +5,7 @@ that fully; this catches the forgotten `uv lock` without uv)."""
 
 import os
 import re
+
 import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
