@@ -8,7 +8,9 @@ score in [-1, 1] per WC entry (+ = wants more detail, - = can be coarser), the b
 --allocator_* knobs of MCConfig. Output: a new legal plan, the hysteresis state, and stats.
 
 Edits (bs = block_size, c = bs - 1 entries per edit):
-- expand:   a LOD-l gist (l >= 1) -> its bs children at LOD l-1: +c entries. Score = the entry's.
+- expand:   a LOD-l gist (l >= 1) -> its bs children at LOD l-1: +c entries. Score = the entry's (the
+            map's max over the span: the same on a map built from entry scores, and the best child's
+            when the map scores each child itself, as LensNet's content match does, mc/focus.py).
 - collapse: bs sibling entries at LOD l-1 that tile an aligned parent span [j bs**l, (j+1) bs**l),
             l <= max_lod -> one LOD-l gist: -c entries. Score = mean of the bs members (equal spans,
             so it is the mean of the per-token score map over the span).
@@ -27,9 +29,10 @@ One call:
 1. `allocator_iterations` times, per row: candidates are expand entries with score >= expand_threshold
    and collapse groups with score <= collapse_threshold that the hysteresis state allows (candidates
    are taken from the plan at the start of the iteration). Only expands are chosen on their own, at most
-   `allocator_max_replacements` edits in all, in priority order (greedy: largest |score| first;
-   stochastic_greedy: one draw at a time among the top-k remaining expands by |score|,
-   softmax(|score| / temperature), from `generator`); an expand whose span overlaps an edit already
+   `allocator_max_replacements` edits in all, in priority order (greedy: highest score first;
+   stochastic_greedy: one draw at a time among the top-k remaining expands by score,
+   softmax(score / temperature), from `generator`; expands score >= expand_threshold, so with a
+   threshold >= 0 this is the largest |score|, and with a negative one a low score stays last); an expand whose span overlaps an edit already
    applied this iteration is skipped.
    Budget: the target S = allocator_soft_max_length (0 = W), capped at W. An expand is applied only if
    entries + c <= S. Collapse-to-make-room rule: if it does not fit, the fewest lowest-scored collapse
@@ -124,7 +127,7 @@ def _candidates(plan, score_map, block, bs, max_lod, limit, thresholds):
             col &= col_score <= thresholds[1]
             # expand: the unit is one LOD-level gist
             exp = lv[:, :, 0] == level
-            exp_score = sc[:, :, 0]
+            exp_score = sc.amax(-1)  # the entry's score; on a map with a content match, its best child's
             exp &= exp_score >= thresholds[0]
             if block is not None:
                 exp &= ~(_unit_view(block, span, n) < 0).any(-1)
@@ -167,16 +170,17 @@ def _make_room(room, touched, span, n, target, c, k_max):
     return picks if len(picks) == need else None
 
 
-def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator):
+def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator, max_expands=None):
     """Greedy (or sampled) choice of edits for one row; returns the chosen candidates in order. Only
-    expands are ranked; collapses are applied only as the room an expand needs (module docstring)."""
-    remaining = sorted((x for x in cands if x[0] > 0), key=lambda x: -abs(x[1]))  # priority: |score|, stable
+    expands are ranked; collapses are applied only as the room an expand needs (module docstring).
+    max_expands: stop after that many expands (None: only max_edits bounds them)."""
+    remaining = sorted((x for x in cands if x[0] > 0), key=lambda x: -x[1])  # priority: score, stable
     room = sorted((x for x in cands if x[0] < 0), key=lambda x: x[1])  # make-room pool: lowest score first
     chosen, touched = [], []
-    while remaining and len(chosen) < max_edits:
+    while remaining and len(chosen) < max_edits and (max_expands is None or max_expands > 0):
         if stochastic and temperature > 0 and len(remaining) > 1:
             k = min(top_k, len(remaining))
-            w = torch.tensor([abs(x[1]) for x in remaining[:k]], dtype=torch.float64) / temperature
+            w = torch.tensor([x[1] for x in remaining[:k]], dtype=torch.float64) / temperature
             i = int(torch.multinomial(torch.softmax(w, 0), 1, generator=generator))
         else:
             i = 0
@@ -193,6 +197,7 @@ def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, 
             chosen.append(x)
             touched.append((x[2], x[2] + x[3]))
             n += c if x[0] > 0 else -c
+        max_expands = None if max_expands is None else max_expands - 1
     return chosen
 
 
@@ -204,7 +209,7 @@ def _apply(plan, state, row, edits):
 
 def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: int, max_lod: int,
              recent_tokens: int, state: torch.Tensor | None = None, generator: torch.Generator | None = None,
-             align: str = "right", scores_are_token_map: bool = False):
+             align: str = "right", scores_are_token_map: bool = False, best_first: bool = False):
     """One refocus (see the module docstring). Returns (new_plan int8 [R, T], new_state int8 [R, T], stats).
 
     plan: int8 [R, T] legal, full coverage, last recent_tokens raw. scores: [R, L] per entry (aligned as
@@ -212,7 +217,10 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
     state: the hysteresis state returned by the previous call (None = no history).
     generator: a CPU torch.Generator for stochastic_greedy (None = the global RNG).
     stats: long [R] "expands", "collapses", "forced", float [R] "budget_used" (entries / W), int
-    "iterations" (iterations that made at least one edit)."""
+    "iterations" (iterations that made at least one edit).
+    best_first: one expand (with the collapses that make its room) per iteration, for up to
+    allocator_iterations x allocator_max_replacements iterations, so the children of an expanded gist
+    compete with every other candidate at once (mc/focus.py says why)."""
     if plan.ndim != 2:
         raise ValueError(f"plan must be [rows, T], got shape {tuple(plan.shape)}")
     R, T = plan.shape
@@ -265,7 +273,8 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
     # 1. greedy iterations
     thresholds = (cfg.allocator_expand_threshold, cfg.allocator_collapse_threshold)
     iterations = 0
-    for _ in range(cfg.allocator_iterations):
+    rounds = cfg.allocator_iterations * (cfg.allocator_max_replacements if best_first else 1)
+    for _ in range(rounds):
         block = torch.where(new_state != 0, new_state, prev)
         n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
         cands = _candidates(plan, score_map, block, bs, max_lod, limit, thresholds)
@@ -274,7 +283,8 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
             if not cands[r]:
                 continue
             edits = _select_row(cands[r], n[r], target, cfg.allocator_max_replacements, c, stochastic,
-                                cfg.allocator_sample_top_k, cfg.allocator_sample_temperature, generator)
+                                cfg.allocator_sample_top_k, cfg.allocator_sample_temperature, generator,
+                                max_expands=1 if best_first else None)
             _apply(plan, new_state, r, edits)
             expands[r] += sum(1 for e in edits if e[0] > 0)
             collapses[r] += sum(1 for e in edits if e[0] < 0)

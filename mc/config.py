@@ -54,6 +54,7 @@ class MCConfig:
     lensnet_type: str = "transformer"  # transformer | none (none = no LensNet: fixed focus, the MC-fixed ablation)
     lensnet_layers: int = 2
     lensnet_head: str = "mlp"  # mlp | linear
+    lensnet_match: bool = False  # LensNet also reads each span's keymatch score against the recent tail
     # --- focus allocator
     allocator_type: str = "greedy"  # greedy | stochastic_greedy
     allocator_sample_top_k: int = 4
@@ -158,7 +159,7 @@ _RANGES = {
     "allocator_iterations": (1, None, True),
     "infer_refocus_interval": (1, None, True),
 }
-_BOOLS = ("cache_lod0", "auto_batch")
+_BOOLS = ("cache_lod0", "auto_batch", "lensnet_match")
 _INTS = ("block_size", "max_lod", "gistnet_layers", "wc_anneal_steps", "num_random_variants", "recent_tokens",
          "lensnet_layers", "allocator_sample_top_k", "allocator_soft_max_length", "allocator_max_replacements",
          "allocator_iterations", "infer_refocus_interval")
@@ -237,6 +238,8 @@ FLAGS = [
     ("lensnet_type", "--lensnet_type", str, "transformer | none (no LensNet: fixed focus)"),
     ("lensnet_layers", "--lensnet_layers", int, "transformer layers in LensNet"),
     ("lensnet_head", "--lensnet_head", str, "mlp | linear (LensNet's scoring head)"),
+    ("lensnet_match", "--lensnet_match", str2bool, "LensNet reads each span's content match with the recent "
+     "tokens (the GPT's layer-0 keys, mc/keymatch.py)"),
     ("allocator_type", "--allocator_type", str, "greedy | stochastic_greedy"),
     ("allocator_sample_top_k", "--allocator_sample_top_k", int, "stochastic_greedy: sample among top-k |score|"),
     ("allocator_sample_temperature", "--allocator_sample_temperature", float, "stochastic_greedy temperature"),

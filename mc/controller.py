@@ -73,6 +73,7 @@ import torch
 import torch.nn.functional as F
 
 from mc.config import MCConfig
+from mc.keymatch import entry_match, tail_block_scores
 from mc.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.positions import wc_cos_sin
 from mc.timing import PhaseTimer, memory_snapshot
@@ -283,8 +284,9 @@ class MCController:
             lens_metrics = {}
             if self.lensnet is not None:
                 with self._phase(timer, "lens_forward", step, memory):
+                    match = self._lens_match(E, wc, T, V) if getattr(self.lensnet, "match", False) else None
                     with aux_ctx:
-                        scores = self.lensnet(wc)  # [R, L]; reads detached embeddings
+                        scores = self.lensnet(wc, **({"match": match} if match is not None else {}))  # [R, L]
                 with self._phase(timer, "lens_loss", step, None):
                     lens = lens_preference_loss(
                         scores.float(), wc, horizon.detach(), temperature=cfg.lens_temperature,
@@ -306,6 +308,17 @@ class MCController:
         caches = PositionalCaches(cos, sin, step, B, V)
         return MCResult(loss, lm_loss.detach(), metrics, timer, caches, horizon.detach(), vp.plan,
                         extras={"wc": wc, "targets": targets})
+
+    @torch.no_grad()
+    def _lens_match(self, E: torch.Tensor, wc, T: int, V: int) -> torch.Tensor:
+        """[R, L] LensNet's content-match input (mc/keymatch.py): each sample's compressible blocks scored
+        against the raw tail whose NLL the variants are compared on, then read per entry of every row."""
+        cfg = self.cfg
+        B = E.size(0)
+        limit = max(T - cfg.recent_tokens, 0) // cfg.block_size * cfg.block_size
+        ends = torch.full((B,), T, dtype=torch.long, device=E.device)
+        z = tail_block_scores(self.model, E, ends, cfg.recent_tokens, limit, cfg.block_size).repeat_interleave(V, 0)
+        return entry_match(z, wc.span_start, wc.lod, wc.valid, cfg.block_size, cfg.max_lod)
 
     def _metrics(self, nll, has, wc, variant_idx, delta, B, T, V, L, W, H) -> dict:
         cfg = self.cfg

@@ -37,6 +37,7 @@ from mc.eval_conditions import (
     BOUNDARY_TOKENS,
     CONDITIONS,
     answer_mask,
+    check_cut,
     covering_plan,
     diagnostic_plans,
     equal_entries_plan,
@@ -48,8 +49,9 @@ from mc.eval_conditions import (
     recency_plan,
     window_masks,
 )
-from mc.eval_keymatch import keymatch_focus
+from mc.eval_keymatch import keymatch_focus, query_end
 from mc.focus import refocus
+from mc.keymatch import tail_block_scores
 from mc.positions import rope_cos_sin
 from mc.tree import MegaContextTree
 from mc.working_context import build_working_context
@@ -130,16 +132,23 @@ def _trees(setup, x):
     return lod0, learned, mean
 
 
-def lensnet_plans(setup, T: int, rows: int, levels):
+def lensnet_plans(setup, items, T: int, levels):
     """MC-LensNet: (plans int8 [rows, T], per-row stats) from one refocus of the covering (module
-    docstring); None when the checkpoint has no LensNet."""
+    docstring); None when the checkpoint has no LensNet. A content-matching LensNet (--lensnet_match=1)
+    reads the blocks before the raw window scored against the last token of each item's question (never
+    its answer), as the inference session does (mc/keymatch.py)."""
     if setup.lensnet is None:
         return None
-    base = covering_plan(T, setup.W, setup.block_size, setup.max_lod)
-    budget = plan_entries(base, setup.block_size) + setup.focus_budget
+    rows, bs = len(items), setup.block_size
+    base = covering_plan(T, setup.W, bs, setup.max_lod)
+    budget = plan_entries(base, bs) + setup.focus_budget
     plan0 = base.to(levels[0].device).expand(rows, T).contiguous()
+    match_z = None
+    if getattr(setup.lensnet, "match", False):
+        ends = torch.tensor([query_end([a.span for a in it.answers], T, setup.W) for it in items], device=plan0.device)
+        match_z = tail_block_scores(setup.model, levels[0], ends, 1, check_cut(T, setup.W, bs), bs)
     plans, _, info = refocus(setup.lensnet, plan0, levels, setup.focus_cfg, budget, generator=setup.generator,
-                             recent_tokens=min(setup.W, T))
+                             recent_tokens=min(setup.W, T), match_z=match_z)
     # scores of the covering's gists (the candidates): the WC is right-aligned, gists first, then the
     # min(W, T) raw window entries
     n_gists = plan_entries(base, setup.block_size) - min(setup.W, T)
@@ -171,7 +180,7 @@ def plans_for(setup, cond, items, T, levels=None):
         return keymatch_focus(setup.model, levels[0], [[a.span for a in it.answers] for it in items], W, E, bs,
                               lod), None
     if cond == "MC-LensNet":
-        out = lensnet_plans(setup, T, b, levels)
+        out = lensnet_plans(setup, items, T, levels)
         return (None, None) if out is None else out
     if cond == "ORACLE":
         return torch.stack([oracle_plan(T, W, it.needles, bs, lod, budget_extra=E) for it in items]), None

@@ -34,13 +34,28 @@ collapse only in its hard fit or as room for an expand (mc/allocator.py), so a p
 chat, all raw) is never coarsened by those scores.
 
 LensNet sees the working context the model currently reads, so a gist it wants refined must already
-be in it; expanding a LOD2 gist to raw takes two refocuses (LOD2 -> LOD1 children inherit the score
-inside one allocator call, see mc/allocator.py, so with allocator_iterations >= 2 it happens in one).
+be in it; expanding a LOD2 gist to raw takes two allocator iterations (LOD2 -> LOD1 children inherit the
+score inside one allocator call, see mc/allocator.py). The edits are spent best first (allocate's
+best_first: one expand, with the collapses that make its room, per iteration, for up to
+allocator_iterations x allocator_max_replacements iterations), so the children of the best gist compete
+with every other candidate at once. Batched (up to
+max_replacements edits per iteration), the first iteration spent the whole budget on the best gists and
+the next-best ones, and the best gist's child that held the needle found no room in the second (measured
+on the recall checkpoint at 16W: the needle's LOD2 gist scored first in 5 of 8 probes and none of those
+needles was opened; one edit at a time opened all 5).
+
+A LensNet with the content match (--lensnet_match=1, mc/lensnet.py) needs match_z, the keymatch block
+scores of the history [R, n_blocks] (mc.keymatch.tail_block_scores). Its score tanh(net_e + g m_e) has
+the match outside the network, so the allocator gets a per-token map in which each token of an entry
+carries tanh(net_e + g m_(its block)): the entry's own score is the map's max over its span (what the
+allocator reads for an expand), and after an expand the children are told apart by their own match,
+so LOD2 -> LOD1 -> raw lands on the block that matches, not on an arbitrary child.
 """
 
 import torch
 
-from mc.allocator import allocate
+from mc.allocator import allocate, entry_scores_to_token_map
+from mc.keymatch import entry_match, token_match
 from mc.working_context import build_working_context
 
 
@@ -55,29 +70,47 @@ def first_changed_token(old_plan: torch.Tensor, new_plan: torch.Tensor) -> torch
 
 @torch.no_grad()
 def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tensor | None = None,
-            generator: torch.Generator | None = None, recent_tokens: int | None = None, wc=None):
+            generator: torch.Generator | None = None, recent_tokens: int | None = None, wc=None,
+            match_z: torch.Tensor | None = None):
     """LensNet scores + allocator edits (module docstring). recent_tokens overrides cfg.recent_tokens
     (mc_eval protects its whole raw window). wc: the plan's WorkingContext when the caller already has it
     (right-aligned or unpadded; the inference session builds its entries from token ids without a LOD0
-    table); levels is then not read."""
+    table); levels is then not read. match_z: the block scores a content-matching LensNet reads (module
+    docstring)."""
     if plan.ndim != 2:
         raise ValueError(f"plan must be [rows, T], got shape {tuple(plan.shape)}")
     recent = cfg.recent_tokens if recent_tokens is None else recent_tokens
     if wc is None:
         wc = build_working_context(plan, levels, cfg.block_size, align="right")
+    token_map, match = False, None
     if lensnet is None:
         scores = torch.zeros(wc.valid.shape, dtype=torch.float32, device=plan.device)
     else:
         ref = next(lensnet.parameters())
-        scores = lensnet(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
-                         span_len=wc.span_len, valid=wc.valid).float()
+        inputs = dict(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
+                      span_len=wc.span_len, valid=wc.valid)
+        if getattr(lensnet, "match", False):
+            if match_z is None:
+                raise ValueError("this LensNet reads the content match (--lensnet_match=1): refocus needs match_z, "
+                                 "the history's block scores (mc.keymatch.tail_block_scores)")
+            match = entry_match(match_z, wc.span_start, wc.lod, wc.valid, cfg.block_size, cfg.max_lod)
+            logits = lensnet.logits(**inputs, match=match).float()
+            scores = torch.tanh(logits) * wc.valid
+        else:
+            scores = lensnet(**inputs).float()
     gist = (wc.valid & (wc.lod >= 1)).float()
     reference = (scores * gist).sum(1) / gist.sum(1).clamp(min=1.0)  # rows without gists: 0
-    scores = (scores - reference[:, None]).clamp(-1.0, 1.0) * wc.valid
-    # the allocator's edit selection runs on the CPU (a short loop over <= max_replacements edits)
-    new_plan, new_state, stats = allocate(plan.cpu(), scores.cpu(), W, cfg, cfg.block_size, cfg.max_lod, recent,
-                                          state=None if state is None else state.cpu(), generator=generator,
-                                          align="right")
+    alloc_scores = scores = (scores - reference[:, None]).clamp(-1.0, 1.0) * wc.valid
+    if match is not None:  # each token: its entry's network score + its own block's match
+        g = float(lensnet.match_gain)
+        net = entry_scores_to_token_map(plan, (logits - g * match) * wc.valid, cfg.block_size, cfg.max_lod)
+        own = token_match(match_z, plan.size(1), cfg.block_size).to(net.device)
+        alloc_scores, token_map = (torch.tanh(net + g * own) - reference[:, None]).clamp(-1.0, 1.0), True
+    # best first (module docstring); the allocator's selection runs on the CPU (a short loop over the edits)
+    new_plan, new_state, stats = allocate(plan.cpu(), alloc_scores.cpu(), W, cfg, cfg.block_size, cfg.max_lod,
+                                          recent, state=None if state is None else state.cpu(),
+                                          generator=generator, align="right", scores_are_token_map=token_map,
+                                          best_first=True)
     new_plan, new_state = new_plan.to(plan.device), new_state.to(plan.device)
     info = dict(stats)
     info["scores"] = scores.detach()

@@ -41,6 +41,7 @@ tuning on any data).
 import dataclasses
 
 import torch
+import torch.nn.functional as F
 
 from mc.allocator import PlanDoesNotFitError, allocate
 from nanochat.gpt import norm
@@ -60,27 +61,39 @@ def layer0_keys(model, x: torch.Tensor) -> torch.Tensor:
 
 
 def layer0_query(model, x: torch.Tensor) -> torch.Tensor:
-    """[R, H, D]: QK-normed layer-0 queries of one token per row, x [R, C], without rotary (and without
-    the query gain, which scales a head's scores uniformly: block_scores' z-score removes it)."""
+    """[..., H, D]: QK-normed layer-0 queries of the layer-0 inputs x [..., C] (one token per row: [R, C]
+    -> [R, H, D]; several: [R, Q, C] -> [R, Q, H, D]), without rotary (and without the query gain, which
+    scales a head's scores uniformly: block_scores' z-score removes it)."""
     attn = model.transformer.h[0].attn
-    return norm(attn.c_q(x).view(x.size(0), attn.n_head, attn.head_dim))
+    return norm(attn.c_q(x).view(*x.shape[:-1], attn.n_head, attn.head_dim))
 
 
 CONTINUATION = 8  # a match within 8 tokens of a block edge: the value after it / the cue before it may lie across
 EDGE_TIE = 1e-3  # how far below the matched block its neighbour scores
 
 
-def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int) -> torch.Tensor:
+def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int, leave_one_out: bool = False) -> torch.Tensor:
     """float [R, n_blocks]: max over heads of the z-scored best key of each whole block (module docstring),
-    with the continuation rule. keys [R, T, H_kv, D] (T // bs whole blocks are scored), queries [R, H, D]."""
+    with the continuation rule. keys [R, T, H_kv, D] (T // bs whole blocks are scored); queries [R, H, D]
+    (one query token per row) or [R, Q, H, D] (Q query tokens: the max runs over heads and queries)."""
     R, T, H_kv, D = keys.shape
     n = T // block_size
-    rep = queries.size(1) // H_kv
-    k = keys[:, : n * block_size].repeat_interleave(rep, dim=2)  # [R, n*bs, H, D]
-    s = torch.einsum("rthd,rhd->rth", k.float(), queries.float())
+    if n == 0:
+        return torch.zeros(R, 0, device=keys.device)
+    if queries.ndim == 4:  # [R, Q, H, D] -> [R, H * Q, D], head-major, so index // (Q H / H_kv) is the kv head
+        queries = queries.transpose(1, 2).reshape(R, -1, D)
+    # query head j reads kv head j // rep (as the attention does), without materialising repeated keys
+    q = queries.float().view(R, H_kv, -1, D)
+    s = torch.einsum("rtkd,rkjd->rtkj", keys[:, : n * block_size].float(), q).reshape(R, n * block_size, -1)
     best, where = s.view(R, n, block_size, -1).max(2)  # [R, n, H]: the best key and its offset in the block
-    mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
-    z = (best - mean) / std.clamp(min=1e-6)
+    if leave_one_out and n > 2:  # each block against the OTHER blocks' mean and std (see tail_block_scores)
+        d = best - best.mean(1, keepdim=True)  # centred first: the sums below then cancel nothing large
+        mean = -d / (n - 1)  # the others' mean (the d sum to 0)
+        var = (d.square().sum(1, keepdim=True) - d.square()) / (n - 1) - mean.square()
+        z = (d - mean) / var.clamp(min=0).sqrt().clamp(min=1e-6)
+    else:
+        mean, std = best.mean(1, keepdim=True), best.std(1, keepdim=True, correction=0)
+        z = (best - mean) / std.clamp(min=1e-6)
     # Block edges. The retrieval head matches the token where the value starts; the model then reads the
     # tokens that FOLLOW the match (the rest of the value), and the match itself was made with the cue the
     # previous-token mix carried from the tokens BEFORE it. A raw token after a gist gets the gist, not its
@@ -155,12 +168,77 @@ class LayerZeroKeys:
         """[1, H, D]: the layer-0 query of history token t."""
         return layer0_query(self.model, self._inputs(ids, t, t + 1))
 
+    @torch.inference_mode()
+    def tail_scores(self, ids: torch.Tensor, limit: int, block_size: int) -> torch.Tensor:
+        """[1, limit // bs]: LensNet's content match at inference (tail_block_scores, one query: the
+        history's last token) for the whole blocks before token `limit`."""
+        self.extend(ids)
+        T = ids.numel()
+        query = layer0_query(self.model, self._inputs(ids, T - 1, T))[None]  # [1, 1, H, D]
+        keys = self.view()[None, :limit // block_size * block_size].to(query.device)
+        return block_scores(keys, query, block_size, leave_one_out=True)
+
     def nbytes(self) -> int:
         return self.data.numel() * self.data.element_size()
 
 
-# ------------------------------------------------------------------ the inference session's keymatch focus
 KEYMATCH_MIN_Z = 3.0  # a block is "asked about" when it stands >= 3 std above the others for some head
+
+
+# ------------------------------------------------------------------ LensNet's content-match input
+# With --lensnet_match=1 LensNet reads, per working-context entry, m_e = relu(z_e - KEYMATCH_MIN_Z): how far
+# the best block inside the entry's span stands out beyond "asked about" for the queries. Training: the
+# queries are the raw tail whose NLL the variants are compared on (each tail token is the query of the
+# next target; max over queries as over heads). Inference: the question's last token, where the answer
+# starts (one query picks the needle's block best: measured on the recall checkpoint, the needle beat
+# every other block in 1.00 of the 16W probes with 1 query, 0.94 with 4, 0.91 with 16).
+# z here is leave-one-out: each block against the OTHER blocks' mean and std. The plain z of block_scores
+# is at most sqrt(n - 1) (an outlier inflates the std it is divided by), 3.3 with the 12 blocks of a
+# 512-token history, so relu(z - 3) was ~0 for every block in training (measured: needle z 2.9 at 512
+# tokens, 4.1 at 2,048); leave-one-out the needle stands at ~6.6 at 512 and ~5.0 at 2,048 tokens,
+# the best other block at ~2.6 and ~3.0 (lab notebook, "LensNet reads the content match").
+def tail_block_scores(model, embeddings: torch.Tensor, query_ends: torch.Tensor, n_queries: int, limit: int,
+                      block_size: int) -> torch.Tensor:
+    """float [R, limit // bs]: leave-one-out block_scores of the whole blocks before token `limit` for the
+    queries = the tokens [max(end - n_queries, limit), end) of each row (query_ends long [R], all > limit:
+    a query never scores its own block). embeddings [R, T, C]: the history's token embeddings (LOD0)."""
+    x = layer0_inputs(model, embeddings.detach())
+    first = (query_ends - n_queries).clamp(min=limit)
+    idx = torch.minimum(first[:, None] + torch.arange(n_queries, device=x.device), query_ends[:, None] - 1)
+    queries = layer0_query(model, x.gather(1, idx[..., None].expand(-1, -1, x.size(-1))))  # [R, Q, H, D]
+    return block_scores(layer0_keys(model, x[:, :limit // block_size * block_size]), queries, block_size,
+                        leave_one_out=True)
+
+
+def match_strength(z: torch.Tensor) -> torch.Tensor:
+    return (z - KEYMATCH_MIN_Z).clamp(min=0)
+
+
+def entry_match(z: torch.Tensor, span_start: torch.Tensor, lod: torch.Tensor, valid: torch.Tensor,
+                block_size: int, max_lod: int) -> torch.Tensor:
+    """float [R, L]: m_e of every entry (span_start, lod, valid [R, L]) from block scores z [R, n_blocks]:
+    the strongest block inside a gist's aligned span (a LOD-l gist spans bs**(l-1) blocks), a raw token's
+    own block; 0 for entries past the scored blocks and for padding."""
+    m = match_strength(z.float())
+    out = torch.zeros(span_start.shape, dtype=m.dtype, device=m.device)
+    if m.size(1) == 0:
+        return out
+    for level in range(max_lod + 1):
+        k = block_size ** max(level - 1, 0)  # blocks per entry of this level
+        pooled = F.max_pool1d(m[:, None], k, k, ceil_mode=True)[:, 0] if k > 1 else m
+        idx = span_start // (k * block_size)
+        hit = valid & (lod == level) & (idx < pooled.size(1))
+        out = torch.where(hit, pooled.gather(1, idx.clamp(0, pooled.size(1) - 1)), out)
+    return out
+
+
+def token_match(z: torch.Tensor, T: int, block_size: int) -> torch.Tensor:
+    """float [R, T]: m of every token's block (0 past the scored blocks)."""
+    m = match_strength(z.float()).repeat_interleave(block_size, dim=1)[:, :T]
+    return F.pad(m, (0, T - m.size(1)))
+
+
+# ------------------------------------------------------------------ the inference session's keymatch focus
 KEYMATCH_MAX_BLOCKS = 2  # blocks made raw per refocus (a fact and its neighbour when it straddles a boundary)
 
 

@@ -24,8 +24,23 @@ Padding slots get score 0.
 
 Initialisation: input projections U(-a, a), a = sqrt(3 / fan_in); the lod table N(0, 1); every output
 projection (attention, MLP) zero, and the head's final vector w zero. A fresh LensNet therefore scores
-every entry exactly 0 ("no opinion"), and the allocator does nothing until the preference loss
+every entry exactly 0 ("no opinion"; with the content match, every entry whose span nothing singles out), and the allocator does nothing until the preference loss
 (mc/lens_loss.py) has taught it something. Gradients reach w at once and the rest from step 2.
+
+Content match (match=True, --lensnet_match=1): a score also reads how strongly the entry's span holds
+what the tail of the history asks about,
+    score_e = tanh(net_e + g * m_e)        m_e = relu(z_e - 3), z_e = the best keymatch block score in
+                                                 the span (mc/keymatch.py: entry_match)
+with g a learned scalar, initialised to 1: before training a block that stands one std beyond "asked
+about" scores tanh(1) = 0.76 (every other entry 0), and the preference loss then moves g with the rest
+(init 0 reached only g = 0.26 in 400 steps, too little to outweigh the network's learned recency
+preference for the middle of a long history; lab notebook). Why: a gist cannot carry every
+fact of its span (a LOD2 gist of 1,024 tokens of dense key/value facts holds ~100 of them in one
+vector), so a LensNet that reads gists only cannot tell which of 60 far gists holds the fact a question
+asks for (measured: MC-LensNet 0.00 exact match at 16W on the recall checkpoint, lab notebook). The
+GPT's layer-0 keys of the raw tokens can (MC-KEYMATCH 1.00 there). The match term sits outside the
+network, so a child of an expanded gist is scored by its own match without another network pass
+(mc/focus.py builds that per-token map from logits()).
 
 By default the input embeddings are detached (detach_inputs=True): LensNet's loss trains LensNet only,
 not GistNet or the token embeddings it reads.
@@ -65,7 +80,7 @@ class LensNet(nn.Module):
     NUM_FEATURES = 3
 
     def __init__(self, n_embd: int, layers: int = 2, n_head: int = 4, head: str = "mlp", d_model: int | None = None,
-                 max_lod: int = 4, detach_inputs: bool = True):
+                 max_lod: int = 4, detach_inputs: bool = True, match: bool = False):
         super().__init__()
         if head not in ("mlp", "linear"):
             raise ValueError(f"--lensnet_head={head!r} is not one of mlp, linear")
@@ -84,6 +99,9 @@ class LensNet(nn.Module):
         if head == "mlp":
             self.head_fc = nn.Linear(d_model, 4 * d_model, bias=False)
         self.head_out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
+        self.match = match
+        if match:
+            self.match_gain = nn.Parameter(torch.ones(()))  # g: how much the content match counts
         self.init_weights()
 
     @torch.no_grad()
@@ -92,6 +110,8 @@ class LensNet(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith(("c_proj.weight", "c_mlp.weight", "head_out.weight")):
                 nn.init.zeros_(p)
+            elif name == "match_gain":
+                nn.init.ones_(p)
             elif name == "lod_emb.weight":
                 nn.init.normal_(p)
             else:
@@ -106,9 +126,19 @@ class LensNet(nn.Module):
         """Everything else (for AdamW): the lod embedding table and the 1-output head."""
         return [p for n, p in self.named_parameters() if p.ndim != 2 or n in ("lod_emb.weight", "head_out.weight")]
 
-    def forward(self, wc=None, *, embeddings=None, lod=None, span_start=None, span_len=None, valid=None) -> torch.Tensor:
+    def forward(self, wc=None, *, embeddings=None, lod=None, span_start=None, span_len=None, valid=None,
+                match=None) -> torch.Tensor:
         """wc: a WorkingContext, or the tensors by keyword: embeddings [R, L, C], lod, span_start, span_len
-        (long [R, L]) and valid (bool [R, L]). Returns scores [R, L] in [-1, 1], 0 at padding."""
+        (long [R, L]) and valid (bool [R, L]); match: float [R, L] content-match strengths m_e (required
+        when the LensNet was built with match=True). Returns scores [R, L] in [-1, 1], 0 at padding."""
+        logits = self.logits(wc, embeddings=embeddings, lod=lod, span_start=span_start, span_len=span_len,
+                             valid=valid, match=match)
+        valid = wc.valid if wc is not None else valid
+        return torch.tanh(logits) * valid.to(logits.dtype)
+
+    def logits(self, wc=None, *, embeddings=None, lod=None, span_start=None, span_len=None, valid=None,
+               match=None) -> torch.Tensor:
+        """[R, L] pre-tanh scores net_e + g * m_e (forward's arguments)."""
         if wc is not None:
             embeddings, lod, span_start, span_len, valid = wc.embeddings, wc.lod, wc.span_start, wc.span_len, wc.valid
         if embeddings is None or embeddings.ndim != 3 or embeddings.size(-1) != self.n_embd:
@@ -120,6 +150,9 @@ class LensNet(nn.Module):
                 raise ValueError(f"LensNet: {name} must be [R, L] = [{R}, {L}], got {None if t is None else tuple(t.shape)}")
         if valid.dtype != torch.bool:
             raise ValueError(f"LensNet: valid must be bool, got {valid.dtype}")
+        if self.match and (match is None or match.shape != (R, L)):
+            raise ValueError(f"this LensNet reads the content match (--lensnet_match=1): pass match [R, L] = "
+                             f"[{R}, {L}] (mc.keymatch.entry_match), got {None if match is None else tuple(match.shape)}")
         dtype = self.in_proj.weight.dtype
         emb = embeddings.detach() if self.detach_inputs else embeddings
         emb = torch.where(valid[..., None], emb, torch.zeros((), dtype=emb.dtype, device=emb.device)).to(dtype)
@@ -141,4 +174,7 @@ class LensNet(nn.Module):
         # readout / fan_in (muP-style): an optimizer step moves every head weight by ~lr in a coherent
         # direction, so an unscaled sum over 4d inputs would move the pre-tanh score by ~lr * 2d per
         # step and saturate tanh (zero gradient, every entry at -1 or +1) within a few steps
-        return torch.tanh(self.head_out(h).squeeze(-1) / h.size(-1)) * valid.to(x.dtype)
+        net = self.head_out(h).squeeze(-1) / h.size(-1)
+        if self.match:
+            net = net + self.match_gain.to(net.dtype) * match.to(net.dtype)
+        return net

@@ -58,7 +58,7 @@ class MCModules(nn.Module):
         lensnet = None
         if mc_config.lensnet_type == "transformer":
             lensnet = LensNet(n_embd, layers=mc_config.lensnet_layers, head=mc_config.lensnet_head,
-                              max_lod=mc_config.max_lod)
+                              max_lod=mc_config.max_lod, match=mc_config.lensnet_match)
         return cls(gistnet, lensnet)
 
     def init_weights(self):

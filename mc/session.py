@@ -32,7 +32,10 @@ lowest-scored groups until entries fit it). When a long ingest left more than W 
 hard fit to W runs first so LensNet never sees more entries than the model does. With
 --mc_infer_focus=keymatch the GPT's own layer-0 attention chooses instead of LensNet
 (mc.keymatch.keymatch_refocus): the history's last token is the query, the blocks that stand out are
-made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token).
+made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token). A LensNet
+with the content match (--lensnet_match=1) reads the same cached keys, with the history's last token as
+the query (mc/keymatch.py). A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
+question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
 Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
 before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
@@ -115,6 +118,9 @@ class MCSession:
                                  f"{seq_len} tokens")
         if focus is not None:
             cfg = dataclasses.replace(cfg, infer_focus=focus)  # validated there (one clear error)
+        # a question must be able to open what it asks about before the answer: enough allocator iterations
+        # for a coarsest gist to reach raw in one refocus (children inherit a gist's score, mc/allocator.py)
+        cfg = dataclasses.replace(cfg, allocator_iterations=max(cfg.allocator_iterations, cfg.max_lod))
         interval = cfg.infer_refocus_interval if refocus_interval is None else refocus_interval
         if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
             raise MCSessionError(f"--mc_infer_refocus_interval={interval!r} must be an integer >= 1")
@@ -132,7 +138,9 @@ class MCSession:
                                  f"lower --mc_infer_refocus_interval")
         self.model, self.mc_modules, self.cfg = model, mc_modules, cfg
         self.lensnet = mc_modules.lensnet
-        self.keys = LayerZeroKeys(model) if cfg.infer_focus == "keymatch" else None  # mc/keymatch.py
+        # the GPT's layer-0 keys of the history (mc/keymatch.py): the keymatch focus, or a LensNet that reads them
+        self.match = getattr(self.lensnet, "match", False) and cfg.infer_focus == "lensnet"
+        self.keys = LayerZeroKeys(model) if cfg.infer_focus == "keymatch" or self.match else None
         self.W, self.refocus_interval = W, interval
         self.max_entries = W  # the hard cap on WC entries (and KV cache slots), decoded tokens included
         self.fit_budget = W - interval  # a refocus of a history longer than W fits it to this: headroom
@@ -381,7 +389,7 @@ class MCSession:
         forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
         # a history that fits W keeps every token (the plain model); a longer one is fitted with headroom
         budget = self.W if self.num_tokens <= self.W else self.fit_budget
-        if self.keys is not None or block_scores is not None:
+        if block_scores is not None or (self.keys is not None and not self.match):
             z = self._keymatch_scores() if block_scores is None else block_scores
             new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, budget, self.cfg,
                                                         self.cfg.recent_tokens, state=self.state)
@@ -389,7 +397,10 @@ class MCSession:
             new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, budget,
                                                         state=self.state, generator=self.generator,
                                                         wc=self.working_context() if self.lensnet is not None else
-                                                        self._score_free_wc())
+                                                        self._score_free_wc(),
+                                                        match_z=self.keys.tail_scores(
+                                                            self.token_ids(), max(self.num_tokens - self.cfg.recent_tokens, 0),
+                                                            self.bs) if self.match else None)
         # KV: entries starting before the first changed token are unchanged (module docstring)
         t_star = int(first_changed_token(old_plan, new_plan)[0])
         t_fit = int(first_changed_token(old_plan, self.plan)[0]) if fitted else t_star  # the hard fit's edits

@@ -137,10 +137,11 @@ def _checkpoint_settings(args, model, meta):
 
 def _focus_settings(args, model, max_lod):
     """(lensnet or None, MCConfig for refocus or None, JSON info). MC-LensNet uses the checkpoint's
-    allocator knobs with two changes: the budget is the eval's W_alloc (soft max length 0 = W_alloc),
-    and the iterations default to max(checkpoint's, max_lod) - one refocus per query has to be able to
-    take a gist from the coarsest level down to raw, which the inference session does over several
-    refocuses (mc/focus.py)."""
+    allocator knobs with three changes: the budget is the eval's W_alloc (soft max length 0 = W_alloc),
+    the whole budget is spent (expand threshold -1: every gist is a candidate, best score first; no
+    collapses), and the iterations default to max(checkpoint's, max_lod) - one refocus per query has to
+    be able to take a gist from the coarsest level down to raw, which the inference session does over
+    several refocuses (mc/focus.py)."""
     mc_config = getattr(model, "mc_config", None)
     modules = getattr(model, "mc_modules", None)
     lensnet = getattr(modules, "lensnet", None) if modules is not None else None
@@ -156,8 +157,12 @@ def _focus_settings(args, model, max_lod):
     if reason is not None:
         return None, None, {"available": False, "reason": reason}
     iters = args.allocator_iterations or max(mc_config.allocator_iterations, max_lod)
-    cfg = dataclasses.replace(mc_config, allocator_iterations=iters, allocator_soft_max_length=0)
-    head_zero = bool((lensnet.head_out.weight == 0).all())
+    # equal budget: MC-LensNet spends the whole focus budget in LensNet's order, as MC-fixed and ORACLE do
+    # (the thresholds are the session's choice of WHEN to spend; left on, LensNet read 188 entries where
+    # MC-fixed read 264 on the recall checkpoint's documents). Collapses: none (scores lie in [-1, 1]).
+    cfg = dataclasses.replace(mc_config, allocator_iterations=iters, allocator_soft_max_length=0,
+                              allocator_expand_threshold=-1.0, allocator_collapse_threshold=-1.5)
+    head_zero = bool((lensnet.head_out.weight == 0).all()) and float(getattr(lensnet, "match_gain", 0.0)) == 0.0
     knobs = {k: getattr(cfg, k) for k in ("allocator_type", "allocator_iterations", "allocator_max_replacements",
                                           "allocator_expand_threshold", "allocator_collapse_threshold")}
     info = {"available": True, "reason": None, "allocator": knobs, "head_zero": head_zero,

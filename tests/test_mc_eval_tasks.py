@@ -118,7 +118,7 @@ def test_lensnet_favouring_one_block_expands_that_block():
     T, W = 1024 + 256, 32  # cut 1248: LOD2 [0, 1024), 7 LOD1 gists [1024, 1248), 32 raw
     levels, u = _levels(2, T, marked_block=33)  # block [1056, 1088)
     setup = _focus_setup(_rigged_lensnet(u, bias=4.0), W)
-    plans, stats = lensnet_plans(setup, T, 2, levels)
+    plans, stats = lensnet_plans(setup, [EvalItem([], 'text')] * 2, T, levels)
     base = covering_plan(T, W, BS, 2)
     check_plan(plans, BS, max_lod=2)
     for r in range(2):
@@ -129,7 +129,7 @@ def test_lensnet_favouring_one_block_expands_that_block():
     # the same LensNet with the LOD2 unit marked instead: one refocus of 2 iterations opens it
     levels, _ = _levels(1, T)
     levels[2][:, 0] = 10 * u
-    plans, _ = lensnet_plans(setup, T, 1, levels)
+    plans, _ = lensnet_plans(setup, [EvalItem([], 'text')] * 1, T, levels)
     assert (plans[0, :1024] < 2).all() and (plans[0, 1024:] == base[1024:]).all()
     assert lensnet_plans(_focus_setup(None, W), T, 1, levels) is None  # no LensNet: not available
 
@@ -139,7 +139,7 @@ def test_fixed_and_lensnet_plans_share_the_budget_and_keep_the_window_raw():
     levels, u = _levels(3, T)
     levels[1][:, 32:36] = 10 * u  # four LOD1 gists want detail, the rest do not (scores are row-centred)
     setup = _focus_setup(_rigged_lensnet(u, bias=4.0), W, E)
-    plans, stats = lensnet_plans(setup, T, 3, levels)
+    plans, stats = lensnet_plans(setup, [EvalItem([], 'text')] * 3, T, levels)
     fixed = fixed_focus_plan(T, W, E, BS, 2)
     base = covering_plan(T, W, BS, 2)
     check_plan(torch.cat([plans, fixed[None]]), BS, max_lod=2)
