@@ -52,9 +52,11 @@ allocator reads for an expand), and after an expand the children are told apart 
 so LOD2 -> LOD1 -> raw lands on the block that matches, not on an arbitrary child.
 """
 
+import dataclasses
+
 import torch
 
-from mc.allocator import allocate, entry_scores_to_token_map
+from mc.allocator import PlanDoesNotFitError, allocate, entry_scores_to_token_map
 from mc.keymatch import entry_match, token_match
 from mc.working_context import build_working_context
 
@@ -68,15 +70,34 @@ def first_changed_token(old_plan: torch.Tensor, new_plan: torch.Tensor) -> torch
     return torch.where(diff, pos, T).min(1).values
 
 
+def make_room(plan: torch.Tensor, token_scores: torch.Tensor, W: int, room: int, cfg, recent_tokens: int):
+    """(plan', freed, forced): plan [R, T] brought to <= W - room entries by the allocator's hard fit
+    (the lowest-scored collapse groups of the per-token scores first), with less room when even the
+    coarsest covering leaves less (halved until it fits; 0 = nothing to do). freed: int8 [R, T], -1 on
+    the tokens collapsed (the hysteresis mark); forced: long [R] collapses made."""
+    hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+    while room > 0:
+        try:
+            fitted, freed, stats = allocate(plan, token_scores, W - room, hard, cfg.block_size, cfg.max_lod,
+                                            recent_tokens, scores_are_token_map=True)
+            return fitted, freed, stats["forced"]
+        except PlanDoesNotFitError:
+            room //= 2
+    return plan, torch.zeros(plan.shape, dtype=torch.int8), torch.zeros(plan.size(0), dtype=torch.long)
+
+
 @torch.no_grad()
 def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tensor | None = None,
             generator: torch.Generator | None = None, recent_tokens: int | None = None, wc=None,
-            match_z: torch.Tensor | None = None):
+            match_z: torch.Tensor | None = None, room: int = 0):
     """LensNet scores + allocator edits (module docstring). recent_tokens overrides cfg.recent_tokens
     (mc_eval protects its whole raw window). wc: the plan's WorkingContext when the caller already has it
     (right-aligned or unpadded; the inference session builds its entries from token ids without a LOD0
     table); levels is then not read. match_z: the block scores a content-matching LensNet reads (module
-    docstring)."""
+    docstring). room: entries to free first (the allocator's hard fit to W - room, lowest-scored groups
+    collapsed first; the best-first edits may reopen them), so a full working context can still open what the
+    scores ask for (the inference session's refocus: its WC is at budget whenever the history is longer
+    than W). Fewer if even the coarsest covering leaves less."""
     if plan.ndim != 2:
         raise ValueError(f"plan must be [rows, T], got shape {tuple(plan.shape)}")
     recent = cfg.recent_tokens if recent_tokens is None else recent_tokens
@@ -106,11 +127,18 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
         net = entry_scores_to_token_map(plan, (logits - g * match) * wc.valid, cfg.block_size, cfg.max_lod)
         own = token_match(match_z, plan.size(1), cfg.block_size).to(net.device)
         alloc_scores, token_map = (torch.tanh(net + g * own) - reference[:, None]).clamp(-1.0, 1.0), True
-    # best first (module docstring); the allocator's selection runs on the CPU (a short loop over the edits)
-    new_plan, new_state, stats = allocate(plan.cpu(), alloc_scores.cpu(), W, cfg, cfg.block_size, cfg.max_lod,
-                                          recent, state=None if state is None else state.cpu(),
-                                          generator=generator, align="right", scores_are_token_map=token_map,
-                                          best_first=True)
+    if not token_map:  # one score per token, so the map still holds after the room-making collapses
+        alloc_scores = entry_scores_to_token_map(plan, alloc_scores, cfg.block_size, cfg.max_lod)
+    alloc_scores = alloc_scores.cpu()
+    fitted, freed, forced = make_room(plan.cpu(), alloc_scores, W, room, cfg, recent)
+    # best first (module docstring); the allocator's selection runs on the CPU (a short loop over the edits).
+    # What make_room collapsed may be reopened: with few collapse groups to choose from, the room can take
+    # the very block the question asks about (measured on a 50K-token session), and it must come back first.
+    new_plan, new_state, stats = allocate(fitted, alloc_scores, W, cfg, cfg.block_size, cfg.max_lod, recent,
+                                          state=None if state is None else state.cpu(), generator=generator,
+                                          align="right", scores_are_token_map=True, best_first=True)
+    new_state = torch.where(new_state != 0, new_state, freed)  # this call's edits: the room and the allocator's
+    stats["forced"] = stats["forced"] + forced
     new_plan, new_state = new_plan.to(plan.device), new_state.to(plan.device)
     info = dict(stats)
     info["scores"] = scores.detach()

@@ -34,7 +34,9 @@ hard fit to W runs first so LensNet never sees more entries than the model does.
 (mc.keymatch.keymatch_refocus): the history's last token is the query, the blocks that stand out are
 made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token). A LensNet
 with the content match (--lensnet_match=1) reads the same cached keys, with the history's last token as
-the query (mc/keymatch.py). A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
+the query (mc/keymatch.py); when the question singles out a block (z >= 3), the refocus first frees room
+to open two blocks from the coarsest level (mc.focus.make_room: the lowest-scored groups collapse), as
+the keymatch focus does, since a WC at budget could otherwise open nothing. A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
 question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
 Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
@@ -79,7 +81,7 @@ from mc.allocator import PlanDoesNotFitError, allocate
 from mc.buffer import AppendBuffer
 from mc.focus import first_changed_token
 from mc.focus import refocus as focus_refocus
-from mc.keymatch import LayerZeroKeys, block_scores, keymatch_refocus
+from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, block_scores, keymatch_refocus
 from mc.positions import rope_cos_sin
 from mc.telemetry import NoOpTelemetryProvider, emit_event
 from mc.tree import MegaContextTree
@@ -394,13 +396,15 @@ class MCSession:
             new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, budget, self.cfg,
                                                         self.cfg.recent_tokens, state=self.state)
         else:
+            z, room = None, 0
+            if self.match:
+                z = self.keys.tail_scores(self.token_ids(), max(self.num_tokens - self.cfg.recent_tokens, 0), self.bs)
+                # a question that singles out a block gets room to open it (and its neighbour) from the coarsest level
+                room = KEYMATCH_MAX_BLOCKS * self.max_lod * (self.bs - 1) if bool((z >= KEYMATCH_MIN_Z).any()) else 0
             new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, budget,
                                                         state=self.state, generator=self.generator,
                                                         wc=self.working_context() if self.lensnet is not None else
-                                                        self._score_free_wc(),
-                                                        match_z=self.keys.tail_scores(
-                                                            self.token_ids(), max(self.num_tokens - self.cfg.recent_tokens, 0),
-                                                            self.bs) if self.match else None)
+                                                        self._score_free_wc(), match_z=z, room=room)
         # KV: entries starting before the first changed token are unchanged (module docstring)
         t_star = int(first_changed_token(old_plan, new_plan)[0])
         t_fit = int(first_changed_token(old_plan, self.plan)[0]) if fitted else t_star  # the hard fit's edits

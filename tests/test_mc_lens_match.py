@@ -160,3 +160,23 @@ def test_best_first_lets_the_best_gists_child_beat_the_next_gist():
     best, _, stats = allocate(*args, scores_are_token_map=True, best_first=True)
     assert int(batched[0, 7 * BS]) == 1 and int(best[0, 7 * BS]) == 0
     assert int(stats["expands"][0]) == 2 and best[0, 1024:].eq(plan[0, 1024:]).all()
+
+
+def test_a_full_working_context_makes_room_to_open_the_matching_block():
+    """The session's case: the WC is at its budget (no entries to spare), the question matches block 41
+    inside a LOD2 gist. With room for two LOD2 -> raw openings made first (the lowest-scored groups
+    collapse), block 41 ends raw and the entries stay <= W."""
+    T = 2048 + 64 + 6 * BS
+    lod0 = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(2))
+    levels = MegaContextTree.build(lod0, GistNet(64, BS, gistnet_type="mean"), BS, 2).levels
+    plan = torch.zeros(1, T, dtype=torch.int8)
+    plan[:, :2048] = 2  # two LOD2 gists, then 6 raw blocks and the raw tail
+    W = 2 + 6 * BS + 64  # exactly full
+    lens = LensNet(64, layers=1, max_lod=2, match=True).eval()
+    z = torch.zeros(1, (T - 64) // BS)
+    z[0, 41] = KEYMATCH_MIN_Z + 4.0
+    cfg = MCConfig(allocator_iterations=2, recent_tokens=64)
+    new, _, info = refocus(lens, plan, levels, cfg, W, match_z=z, room=2 * 2 * (BS - 1))
+    from mc.working_context import entry_counts
+    assert int(new[0, 41 * BS]) == 0 and int(entry_counts(new, BS)[0]) <= W
+    assert int(info["forced"][0]) > 0  # the room came from collapsing raw blocks
