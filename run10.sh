@@ -123,7 +123,7 @@ case "$GPU" in
     # GistNet), so half the steps (same tokens per step, same cadences) keep the run near 15 minutes.
     # T=512 has no LOD2 unit (that needs 1024 + R tokens); memory is no issue on CPU: no auto-batch.
     MC_ARGS=(--num_iterations=120 --mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
-             --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0 --lensnet_match=1)
+             --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
     MC_TAG=d4_mc
     ;;
   5090)
