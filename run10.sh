@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The single-machine recipe: tokenizer → base pretraining → base loss/eval → midtraining → chat eval
-# → chat SFT → chat eval → report (+ the long-context eval, mc_eval, for --profile mc).
+# → chat SFT → chat eval → chat RL → chat eval → report (+ the long-context eval, mc_eval, for --profile mc).
+# RL: GSM8K with --source fineweb, the offline recall task otherwise; SKIP_RL=1 stops after SFT.
 #
 #   bash run10.sh --gpu cpu                 # offline, 2 CPU cores, ~10 minutes, synthetic corpus
 #   bash run10.sh --gpu 5090|h100           # one rented GPU (default h100)
@@ -16,7 +17,7 @@
 # Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --recall, --source synthetic|fineweb,
 #          --data_dir PATH (your own text: tokenizer, base training and base loss read it; implies --source dir),
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy),
-#          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT checkpoints).
+#          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT/RL checkpoints).
 # Re-running the same command continues where it stopped: every training stage resumes from its newest
 # complete checkpoint (--resume=auto; a finished one says "already complete" and exits at once), and the
 # tokenizer and the evals whose outputs exist for the newest checkpoint are skipped ("skip <stage>: why").
@@ -118,6 +119,9 @@ case "$GPU" in
     SFT_ARGS=(--device_type=cpu --device_batch_size=8 --total_batch_size=8192 --num_iterations=30
               --eval_every=122880tok --eval_tokens=32768 --log_every=40960tok)
     CHAT_EVAL_ARGS=(--device-type=cpu --max-problems=40 --max-new-tokens=48)
+    # RL, ~2 minutes: 8 steps of 8 questions x 4 rollouts on the offline recall task
+    RL_ARGS=(--device_type=cpu --train_examples=64 --examples_per_step=8 --num_samples=4 --max_new_tokens=32
+             --device_batch_size=8 --eval_examples=16 --eval_samples=2 --recall_context_chars=800)
     MC_EVAL_ARGS=(--device_type=cpu --num_docs=16 --num_probes=32 --n_boot=500)
     # MC on 2 cores: a step costs ~2.2x a vanilla one (LM forward + 3 working contexts of ~W entries +
     # GistNet), so half the steps (same tokens per step, same cadences) keep the run near 15 minutes.
@@ -136,6 +140,7 @@ case "$GPU" in
     MID_ARGS=(--device_batch_size=16)
     SFT_ARGS=(--device_batch_size=16)
     CHAT_EVAL_ARGS=(--max-problems=500)
+    RL_ARGS=()
     MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
     # MC: 4 variants + the recency baseline per row, W anneals 0.8 -> 0.2 of T; auto-batch shrinks the
     # micro-batch (and raises grad accumulation) so steps train on the baseline's exact rows.
@@ -152,6 +157,7 @@ case "$GPU" in
     MID_ARGS=(--device_batch_size=32)
     SFT_ARGS=(--device_batch_size=32)
     CHAT_EVAL_ARGS=(--max-problems=500)
+    RL_ARGS=()
     MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
     MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
     MC_TAG=d12_mc
@@ -255,5 +261,15 @@ evaluated "chat_eval mid" "$R/chat-evaluation-mid.md" "$C/mid_checkpoints/$TAG" 
 $PY -m scripts.chat_sft --run="$WANDB_RUN" --source_tag="$TAG" --mixture="$MIXTURE" --resume=auto "${SFT_ARGS[@]}"
 evaluated "chat_eval sft" "$R/chat-evaluation-sft.md" "$C/chatsft_checkpoints/$TAG" ||
   $PY -m scripts.chat_eval -i sft --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
+# RL (upstream's last stage): REINFORCE on the SFT model; GSM8K with --source fineweb, the offline recall
+# task otherwise; then the chat eval of the RL model. SKIP_RL=1 ends the recipe after SFT.
+if [ "${SKIP_RL:-0}" != 1 ]; then
+  RL_TASK=$( [ "$SOURCE" = fineweb ] && echo gsm8k || echo synthetic )
+  $PY -m scripts.chat_rl --run="$WANDB_RUN" --task="$RL_TASK" --source_tag="$TAG" --resume=auto \
+    ${RL_ARGS[@]+"${RL_ARGS[@]}"}
+  evaluated "chat_eval rl" "$R/chat-evaluation-rl.md" "$C/chatrl_checkpoints/$TAG" ||
+    $PY -m scripts.chat_eval -i rl --model-tag="$TAG" $ONLINE "${CHAT_EVAL_ARGS[@]}"
+fi
 $PY -m nanochat.report generate
-echo "run10.sh: done — report at ./report.md; chat with: $PY -m scripts.chat_cli -i sft -g $TAG"
+CHAT_STAGE=$( [ "${SKIP_RL:-0}" != 1 ] && echo rl || echo sft )
+echo "run10.sh: done — report at ./report.md; chat with: $PY -m scripts.chat_cli -i $CHAT_STAGE -g $TAG"

@@ -59,12 +59,12 @@ report_reset() {
   fi
 }
 
-# start_fresh TAG: delete the checkpoints a re-run would resume (base, mid, SFT of this model tag)
+# start_fresh TAG: delete the checkpoints a re-run would resume (base, mid, SFT, RL of this model tag)
 start_fresh() {
   local d
   # the tag becomes part of an rm -rf path: only plain folder names (what the Python scripts accept too)
   case "$1" in ''|.*|*..*|*[!A-Za-z0-9_.-]*) echo "error: --model_tag='$1' is not a plain folder name (letters, digits, _ - .; no '..' or '/')" >&2; exit 2 ;; esac
-  for d in base_checkpoints mid_checkpoints chatsft_checkpoints; do
+  for d in base_checkpoints mid_checkpoints chatsft_checkpoints chatrl_checkpoints; do
     if [ -d "$NANOCHAT_BASE_DIR/$d/$1" ]; then
       echo "--fresh: deleting $NANOCHAT_BASE_DIR/$d/$1"
       rm -rf "${NANOCHAT_BASE_DIR:?}/$d/$1"

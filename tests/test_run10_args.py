@@ -8,6 +8,8 @@ run10.sh's command lines, without training anything: the recipe runs in a scratc
 - conflicts (--source fineweb, --recall, --quality, a missing folder, --source dir alone) are one error
 - a tokenizer trained on another corpus (tokenizer/trained_on.txt) is retrained, the same one is reused
 - the recipe's cadence values keep their meaning under "bare integer = steps": none is a bare count
+- the chat half ends with RL and its chat eval (the offline recall task; GSM8K on FineWeb); SKIP_RL=1 stops
+  after SFT
 """
 
 import os
@@ -111,9 +113,10 @@ def test_tokenizer_of_another_corpus_is_retrained(recipe):
 
 def _parsers():
     from nanochat.chat_train import add_mid_mixture_flags, add_sft_mixture_flags
-    from scripts import base_train, mid_train, tok_train
+    from scripts import base_train, chat_rl, mid_train, tok_train
 
     return {"scripts.base_train": base_train.build_parser().parse_args,
+            "scripts.chat_rl": chat_rl.build_parser().parse_args,
             "scripts.mid_train": mid_train.build_parser("mid", add_mid_mixture_flags).parse_args,
             "scripts.chat_sft": mid_train.build_parser("sft", add_sft_mixture_flags).parse_args,
             "scripts.tok_train": tok_train.parse_args}
@@ -139,3 +142,26 @@ def test_recipe_cadences_keep_their_token_meaning(recipe, args):
                 assert cadence.unit == "tokens" or cadence.count <= 0, (stage, word)
                 seen += 1
     assert seen >= 3
+
+
+def _calls(tmp_path):
+    return [line.split() for line in (tmp_path / "calls.log").read_text().splitlines() if line.startswith("-m ")]
+
+
+@pytest.mark.parametrize("args, task", [(["--gpu", "cpu"], "synthetic"), (["--gpu", "h100", "--source", "fineweb"], "gsm8k")])
+def test_the_chat_half_ends_with_rl_and_its_eval(recipe, args, task):
+    rc, out, stages = run10(recipe, *args)
+    assert rc == 0, out
+    modules = [c[1] for c in _calls(recipe)]
+    sft = modules.index("scripts.chat_sft")
+    assert modules[sft:sft + 4] == ["scripts.chat_sft", "scripts.chat_eval", "scripts.chat_rl", "scripts.chat_eval"]
+    rl = [c for c in _calls(recipe) if c[1] == "scripts.chat_rl"][0]
+    assert f"--task={task}" in rl and "--resume=auto" in rl
+    assert ["-i", "rl"] == [c for c in _calls(recipe) if c[1] == "scripts.chat_eval"][-1][2:4]
+    assert "chat_cli -i rl" in out
+
+
+def test_skip_rl_stops_after_sft(recipe, monkeypatch):
+    monkeypatch.setenv("SKIP_RL", "1")
+    rc, out, stages = run10(recipe, "--gpu", "cpu")
+    assert rc == 0 and "scripts.chat_rl" not in stages and "chat_cli -i sft" in out, out
