@@ -19,7 +19,7 @@ from mc.eval_conditions import (
 )
 from mc.eval_data import Answer, EvalItem
 from mc.eval_keymatch import keymatch_focus, keymatch_plans, query_end, query_positions
-from mc.eval_plot import em_panels, plot_exact_match
+from mc.eval_plot import em_panels, plot_exact_match, r_points
 from mc.eval_report import summarize
 from mc.eval_run import Setup, evaluate_batch
 from mc.gistnet import GistNet
@@ -263,6 +263,10 @@ def test_json_has_entries_and_gap_recovery_against_both_recencies(tmp_path):
     assert [x for x, _, _ in panels[0][1]] == [128, 512] and "FULL" not in panels[0][1][1][1]
     path = plot_exact_match(result, str(tmp_path / "em.png"))
     assert path and (tmp_path / "em.png").stat().st_size > 1000
+    # and the documents' R per window, with the same numbers as the JSON
+    rs = r_points(result)
+    assert [w for w, _, _ in rs] == ["horizon", "boundary", "long_range"] and all(c for _, _, c in rs)
+    assert rs[2][1]["MC"] is lr["gap_recovery"]["MC"]
 
 
 def test_figures_no_verdict_covers_are_labelled():
