@@ -39,7 +39,8 @@ flags (bench defaults: training W = 0.75 x 512 = 384 entries, so the session's c
 Its LensNet is fresh by default: it runs at every refocus (its cost is measured) but scores 0, so only
 the hard fit edits, which keeps the WC full (~W entries: the largest KV cache, the worst case for
 attention). --random_lensnet=1 gives it random output weights instead (real expands and collapses).
---out writes every number as JSON.
+--out writes every number as JSON, and a figure next to it (same name, .png): decode ms per token and the
+decoder's state bytes (KV cache, plus the tree for mc) against the history length, one line per decoder.
 """
 
 import argparse
@@ -408,7 +409,40 @@ def main(argv=None):
                                  "sequence_len": c.sequence_len},
                        "mc_config": dataclasses.asdict(cfg), "summary": summary, "results": rows}, f, indent=2)
         print(f"wrote {args.out}")
+        try:
+            print(f"wrote {plot_rows(rows, os.path.splitext(args.out)[0] + '.png')}")
+        except ImportError as e:  # matplotlib is a dependency; a broken install should not lose the numbers
+            print(f"figure skipped: matplotlib is not importable ({e}); re-run ./mc_setup")
     return rows
+
+
+def plot_rows(rows: list, path: str) -> str:
+    """The figure of --out (module docstring): two panels, log-log, one line per decoder."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for mode in ("mc", "full", "window"):
+        pts = sorted((r["history"], r["decode_ms"], r["state_bytes"]) for r in rows
+                     if r["mode"] == mode and not r.get("skipped"))
+        if not pts:
+            continue
+        h, ms, mem = zip(*pts)
+        axes[0].plot(h, ms, "o-", label=mode)
+        axes[1].plot(h, [m / 2 ** 20 for m in mem], "o-", label=mode)
+    for ax, ylabel in zip(axes, ("decode ms per token (median over rounds)", "decoder state (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("history length (tokens)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3, which="both")
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ def test_bench_writes_all_modes(tmp_path, capsys):
     out = tmp_path / "bench.json"
     mc_bench.main([*TINY, "--histories=200,1500", "--max_full_tokens=1000", "--random_lensnet=1", f"--out={out}"])
     data = json.loads(out.read_text())
+    assert (tmp_path / "bench.png").stat().st_size > 1000  # the figure next to the JSON
     rows = {(r["history"], r["mode"]): r for r in data["results"]}
     assert set(rows) == {(h, m) for h in (200, 1500) for m in ("mc", "full", "window")}
     assert "max_full_tokens" in rows[(1500, "full")]["skipped"]
