@@ -313,7 +313,13 @@ def main(argv=None):
     header = f"### MC evaluation: {args.source}/{model_tag} step {step}\n\n"
     plot_line = f"\nPlot: {result['plot']['path']}" if result["plot"]["path"] else f"\nPlot: none ({result['plot']['note']})"
     print0(header + table + f"\n\nJSON: {out}  ({result['elapsed_s']} s)" + plot_line)
-    get_report().log(section="MC evaluation", data=[{**summary, "json": out, "plot": result["plot"]["path"]}, table])
+    report = get_report()
+    figure = []  # the figure inside report.md, by a path relative to it when it sits in the report folder
+    if result["plot"]["path"] and getattr(report, "report_dir", None):  # (other ranks: a DummyReport)
+        rel = os.path.relpath(result["plot"]["path"], report.report_dir)
+        where = rel if not rel.startswith("..") else os.path.abspath(result["plot"]["path"])
+        figure = [f"![mc_eval: exact match vs history length, R per window]({where})"]
+    report.log(section="MC evaluation", data=[{**summary, "json": out, "plot": result["plot"]["path"]}, table, *figure])
     compute_cleanup()
     return result
 

@@ -341,6 +341,7 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
     assert "MC-LensNet: not available: the checkpoint has no MegaContext modules" in printed
     report = (base_dir / "report" / "mc-evaluation.md").read_text()
     assert "NOT VALID" in report and "- valid: False" in report
+    assert f"![mc_eval: exact match vs history length, R per window]({tmp_path / 'mc.png'})" in report  # embedded
 
 
 def test_bad_flags_stop_with_a_clear_error(base_dir, capsys):
