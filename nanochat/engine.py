@@ -21,13 +21,9 @@ column of tokens per step (one token per sample) and a mask column (1 = sampled,
 prompt + max_tokens must fit model.config.sequence_len (the length the model was trained on), else
 ContextTooLongError; longer chats are what the MegaContext session (--mc) is for.
 
-MCEngine(model, tokenizer, ...) has the same generate()/generate_batch() contract over an MC checkpoint's
-inference session (mc/session.py), with no context limit: generate(tokens) ingests the tokens the
-session has not seen (with reuse_session, a conversation that extends the previous call's history
-token for token continues that session; anything else starts a new one), refocuses (a user turn), and
-then decodes one sample: sampled and forced (calculator) tokens alike are appended to the session.
-num_samples must be 1. Only a history so long that even its most compressed working context no
-longer fits W raises (HistoryTooLongError, a ContextTooLongError). The vanilla Engine never imports mc.
+The same generate() contract over a MegaContext session, with no context limit, is mc.engine.MCEngine:
+it builds on Engine (Row, _choose: the tool-use state machine) from the floor above; this module never
+imports mc.
 
 Utf8StreamDecoder turns streamed token ids into text pieces that never split a UTF-8 character.
 
@@ -237,7 +233,7 @@ def check_context(prompt_len: int, max_tokens: int, sequence_len: int):
             f"lower max_tokens, or use --mc (MegaContext) for conversations longer than the context")
 
 
-class _Row:
+class Row:
     """Per-sample state: stopped or not, the python expression being written, tokens still to force."""
 
     def __init__(self):
@@ -333,7 +329,7 @@ class Engine:
         # 3. the first token is sampled independently per row from the shared prefill logits
         logits = logits.expand(num_samples, -1)
 
-        rows = [_Row() for _ in range(num_samples)]
+        rows = [Row() for _ in range(num_samples)]
         for step in range(max_tokens):
             sampled = sample_next_token(logits, rng, temperature, top_k)[:, 0].tolist()
             column, masks = zip(*(self._choose(row, s) for row, s in zip(rows, sampled)))
@@ -363,72 +359,3 @@ class Engine:
             if all(done):
                 break
         return results, masks
-
-
-class MCEngine(Engine):
-    """Engine-compatible generation over a MegaContext session (module docstring). session_kwargs go to
-    mc.session.MCSession (W, refocus_interval, telemetry, ...). reuse_session=False: every generate()
-    builds a fresh session from its tokens (stateless servers: same request, same answer)."""
-
-    unbounded = True  # callers: no sequence_len limit on prompt + reply
-
-    def __init__(self, model, tokenizer, reuse_session: bool = True, **session_kwargs):
-        super().__init__(model, tokenizer)
-        from mc.session import MCSession  # lazy: the vanilla path stays free of mc imports
-
-        self._session_cls, self.session_kwargs, self.reuse_session = MCSession, session_kwargs, reuse_session
-        self.session = self._new_session()  # fails now, clearly, for a vanilla checkpoint or bad W
-
-    def _new_session(self):
-        return self._session_cls(self.model, getattr(self.model, "mc_modules", None),
-                                 getattr(self.model, "mc_config", None), **self.session_kwargs)
-
-    def _prepare(self, tokens):
-        """Bring the session to `tokens` (reuse it when they extend its history), refocus, return it."""
-        s = self.session
-        T = s.num_tokens
-        same = (self.reuse_session and 0 < T <= len(tokens)
-                and torch.equal(s.token_ids(), torch.tensor(tokens[:T], dtype=torch.int32)))
-        if not same:
-            s = self.session = self._new_session() if T else s
-            T = 0
-        s.ingest(tokens[T:])
-        s.refocus()  # a user turn
-        return s
-
-    def generate(self, tokens, num_samples=1, max_tokens=None, temperature=1.0, top_k=None, seed=42):
-        """As Engine.generate, one sample, no context limit; max_tokens=None = sequence_len tokens. The
-        prompt is ingested here, so errors (HistoryTooLongError) come before the first step."""
-        if not isinstance(tokens, (list, tuple)) or not tokens:
-            raise ValueError("tokens must be a non-empty list of token ids (start with the BOS token)")
-        vocab = self.model.config.vocab_size
-        if not all(isinstance(t, int) and 0 <= t < vocab for t in tokens):
-            raise ValueError(f"tokens must be ints in [0, {vocab}) (the model's vocab_size)")
-        if num_samples != 1:
-            raise ValueError(f"MegaContext generation (--mc) runs one sample per session; num_samples must be 1, "
-                             f"got {num_samples!r} (drop --mc to sample several replies within the context)")
-        if max_tokens is None:
-            max_tokens = self.model.config.sequence_len
-        if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 0:
-            raise ValueError(f"max_tokens must be an int >= 0 or None, got {max_tokens!r}")
-        if temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {temperature}")
-        with torch.inference_mode():
-            session = self._prepare(list(tokens))
-        return self._generate_mc(session, max_tokens, temperature, top_k, seed)
-
-    @torch.inference_mode()
-    def _generate_mc(self, session, max_tokens, temperature, top_k, seed):
-        rng = torch.Generator(device=session.device)
-        rng.manual_seed(seed)
-        row = _Row()
-        for _ in range(max_tokens):
-            if row.forced:  # a forced tool token needs no logits: it is fed with the next forward
-                tok, mask = self._choose(row, None)
-            else:
-                sampled = int(sample_next_token(session.next_logits()[None], rng, temperature, top_k)[0, 0])
-                tok, mask = self._choose(row, sampled)
-            session.append_token(tok)  # before yielding: a caller that stops here leaves it in the history
-            yield [tok], [mask]
-            if row.done:
-                break

@@ -14,7 +14,7 @@ The conversation is kept as tokens in the chat format of nanochat.tokenizer (<|b
 the whole conversation is the prompt of nanochat.engine.Engine. A plain GPT only sees
 model.config.sequence_len tokens: a reply gets at most the room left in that context, and a
 conversation that no longer fits ends with a message (type 'clear', or restart with --mc) instead of a
-crash. With --mc the checkpoint's MegaContext modules carry the chat instead: nanochat.engine.MCEngine
+crash. With --mc the checkpoint's MegaContext modules carry the chat instead: mc.engine.MCEngine
 keeps ONE mc.session.MCSession for the whole conversation (each turn ingests only the new user message,
 refocuses, and generates; 'clear' starts a new session), so replies are never cut by the context.
 --mc_infer_wc_length / --mc_infer_refocus_interval override the checkpoint's working-context cap W
@@ -25,10 +25,11 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 import argparse
 import sys
 
+from mc.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_init, die
-from nanochat.engine import ContextTooLongError, Engine, MCEngine
+from nanochat.engine import ContextTooLongError, Engine
 from nanochat.tokenizer import TokenizerError
 
 

@@ -34,7 +34,7 @@ ContextTooLongError of the Engine, since the first token is awaited before a res
 Text is streamed in whole UTF-8 characters: a token that ends inside a multi-byte character is held
 back until the next token completes it (nanochat.engine.Utf8StreamDecoder).
 
---mc (an MC checkpoint): workers run nanochat.engine.MCEngine. Requests are stateless (each carries the
+--mc (an MC checkpoint): workers run mc.engine.MCEngine. Requests are stateless (each carries the
 whole conversation), so each builds a fresh MegaContext session from its full message list (ingest all,
 refocus, generate): same request + seed, same reply; no per-conversation server state. No context cut
 applies then (the request limits bound the work); only a history too long for W is a 400.
@@ -55,10 +55,11 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from mc.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat import web_guard as wg
 from nanochat.common import autodetect_device_type, die, get_base_dir
-from nanochat.engine import Engine, MCEngine, Utf8StreamDecoder  # noqa: F401 (tests import the decoder from here)
+from nanochat.engine import Engine, Utf8StreamDecoder  # noqa: F401 (tests import the decoder from here)
 from nanochat.web_pool import Generation, QueueFull, QueueTimeout, Worker, WorkerPool
 
 # ----------------------------------------------------------------------------- request limits

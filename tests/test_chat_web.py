@@ -22,7 +22,8 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from nanochat.engine import ContextTooLongError, Engine, MCEngine
+from mc.engine import MCEngine
+from nanochat.engine import ContextTooLongError, Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.synthetic import synthetic_texts
 from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer

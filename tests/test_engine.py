@@ -12,12 +12,13 @@ import pytest
 import torch
 
 import nanochat.engine as engine_module
+import mc.engine as mc_engine_module
+from mc.engine import MCEngine
 from nanochat.engine import (
     CalculatorError,
     CalculatorTimeout,
     ContextTooLongError,
     Engine,
-    MCEngine,
     evaluate_expression,
     use_calculator,
 )
@@ -357,7 +358,7 @@ def test_mc_engine_calculator_tokens_enter_the_session(tok, monkeypatch):
     expr, junk, tail = tok.encode("2+3"), tok.encode("X")[0], tok.encode(" ok")
     script = iter([sp("<|python_start|>")] + expr + [sp("<|python_end|>")] + tail + [sp("<|assistant_end|>")]
                   + [junk] * 10)
-    monkeypatch.setattr(engine_module, "sample_next_token", lambda logits, *a: torch.tensor([[next(script)]]))
+    monkeypatch.setattr(mc_engine_module, "sample_next_token", lambda logits, *a: torch.tensor([[next(script)]]))
     eng = MCEngine(model, tok)
     (r,), (m,) = eng.generate_batch(p, max_tokens=30, temperature=1.0)
     forced = [sp("<|output_start|>")] + tok.encode("5") + [sp("<|output_end|>")]

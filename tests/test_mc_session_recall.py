@@ -1,7 +1,7 @@
 """Chat remembers: how an MC session answers a question about a fact stated far earlier (mc/session.py).
 
 A small rigged model pins the mechanism end to end through MCSession's public API (ingest / refocus /
-generate, as nanochat.engine.MCEngine drives it: every user turn is ingested, then refocused):
+generate, as mc.engine.MCEngine drives it: every user turn is ingested, then refocused):
 - a history of 40 blocks of 32 filler tokens (10 user turns), with the fact "KEY VALUE" planted in block 3,
   so by the time the question comes that block is one LOD1 gist in a working context refocused to
   128 entries (the session's W, its hard cap, is 128 + the refocus interval of 64);
