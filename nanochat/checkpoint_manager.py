@@ -53,6 +53,8 @@ import torch.distributed as dist
 from nanochat.common import get_base_dir, print0
 
 STEP_RE = re.compile(r"^step_(\d+)$")
+EXTRA_PREFIX = "mc."  # model-state entries of modules above this floor (build_model hands them back as they are)
+
 SOURCE_DIRS = {"base": "base_checkpoints", "mid": "mid_checkpoints", "sft": "chatsft_checkpoints",
                "rl": "chatrl_checkpoints"}
 
@@ -327,7 +329,7 @@ def load_gpt_weights(model, checkpoint_dir, device) -> str:
     if diffs:
         raise CheckpointError(f"{checkpoint_dir} holds a different model: {', '.join(diffs)}; "
                               f"use the flags it was trained with")
-    model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith("mc.")}, strict=True)
+    model.load_state_dict({k: v for k, v in model_state.items() if not k.startswith(EXTRA_PREFIX)}, strict=True)
     return f"initialized the GPT from {checkpoint_dir} step {meta['step']}"
 
 
@@ -344,10 +346,11 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     """(model, tokenizer, meta): a nanochat.gpt.GPT rebuilt from meta["model_config"] with the saved weights,
     in eval() or train() mode, plus the project tokenizer (its vocab size must equal the model's).
 
-    MegaContext checkpoints (meta["mc_config"], model-state keys "mc.*"): model.mc_modules is the loaded
-    mc.modules.MCModules (same mode and device as the model) and model.mc_config its MCConfig; both are
-    None for a vanilla checkpoint. They are attributes, not submodules: model.state_dict() and
-    model.parameters() stay the GPT's own (see mc/modules.py)."""
+    The one seam for the floor above: model-state entries under EXTRA_PREFIX ("mc.": MegaContext's GistNet
+    and LensNet, saved beside the GPT) are not the GPT's. They come back untouched in
+    meta["extra_state"] ({} when there are none) with the device the model is on; mc.checkpoint builds
+    its modules from them and meta["mc_config"]. This loader never imports mc: an MC checkpoint loads
+    here as the plain GPT it contains."""
     from nanochat import tokenizer as tokenizer_module
     from nanochat.gpt import GPT, GPTConfig
 
@@ -367,19 +370,8 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
                               f"checkpoint")
     # torch.compile wraps modules as `_orig_mod`, DDP as `module`: strip those prefixes.
     model_state = {re.sub(r"^(_orig_mod\.|module\.)+", "", k): v for k, v in model_state.items()}
-    from mc.modules import MCModules, attach, config_from_meta, split_mc_state
-
-    model_state, mc_state = split_mc_state(model_state)
-    mc_config = mc_modules = None
-    if meta.get("mc_config") is not None:
-        try:
-            mc_config = config_from_meta(meta["mc_config"])
-        except (TypeError, ValueError) as e:
-            raise CheckpointError(f"meta.json mc_config of {checkpoint_dir} does not fit mc.config.MCConfig ({e}); "
-                                  f"it was written by another version of the MegaContext code")
-    elif mc_state:
-        raise CheckpointError(f"{checkpoint_dir} holds MegaContext weights (mc.*) but its meta.json has no mc_config; "
-                              f"the checkpoint is incomplete: re-save it from the trainer")
+    meta["extra_state"] = {k: v for k, v in model_state.items() if k.startswith(EXTRA_PREFIX)}
+    model_state = {k: v for k, v in model_state.items() if not k.startswith(EXTRA_PREFIX)}
     try:
         with torch.device(device):
             model = GPT(config)
@@ -391,18 +383,7 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
         model.load_state_dict(model_state, strict=True)
     except RuntimeError as e:
         raise CheckpointError(f"weights in {checkpoint_dir} do not fit the model built from meta.json: {e}")
-    if mc_config is not None:
-        with torch.device(device):
-            mc_modules = MCModules.from_config(mc_config, config.n_embd)
-        try:
-            mc_modules.load_state_dict(mc_state, strict=True)
-        except RuntimeError as e:
-            raise CheckpointError(f"MegaContext weights in {checkpoint_dir} do not fit the modules built from "
-                                  f"meta.json mc_config: {e}")
-    attach(model, mc_modules, mc_config)
-    for m in (model, mc_modules):
-        if m is not None:
-            m.train(phase == "train")
+    model.train(phase == "train")
     tokenizer = tokenizer_module.get_tokenizer()
     if tokenizer.get_vocab_size() != config.vocab_size:
         raise CheckpointError(f"tokenizer vocab size {tokenizer.get_vocab_size()} != model vocab size {config.vocab_size} "

@@ -25,9 +25,10 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 import argparse
 import sys
 
+from mc.checkpoint import load_model
 from mc.engine import MCEngine
 from nanochat import cli_checks as ck
-from nanochat.checkpoint_manager import CheckpointError, load_model
+from nanochat.checkpoint_manager import CheckpointError
 from nanochat.common import autocast_ctx, compute_init, die
 from nanochat.engine import ContextTooLongError, Engine
 from nanochat.tokenizer import TokenizerError

@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+from mc.checkpoint import build_model
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import CADENCE_FLAGS, parse_cadence
@@ -54,7 +55,6 @@ from nanochat.chat_train import (
 from nanochat.checkpoint_manager import (
     SOURCE_DIRS,
     CheckpointError,
-    build_model,
     find_last_model_tag,
     latest_step,
     load_checkpoint,

@@ -404,7 +404,8 @@ def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUE
 def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
     (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, load_model, tag_dir
+    from mc.checkpoint import load_model
+    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, tag_dir
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
         die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")

@@ -123,7 +123,8 @@ def random_model(args, device):
 
 
 def load(args, device):
-    from nanochat.checkpoint_manager import CheckpointError, load_model
+    from mc.checkpoint import load_model
+    from nanochat.checkpoint_manager import CheckpointError
 
     try:
         model, _, _ = load_model(args.source or "base", device, "eval", model_tag=args.model_tag, step=args.step)

@@ -56,6 +56,7 @@ import time
 
 import torch
 
+from mc.checkpoint import load_model
 from mc.eval_conditions import BOUNDARY_TOKENS
 from mc.eval_data import doc_item, probe_items, read_tasks, task_item, text_item
 from mc.eval_plot import plot_exact_match
@@ -64,7 +65,7 @@ from mc.eval_run import Setup, diagnose_batch, evaluate_batch, item_recalls, ite
 from mc.eval_tasks import assoc_items
 from mc.gistnet import GistNet
 from nanochat import cli_checks as ck
-from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag, load_model
+from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag
 from nanochat.common import compute_cleanup, compute_init, die, get_base_dir, print0
 from nanochat.dataset import iter_documents, resolve_source
 from nanochat.report import get_report

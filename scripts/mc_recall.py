@@ -30,11 +30,11 @@ import time
 import numpy as np
 import torch
 
+from mc.checkpoint import load_model
 from mc.eval_data import probe_item
 from mc.modules import MCModules
 from mc.session import MCSession, MCSessionError
 from nanochat import cli_checks as ck
-from nanochat.checkpoint_manager import load_model
 from nanochat.common import autodetect_device_type, die
 
 CONDITIONS = ("keymatch", "lensnet", "fixed", "ORACLE")

@@ -57,6 +57,7 @@ import time
 import torch
 from tqdm import tqdm
 
+from mc.checkpoint import build_model
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
@@ -75,7 +76,6 @@ from nanochat.chat_train import (
 from nanochat.checkpoint_manager import (
     SOURCE_DIRS,
     CheckpointError,
-    build_model,
     find_last_model_tag,
     latest_step,
     load_checkpoint,

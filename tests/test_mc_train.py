@@ -4,7 +4,7 @@ GistNet, optimizers and checkpoints:
 
 - the LM loss and the MC token loss fall; MC_MEMORY_DEBUG writes its snapshots at log steps
 - the checkpoint holds GistNet (model.pt "mc.*" keys, meta["mc_config"], the optimizer states) and
-  build_model() gives it back as model.mc_modules / model.mc_config
+  mc.checkpoint.build_model() gives it back as model.mc_modules / model.mc_config
 - resuming continues exactly (same losses as the uninterrupted run); a changed MC config, or switching
   MC on/off, is refused with the flag named
 - --mc_auto_batch=1 changes only the micro-batch split, not the training (same losses)
@@ -24,7 +24,7 @@ import torch
 
 import mc.controller as controller_module
 import scripts.base_train as base_train
-from nanochat.checkpoint_manager import build_model
+from mc.checkpoint import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
