@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import nanochat.engine as engine_module
 import mc.engine as mc_engine_module
+import nanochat.engine as engine_module
 from mc.engine import MCEngine
 from nanochat.engine import (
     CalculatorError,

@@ -8,8 +8,16 @@ from mc.config import MCConfig
 from mc.controller import MCController
 from mc.focus import refocus
 from mc.gistnet import GistNet
-from mc.keymatch import (KEYMATCH_MIN_Z, block_scores, entry_match, layer0_inputs, layer0_keys, layer0_query,
-                         tail_block_scores, token_match)
+from mc.keymatch import (
+    KEYMATCH_MIN_Z,
+    block_scores,
+    entry_match,
+    layer0_inputs,
+    layer0_keys,
+    layer0_query,
+    tail_block_scores,
+    token_match,
+)
 from mc.lensnet import LensNet
 from mc.modules import MCModules
 from mc.session import MCSession
@@ -71,7 +79,7 @@ def test_refocus_opens_the_matching_block_inside_a_far_lod2_gist():
     """Covering: two LOD2 gists, LOD1 gists, a raw tail. Only block 41 (inside the second LOD2 unit, not
     its first child) matches; the network part scores nothing. Two allocator iterations make exactly
     that block raw: LOD2 -> LOD1 (the unit with the match), then the matching child, not child 0."""
-    T, W = 2048 + 96, 64
+    T = 2048 + 96
     lod0 = torch.randn(1, T, 64, generator=torch.Generator().manual_seed(1))
     levels = MegaContextTree.build(lod0, GistNet(64, BS, gistnet_type="mean"), BS, 2).levels
     plan = torch.zeros(1, T, dtype=torch.int8)
