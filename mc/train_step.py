@@ -8,7 +8,8 @@ MCTrainStep: the trainer's side of an MC micro-step (scripts/base_train.py), aro
   all-reduced over ranks), see MCController.commit_step;
 - metric/timing accumulation between log lines (MetricMeter) and the log-time summary (W&B dict,
   telemetry, band alerts, one compact stdout line); MC_MEMORY_DEBUG snapshots at log steps.
-Plus describe() (the start-up lines) and raise_recompile_limit() (torch.compile and the packed shapes).
+Plus describe() (the start-up lines), raise_recompile_limit() (torch.compile and the packed shapes) and
+process_or_die() (the chat stages' MC step: process_batch under autocast, a failure stops training).
 """
 
 import math
@@ -20,7 +21,7 @@ import torch
 from mc.config import MCConfig
 from mc.controller import MCController, MCControllerError
 from mc.timing import MetricMeter
-from nanochat.common import autocast_ctx
+from nanochat.common import autocast_ctx, die
 from nanochat.training import all_reduce_sum
 
 
@@ -137,3 +138,13 @@ def raise_recompile_limit(limit: int = 64):
     for name in ("recompile_limit", "cache_size_limit"):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
+
+
+def process_or_die(controller: MCController, x, y, step: int, row_ids):
+    """MCController.process_batch under autocast (mid_train / chat_sft); a controller failure stops training
+    with one clear error (never a silent fallback to the plain loss)."""
+    try:
+        with autocast_ctx(x.device.type):
+            return controller.process_batch(x, y, step, row_ids=row_ids)
+    except MCControllerError as e:
+        die(f"{e}\ntraining stopped: the MegaContext step failed (no fallback to the vanilla loss)")

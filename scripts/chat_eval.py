@@ -39,10 +39,10 @@ import torch
 import torch.distributed as dist
 
 from nanochat import cli_checks as ck
-from nanochat.chat_train import hub_kw
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, print0
 from nanochat.report import get_report
+from tasks.common import hub_kw
 
 OFFLINE_TASKS = ["SyntheticRecallChat", "SyntheticRecallMC", "SpellingBee"]
 ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]

@@ -45,7 +45,6 @@ from nanochat.adamw import average_gradients
 from nanochat.cadence import CADENCE_FLAGS, parse_cadence
 from nanochat.chat_data import collate
 from nanochat.chat_train import (
-    hub_kw,
     mc_meta,
     mc_optimizer_params,
     mc_parts,
@@ -81,6 +80,7 @@ from nanochat.training import (
     resume_step,
     rng_state,
 )
+from tasks.common import hub_kw
 
 RESUME_MUST_MATCH = ("task", "examples_per_step", "num_samples", "seed", "init_lr_frac", "max_new_tokens",
                      "temperature", "top_k", "num_iterations")

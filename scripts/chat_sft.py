@@ -17,9 +17,9 @@ Mixture (nanochat/chat_train.py; one epoch by default):
 Validation: SyntheticRecallChat val + SpellingBee val (+ SmolTalk test with --mixture full).
 """
 
-from nanochat.chat_train import add_sft_mixture_flags as add_mixture_flags  # the SFT mixture
-from nanochat.chat_train import make_sft_task
 from scripts.mid_train import run_stage
+from tasks.mixtures import add_sft_mixture_flags as add_mixture_flags  # the SFT mixture
+from tasks.mixtures import make_sft_task
 
 
 def main(argv=None):

@@ -58,14 +58,12 @@ import torch
 from tqdm import tqdm
 
 from mc.checkpoint import build_model
+from mc.train_step import process_or_die
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
 from nanochat.chat_data import ChatLoader
-from nanochat.chat_train import add_mid_mixture_flags as add_mixture_flags  # the midtraining mixture
 from nanochat.chat_train import (
-    make_mid_task,
-    mc_forward,
     mc_meta,
     mc_optimizer_params,
     mc_parts,
@@ -111,6 +109,8 @@ from nanochat.training import (
     resume_step,
     rng_state,
 )
+from tasks.mixtures import add_mid_mixture_flags as add_mixture_flags  # the midtraining mixture
+from tasks.mixtures import make_mid_task
 
 # Per-stage defaults and names. "rows" = default rows per optimizer step (total_batch_size = rows × T).
 STAGES = {
@@ -413,7 +413,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                     # weight it by this micro-batch's share of the step's supervised tokens
                     n_k = int((y >= 0).sum())
                     row0 = state_before_step["rows"] + (k * world_size + rank) * B
-                    result = mc_forward(controller, x, y, step, torch.arange(row0, row0 + B, device=x.device))
+                    result = process_or_die(controller, x, y, step, torch.arange(row0, row0 + B, device=x.device))
                     loss = result.loss * (n_k * world_size / n_global)
                     token_loss_sum = result.lm_loss * n_k
                     mc_rows, parts = mc_rows + x.size(0), loss_parts(result.metrics)

@@ -14,6 +14,7 @@ dataset's rows from the Hugging Face hub or from local files, and small formatti
 - render_mc(): a multiple-choice question with lettered choices (shared by MMLU, ARC, SyntheticRecallMC).
 - validate_messages(): the message-list checks shared by SmolTalk, CustomJSON and Identity.
 - final_answer(): the text after the last "####" marker (GSM8K, SpellingBee).
+- hub_kw(): data_dir= for a hub task when the user keeps local snapshots (--data_dir).
 """
 
 import glob
@@ -248,3 +249,9 @@ def assistant_text(conversation: dict) -> str:
     if isinstance(content, str):
         return content
     return "".join(p["text"] for p in content if p["type"] == "text")
+
+
+def hub_kw(data_root: str, hub_path: str) -> dict:
+    """{"data_dir": <data_root>/<hub_path>} when data_root is set (a local snapshot laid out like the hub
+    repository, e.g. <root>/allenai/ai2_arc/ARC-Easy/test-*.parquet), else {} (load from the hub)."""
+    return {"data_dir": os.path.join(data_root, hub_path)} if data_root else {}

@@ -112,8 +112,8 @@ def test_tokenizer_of_another_corpus_is_retrained(recipe):
 
 
 def _parsers():
-    from nanochat.chat_train import add_mid_mixture_flags, add_sft_mixture_flags
     from scripts import base_train, chat_rl, mid_train, tok_train
+    from tasks.mixtures import add_mid_mixture_flags, add_sft_mixture_flags
 
     return {"scripts.base_train": base_train.build_parser().parse_args,
             "scripts.chat_rl": chat_rl.build_parser().parse_args,
