@@ -15,15 +15,10 @@ The run report: every pipeline stage logs a markdown section; `generate` stitche
   into loss_curve.png and links it; ends with a summary table (metric x stage) built from the `- key: value`
   bullets of the sections. Keys it recognises (case, spaces, '-' and '_' ignored) are in SUMMARY_METRICS,
   e.g. "CORE metric", "val bpb" / "Final val bpb" / "Minimum val bpb", "ChatCORE metric", "ARC-Easy", "GSM8K".
-- MegaContext curves (mc_curves.png, section "MegaContext curves"), from base_train_curve.jsonl and any
-  `generate --compare PATH` runs (another run's NANOCHAT_BASE_DIR, report folder or curve file):
-  (1) loss vs tokens, baseline vs MC: each run's train_loss (the plain LM loss in both modes), plus an MC
-  run's variant loss and recency-baseline loss; (2) LOD mix: the fraction of WC entries per level of detail
-  when the rows carry it, else the loss per LOD; (3) ΔNLL@H over training (mean and p95) with the alert band.
-  Row fields read (W&B names; "/" and "_" are interchangeable, so mc/lod_loss/1 = mc_lod_loss_1):
-  mc_token_loss, mc_loss_lod0, mc/lod_frac/<L>, mc/lod_loss/<L>, mc/adv_delta_mean, mc/adv_delta_p95.
-  A panel whose fields are absent says so in the report; nothing is skipped silently, and neither are
-  the plots when matplotlib is missing (the report says "plots skipped" and why).
+- Sections from the floor above arrive the same way: MegaContext training logs "MegaContext curves"
+  (mc/report_curves.py draws mc_curves.png; `python -m scripts.mc_curves --compare PATH` overlays another
+  run). Figures a section links by a bare file name (`![...](name.png)`) are re-linked by absolute path
+  in the ./report.md copy. This module imports nothing from mc.
 """
 
 import argparse
@@ -54,8 +49,7 @@ SUMMARY_METRICS = [  # (row name, keys in priority order)
     ("HumanEval", ["HumanEval"]), ("SpellingBee", ["SpellingBee"]),
     ("passkey accuracy", ["passkey accuracy"]), ("gap recovery", ["gap recovery"]),
 ]
-HEADER, OUTPUT, PLOT, MC_PLOT = "header.md", "report.md", "loss_curve.png", "mc_curves.png"
-BASE_CURVE = "base_train_curve.jsonl"  # the curve the MC plots compare (pretraining is where MC differs)
+HEADER, OUTPUT, PLOT = "header.md", "report.md", "loss_curve.png"
 NO_MATPLOTLIB = ("plots skipped: matplotlib is not installed in this Python ({error}); it is a dependency of "
                  "this project: `pip install matplotlib` (or re-run ./mc_setup), then `python -m nanochat.report generate`")
 STARTED_KEY = "Run started"
@@ -189,136 +183,6 @@ def _pyplot():
     return plt
 
 
-# ---------------------------------------------------------------------------------------------------
-# MegaContext curves: baseline vs MC loss, LOD mix, ΔNLL (module docstring)
-
-def mc_fields(row: dict) -> dict:
-    """A curve row with MC keys normalised to underscores (mc/lod_loss/1 -> mc_lod_loss_1)."""
-    return {k.replace("/", "_"): v for k, v in row.items()}
-
-
-def _series(rows, key):
-    pts = [(r["tokens"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
-    return [p[0] for p in pts], [p[1] for p in pts]
-
-
-def _levels(rows, prefix):
-    """Sorted LOD numbers L for which some row has prefix + L (e.g. mc_lod_loss_ -> [0, 1, 2])."""
-    found = {int(k[len(prefix):]) for r in rows for k in r if k.startswith(prefix) and k[len(prefix):].isdigit()}
-    return sorted(found)
-
-
-def is_mc_curve(rows) -> bool:
-    return any(k.startswith("mc_") for r in rows for k in r)
-
-
-def resolve_compare(path: str) -> str:
-    """A --compare argument -> a curve file: the file itself, or <dir>/report/base_train_curve.jsonl, or
-    <dir>/base_train_curve.jsonl. FileNotFoundError naming what was tried."""
-    tried = [path] if os.path.isfile(path) else [os.path.join(path, "report", BASE_CURVE), os.path.join(path, BASE_CURVE)]
-    for p in tried:
-        if os.path.isfile(p):
-            return p
-    raise FileNotFoundError(f"--compare {path}: no curve file at {' or '.join(tried)}")
-
-
-def mc_runs(report_dir: str, compare=()) -> list[tuple[str, list[dict]]]:
-    """[(label, normalised rows)]: this run's base_train curve first, then each --compare run's."""
-    runs = []
-    own = os.path.join(report_dir, BASE_CURVE)
-    if os.path.isfile(own):
-        rows = [mc_fields(r) for r in read_curve(own)]
-        runs.append((f"this run ({'MC' if is_mc_curve(rows) else 'vanilla'})", rows))
-    for path in compare:
-        rows = [mc_fields(r) for r in read_curve(resolve_compare(path))]
-        where = "/".join(os.path.normpath(os.path.abspath(path)).split(os.sep)[-2:])  # enough to tell runs apart
-        runs.append((f"{'MC' if is_mc_curve(rows) else 'vanilla'} ({where})", rows))
-    return [(label, rows) for label, rows in runs if rows]
-
-
-def plot_mc_curves(runs, out_path: str) -> list[str]:
-    """Draw mc_curves.png (1 x 3 panels) from mc_runs(); returns one note per panel saying what it shows or
-    which row fields it lacked. Raises ImportError when matplotlib is missing."""
-    from mc.alerts import BandMonitor  # the ΔNLL band drawn is the one the alerts use
-
-    plt = _pyplot()
-    fig, (ax_loss, ax_lod, ax_delta) = plt.subplots(1, 3, figsize=(16, 4.2))
-    notes = []
-    for i, (label, rows) in enumerate(runs):
-        style = "-" if i == 0 else "--"
-        for key, what in (("train_loss", "LM loss"), ("mc_token_loss", "MC variant loss"),
-                          ("mc_loss_lod0", "recency baseline (last W raw)")):
-            xs, ys = _series(rows, key)
-            if xs:
-                ax_loss.plot(xs, ys, style, label=f"{label}: {what}")
-    ax_loss.set_title("loss vs tokens: baseline vs MC (nats/token)")
-    notes.append("loss vs tokens: " + "; ".join(label for label, _ in runs))
-    mc = [(label, rows) for label, rows in runs if is_mc_curve(rows)]
-    label, rows = mc[0] if mc else (None, [])
-    fracs, losses = _levels(rows, "mc_lod_frac_"), _levels(rows, "mc_lod_loss_")
-    if fracs:
-        logged = [r for r in rows if any(isinstance(r.get(f"mc_lod_frac_{L}"), (int, float)) for L in fracs)]
-        ax_lod.stackplot([r["tokens"] for r in logged], [[r.get(f"mc_lod_frac_{L}") or 0.0 for r in logged] for L in fracs],
-                         labels=[f"LOD{L}" for L in fracs])
-        ax_lod.set_title(f"LOD mix of the working context ({label})")
-        notes.append(f"LOD mix: fraction of WC entries per level (mc/lod_frac/L, L = {fracs})")
-    elif losses:
-        for L in losses:
-            ax_lod.plot(*_series(rows, f"mc_lod_loss_{L}"), label=f"LOD{L} loss")
-        ax_lod.set_title(f"loss per level of detail ({label})")
-        notes.append(f"LOD mix: loss per level of detail (mc/lod_loss/L, L = {losses}); the rows carry no "
-                     "mc/lod_frac/L, so the entry fractions are not drawn")
-    else:
-        ax_lod.text(0.5, 0.5, "no mc/lod_frac/L or mc/lod_loss/L\nin the curve rows", ha="center", va="center",
-                    transform=ax_lod.transAxes)
-        ax_lod.set_title("LOD mix")
-        notes.append("LOD mix: NOT DRAWN: " + ("no MC run among the curves" if not mc else
-                     f"{label}'s curve rows carry neither mc/lod_frac/L nor mc/lod_loss/L"))
-    drawn = False
-    for key, what in (("mc_adv_delta_mean", "mean"), ("mc_adv_delta_p95", "p95")):
-        xs, ys = _series(rows, key)
-        if xs:
-            ax_delta.plot(xs, ys, label=f"ΔNLL {what}")
-            drawn = True
-    if drawn:
-        ax_delta.axhline(0.10, color="tab:green", lw=0.8, ls=":", label="target ≤ 0.10")
-        ax_delta.axhline(BandMonitor.delta_investigate, color="tab:red", lw=0.8, ls=":",
-                         label=f"investigate > {BandMonitor.delta_investigate:g}")
-        ax_delta.axhline(0.0, color="gray", lw=0.5)
-        notes.append(f"ΔNLL@H: mc/adv_delta_mean and p95 of {label} (variants minus the recency baseline on the horizon)")
-    else:
-        ax_delta.text(0.5, 0.5, "no mc/adv_delta_mean|p95\nin the curve rows", ha="center", va="center",
-                      transform=ax_delta.transAxes)
-        notes.append("ΔNLL@H: NOT DRAWN: " + ("no MC run among the curves" if not mc else
-                     f"{label}'s curve rows carry no mc/adv_delta_mean / mc/adv_delta_p95"))
-    ax_delta.set_title("ΔNLL@H over training (lower = gists help)")
-    for ax in (ax_loss, ax_lod, ax_delta):
-        ax.set_xlabel("tokens")
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return notes
-
-
-def mc_section(report_dir: str, compare=()) -> str | None:
-    """The "MegaContext curves" markdown (draws mc_curves.png), or None for a vanilla run with nothing to compare."""
-    runs = mc_runs(report_dir, compare)
-    if not runs:
-        return None if not compare else "## MegaContext curves\n\nNot drawn: no base_train curve in this run or the --compare runs."
-    if not any(is_mc_curve(rows) for _, rows in runs) and not compare:
-        return ("## MegaContext curves\n\nNot drawn: this run's base_train curve has no MegaContext metrics (a vanilla "
-                "run). `python -m nanochat.report generate --compare PATH` overlays an MC run (PATH = its NANOCHAT_BASE_DIR).")
-    try:
-        notes = plot_mc_curves(runs, os.path.join(report_dir, MC_PLOT))
-    except ImportError as e:
-        print(f"warning: MegaContext {NO_MATPLOTLIB.format(error=e)}", file=sys.stderr)
-        return "## MegaContext curves\n\n" + NO_MATPLOTLIB.format(error=e)
-    return "## MegaContext curves\n\n" + f"![MegaContext curves]({MC_PLOT})\n\n" + "\n".join(f"- {n}" for n in notes)
-
-
 class Report:
     """Markdown sections in report_dir (see module docstring)."""
 
@@ -345,7 +209,7 @@ class Report:
 
     def reset(self) -> str:
         """Remove the previous run's sections, curves and outputs; write the header with system info."""
-        for pattern in ("*.md", "*_curve.jsonl", PLOT, MC_PLOT):
+        for pattern in ("*.md", "*_curve.jsonl", "*.png"):
             for path in glob.glob(os.path.join(self.report_dir, pattern)):
                 os.remove(path)
         info = system_info()
@@ -370,9 +234,8 @@ class Report:
                 out[os.path.basename(p)[:-3]] = f.read()
         return out
 
-    def generate(self, copy_to: str | None = OUTPUT, compare=()) -> str:
-        """Write report_dir/report.md (and a copy at copy_to, with the plots linked by absolute path).
-        compare: other runs (base dir, report dir or curve file) overlaid on the MegaContext curves."""
+    def generate(self, copy_to: str | None = OUTPUT) -> str:
+        """Write report_dir/report.md (and a copy at copy_to, with the plots linked by absolute path)."""
         header_path = os.path.join(self.report_dir, HEADER)
         header = "# nanochat training report\n\n(no header: run `python -m nanochat.report reset` at the start of a run)\n"
         if os.path.isfile(header_path):
@@ -387,9 +250,6 @@ class Report:
         except ImportError as e:
             print(f"warning: loss-curve {NO_MATPLOTLIB.format(error=e)}", file=sys.stderr)
             parts.append("## Loss curves\n\n" + NO_MATPLOTLIB.format(error=e))
-        mc = mc_section(self.report_dir, compare)
-        if mc:
-            parts.append(mc)
         summary = ["## Summary", "", summary_table(sections).rstrip("\n")]
         started = re.search(rf"^- {STARTED_KEY}: (.+)$", header, flags=re.M)
         if started:
@@ -405,9 +265,8 @@ class Report:
             f.write(text)
         if copy_to and os.path.abspath(copy_to) != os.path.abspath(out_path):
             with open(copy_to, "w", encoding="utf-8") as f:
-                for name in (PLOT, MC_PLOT):
-                    text = text.replace(f"]({name})", f"]({os.path.abspath(os.path.join(self.report_dir, name))})")
-                f.write(text)
+                f.write(re.sub(r"\]\(([^/()\s]+\.png)\)",
+                               lambda m: f"]({os.path.abspath(os.path.join(self.report_dir, m.group(1)))})", text))
         return out_path
 
 
@@ -440,8 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no_smoke", action="store_true", help="validate: skip the smoke prompt")
     parser.add_argument("--smoke_timeout", type=float, default=300.0, help="validate: seconds for the smoke prompt")
     parser.add_argument("--compare", action="append", default=[], metavar="PATH",
-                        help="generate: overlay another run's base_train curve on the MegaContext curves (its "
-                             "NANOCHAT_BASE_DIR, report folder or curve .jsonl; repeatable)")
+                        help="deprecated: `python -m scripts.mc_curves --compare PATH` draws the MegaContext curves "
+                             "with another run overlaid (this flag runs it first, for one more release)")
     return parser
 
 
@@ -457,7 +316,14 @@ if __name__ == "__main__":
         print(f"report reset: {report.reset()}")
     else:
         try:
-            path = report.generate(compare=args.compare)
+            if args.compare:  # the MC curves live upstairs now (mc/report_curves.py): run their CLI, then stitch
+                print("warning: generate --compare is deprecated; run `python -m scripts.mc_curves --compare PATH`, "
+                      "then `python -m nanochat.report generate`", file=sys.stderr)
+                forwarded = subprocess.run([sys.executable, "-m", "scripts.mc_curves",
+                                            *[f"--compare={c}" for c in args.compare]])
+                if forwarded.returncode:
+                    sys.exit(forwarded.returncode)
+            path = report.generate()
         except FileNotFoundError as e:
             sys.exit(f"error: {e}")
         with open(path, encoding="utf-8") as f:

@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from mc.config import add_mc_flags
+from mc.report_curves import log_curves_section
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
@@ -527,6 +528,8 @@ def main(argv=None):
         summary["MegaContext"] = mc_summary.splitlines()[0].removeprefix("megacontext: ")
     print0("summary: " + ", ".join(f"{k}={v}" for k, v in summary.items()))
     get_report().log(section="Base model training", data=[user_config, summary])
+    if mc_enabled:  # the MegaContext curves section (mc_curves.png) from this run's curve
+        log_curves_section(get_report())
     wandb_run.finish()
     if telemetry is not None:
         telemetry.shutdown()  # flushes the batched spans

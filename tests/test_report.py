@@ -8,7 +8,10 @@ import sys
 
 import pytest
 
+from mc.report_curves import log_curves_section
 from nanochat import report as rp
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture
@@ -54,8 +57,8 @@ def test_reset_log_generate(base, tmp_path):
     headings = re.findall(r"^## (.+)$", md, flags=re.M)
     assert headings == ["Environment", "Tokenizer training", "Base model training", "Base model loss",
                         "Base model evaluation", "Midtraining", "Chat evaluation sft", "My extra experiment",
-                        "Loss curves", "MegaContext curves", "Summary"]
-    assert "Not drawn: this run's base_train curve has no MegaContext metrics (a vanilla run)" in md
+                        "Loss curves", "Summary"]
+    assert "MegaContext curves" not in md  # a vanilla run: MC training logs that section, nobody else
     assert "- Parameters: 1,234,567" in md and "- Peak memory (MiB): -" in md and "- CORE metric: 0.1235" in md
     png = rdir / "loss_curve.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -143,7 +146,8 @@ def test_mc_curves_baseline_vs_mc(base, tmp_path):
     (vanilla / "report").mkdir(parents=True)
     _write_curve(vanilla / "report" / "base_train_curve.jsonl",
                  [{"step": s, "tokens": s * 4096, "train_loss": 6.1 - 0.2 * s} for s in range(1, 13)])
-    md = open(report.generate(compare=[str(vanilla)])).read()
+    log_curves_section(report, [str(vanilla)])
+    md = open(report.generate()).read()
     part = mc_part(md)
     png = base / "report" / "mc_curves.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -162,6 +166,7 @@ def test_mc_curves_name_missing_fields(base):
     _write_curve(base / "report" / "base_train_curve.jsonl",
                  [{"step": s, "tokens": s * 10, "train_loss": 3.0, "mc_token_loss": 3.2, "mc_loss_lod0": 3.4}
                   for s in range(1, 5)])
+    log_curves_section(report)
     part = mc_part(open(report.generate(copy_to=None)).read())
     assert "LOD mix: NOT DRAWN: this run (MC)'s curve rows carry neither mc/lod_frac/L nor mc/lod_loss/L" in part
     assert "ΔNLL@H: NOT DRAWN: this run (MC)'s curve rows carry no mc/adv_delta_mean" in part
@@ -170,6 +175,7 @@ def test_mc_curves_name_missing_fields(base):
 def test_mc_curves_lod_fractions_and_underscore_names(base):
     report = rp.get_report()
     _write_curve(base / "report" / "base_train_curve.jsonl", mc_rows(lod_frac=True, slash=False))
+    log_curves_section(report)
     part = mc_part(open(report.generate(copy_to=None)).read())
     assert "LOD mix: fraction of WC entries per level (mc/lod_frac/L, L = [0, 1, 2])" in part
     assert "ΔNLL@H: mc/adv_delta_mean" in part
@@ -178,16 +184,23 @@ def test_mc_curves_lod_fractions_and_underscore_names(base):
 def test_compare_errors_and_vanilla_only(base, tmp_path):
     report = rp.get_report()
     with pytest.raises(FileNotFoundError, match="no curve file at"):
-        report.generate(copy_to=None, compare=[str(tmp_path / "nowhere")])
+        log_curves_section(report, [str(tmp_path / "nowhere")])
     _write_curve(base / "report" / "base_train_curve.jsonl", [{"step": 1, "tokens": 10, "train_loss": 3.0}])
     other = tmp_path / "mc.jsonl"
     _write_curve(other, mc_rows(4))
-    part = mc_part(open(report.generate(copy_to=None, compare=[str(other)])).read())
+    log_curves_section(report, [str(other)])
+    part = mc_part(open(report.generate(copy_to=None)).read())
     assert "this run (vanilla); MC (" in part and "ΔNLL@H: mc/adv_delta_mean and p95 of MC (" in part
     env = dict(os.environ, NANOCHAT_BASE_DIR=str(base))
-    r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "--compare", str(tmp_path / "nope")],
-                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 1 and "no curve file at" in r.stderr, r.stderr
+    env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, "-m", "scripts.mc_curves", "--compare", str(tmp_path / "nope")],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no curve file at" in r.stderr, r.stderr  # die(): one line, no traceback
+    # the old spelling still works for one release: it runs scripts.mc_curves first, with a warning
+    r = subprocess.run([sys.executable, "-m", "nanochat.report", "generate", "--compare", str(other)],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "deprecated" in r.stderr, r.stderr
+    assert "this run (vanilla); MC (" in mc_part((base / "report" / "report.md").read_text())
 
 
 def test_plots_skipped_loudly_without_matplotlib(base, monkeypatch, capsys):
@@ -196,6 +209,7 @@ def test_plots_skipped_loudly_without_matplotlib(base, monkeypatch, capsys):
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
         monkeypatch.delitem(sys.modules, name)
     monkeypatch.setitem(sys.modules, "matplotlib", None)
+    log_curves_section(report)
     md = open(report.generate(copy_to=None)).read()
     assert md.count("plots skipped: matplotlib is not installed") == 2  # loss curves and MC curves
     assert "![" not in md
