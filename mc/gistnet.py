@@ -36,11 +36,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from mc.blocks import BidirectionalBlock
 from mc.positions import rope_inv_freq
-
-
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+from nanochat.gpt import norm
 
 
 def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
@@ -49,32 +47,6 @@ def masked_mean(x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         return x.mean(1)
     w = mask.to(x.dtype)[..., None]
     return (x * w).sum(1) / w.sum(1).clamp(min=1.0)
-
-
-def _rotate(x, cos, sin):
-    """Rotary on [N, S, H, D] with cos/sin [S, 1, D/2] (pairs (i, i + D/2), as in the GPT)."""
-    d = x.size(-1) // 2
-    x1, x2 = x[..., :d], x[..., d:]
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
-
-
-class GistBlock(nn.Module):
-    def __init__(self, n_embd: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.c_qkv = nn.Linear(n_embd, 3 * n_embd, bias=False)
-        self.c_proj = nn.Linear(n_embd, n_embd, bias=False)
-        self.c_fc = nn.Linear(n_embd, 4 * n_embd, bias=False)
-        self.c_mlp = nn.Linear(4 * n_embd, n_embd, bias=False)
-
-    def forward(self, x, cos, sin, attn_mask):
-        N, S, C = x.shape
-        H = self.n_head
-        q, k, v = self.c_qkv(norm(x)).view(N, S, 3, H, C // H).unbind(2)
-        q, k = norm(_rotate(q, cos, sin)), norm(_rotate(k, cos, sin))
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(N, S, C))
-        return x + self.c_mlp(F.relu(self.c_fc(norm(x))).square())
 
 
 class GistNet(nn.Module):
@@ -95,7 +67,7 @@ class GistNet(nn.Module):
             raise ValueError(f"--gistnet_layers={layers} must be >= 1 for a transformer GistNet")
         if n_embd % n_head or (n_embd // n_head) % 2:
             raise ValueError(f"GistNet needs n_embd={n_embd} divisible by n_head={n_head} into an even head_dim")
-        self.blocks = nn.ModuleList([GistBlock(n_embd, n_head) for _ in range(layers)])
+        self.blocks = nn.ModuleList([BidirectionalBlock(n_embd, n_head) for _ in range(layers)])
         hd = n_embd // n_head
         if pooling == "query":
             self.pool_k = nn.Linear(n_embd, n_embd, bias=False)
@@ -165,7 +137,7 @@ class GistNet(nn.Module):
         cos, sin = self._rope(x.size(1), x.device)
         cos, sin = cos.to(x.dtype), sin.to(x.dtype)
         for block in self.blocks:
-            x = block(x, cos, sin, attn_mask)
+            x = block(x, attn_mask, cos, sin)
         if self.pooling == "cls":
             h = x[:, 0]
         elif self.pooling == "query":

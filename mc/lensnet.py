@@ -52,28 +52,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-def norm(x):
-    return F.rms_norm(x, (x.size(-1),))
-
-
-class LensBlock(nn.Module):
-    def __init__(self, d: int, n_head: int):
-        super().__init__()
-        self.n_head = n_head
-        self.c_qkv = nn.Linear(d, 3 * d, bias=False)
-        self.c_proj = nn.Linear(d, d, bias=False)
-        self.c_fc = nn.Linear(d, 4 * d, bias=False)
-        self.c_mlp = nn.Linear(4 * d, d, bias=False)
-
-    def forward(self, x, attn_mask):
-        R, L, D = x.shape
-        H = self.n_head
-        q, k, v = self.c_qkv(norm(x)).view(R, L, 3, H, D // H).unbind(2)
-        q, k = norm(q), norm(k)
-        y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=attn_mask)
-        x = x + self.c_proj(y.transpose(1, 2).reshape(R, L, D))
-        return x + self.c_mlp(F.relu(self.c_fc(norm(x))).square())
+from mc.blocks import BidirectionalBlock
+from nanochat.gpt import norm
 
 
 class LensNet(nn.Module):
@@ -95,7 +75,7 @@ class LensNet(nn.Module):
         self.in_proj = nn.Linear(n_embd, d_model, bias=False)
         self.lod_emb = nn.Embedding(max_lod + 1, d_model)
         self.feat_proj = nn.Linear(self.NUM_FEATURES, d_model, bias=False)
-        self.blocks = nn.ModuleList([LensBlock(d_model, n_head) for _ in range(layers)])
+        self.blocks = nn.ModuleList([BidirectionalBlock(d_model, n_head) for _ in range(layers)])
         if head == "mlp":
             self.head_fc = nn.Linear(d_model, 4 * d_model, bias=False)
         self.head_out = nn.Linear(4 * d_model if head == "mlp" else d_model, 1, bias=False)
