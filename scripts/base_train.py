@@ -42,7 +42,9 @@ import time
 import torch
 from tqdm import tqdm
 
-from mc.config import add_mc_flags
+from mc.alerts import BandMonitor  # plain-Python band checks (no MC compute); the MFU band, on CUDA
+from mc.auto_batch import mc_batch_plan
+from mc.config import MCConfig, add_mc_flags, overridden_flags
 from mc.report_curves import log_curves_section
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
@@ -162,6 +164,119 @@ def build_parser():
     return p
 
 
+def batch_split(args, world_size: int) -> int:
+    """Grad accumulation steps of the vanilla split of --total_batch_size (one clear error when it does not divide)."""
+    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
+    if args.total_batch_size % tokens_per_fwdbwd != 0:
+        die(f"--total_batch_size={args.total_batch_size} is not a multiple of device_batch_size × max_seq_len × "
+            f"world_size = {args.device_batch_size}×{args.max_seq_len}×{world_size} = {tokens_per_fwdbwd}; pick sizes "
+            f"that divide (e.g. --total_batch_size="
+            f"{max(1, round(args.total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
+    return args.total_batch_size // tokens_per_fwdbwd
+
+
+def gpt_config(args, vocab_size: int) -> GPTConfig:
+    """The GPT's shape from --depth, --aspect_ratio, --head_dim, --kv_head_ratio and the recall options."""
+    n_embd = args.depth * args.aspect_ratio
+    if n_embd % args.head_dim != 0:
+        die(f"model width depth×aspect_ratio = {n_embd} is not a multiple of --head_dim={args.head_dim}")
+    n_head = n_embd // args.head_dim
+    if n_head % args.kv_head_ratio != 0:
+        die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
+    try:
+        return GPTConfig(sequence_len=args.max_seq_len, vocab_size=vocab_size, n_layer=args.depth, n_head=n_head,
+                         n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd, prev_token_mix=args.prev_token_mix,
+                         query_gain=args.query_gain, rope_fraction=args.rope_fraction)
+    except ValueError as e:
+        die(str(e))
+
+
+def training_horizon(args, flops_per_token: float, num_params: int) -> int:
+    """Optimizer steps: --num_iterations, else from --target_flops, else from --target_param_data_ratio."""
+    if args.num_iterations > 0:
+        steps = args.num_iterations
+    elif args.target_flops > 0:
+        steps = round(args.target_flops / (flops_per_token * args.total_batch_size))
+    elif args.target_param_data_ratio > 0:
+        steps = round(args.target_param_data_ratio * num_params / args.total_batch_size)
+    else:
+        die("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
+    return max(1, steps)
+
+
+def resume_or_init(args, checkpoint_dir, device, rank, world_size, model, mc_modules, mc_config, optimizers,
+                   user_config, num_iterations):
+    """(start_step, loader_state, resumed_meta) after restoring the newest checkpoint per --resume (weights of
+    the GPT and the MC modules, optimizers, RNG), or after --init_from's GPT weights (fresh everything else);
+    (0, None, None) for a fresh run; None when the final checkpoint already exists (the run is complete).
+    A checkpoint whose settings differ from this run's is refused with what differs."""
+    start_step, loader_state, resumed_meta = 0, None, None
+    step_to_load = resume_step(args.resume, checkpoint_dir)
+    if step_to_load is not None:
+        try:
+            resumed_meta = verify_checkpoint(checkpoint_dir, step_to_load)
+        except CheckpointError as e:
+            die(str(e))
+        from mc.modules import resume_mismatch, split_mc_state  # lazily, as in main (no MC networks for vanilla)
+        mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
+        problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size, vars(model.config))
+        if problem or mc_problem:
+            die(f"cannot resume {checkpoint_dir} step {step_to_load}: " + (problem or f"{mc_problem}. Re-run with "
+                f"the original MegaContext flags, or use a new --model_tag for a new run"))
+        if complete("base_train", checkpoint_dir, step_to_load, num_iterations):
+            return None
+        try:
+            model_state, optim_states, resumed_meta, rank_state = load_checkpoint(
+                checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
+        except (CheckpointError, FileNotFoundError) as e:
+            die(str(e))
+        if mc_modules is not None:
+            model_state, mc_state = split_mc_state(model_state)
+            mc_modules.load_state_dict(mc_state, strict=True)
+        model.load_state_dict(model_state, strict=True)
+        for opt, state in zip(optimizers, optim_states):
+            opt.load_state_dict(state)
+        start_step = resumed_meta["step"]
+        loader_state = rank_state["loader"]
+        restore_rng(rank_state, device)
+        print0(f"resumed from {checkpoint_dir} step {start_step}")
+        del model_state, optim_states
+    elif args.init_from:  # fresh optimizers, data and step 0; only the GPT weights come from the checkpoint
+        try:
+            init_dir = tag_dir(os.path.dirname(checkpoint_dir), args.init_from, "--init_from")
+            print0(load_gpt_weights(model, init_dir, device))
+        except (CheckpointError, FileNotFoundError, ValueError) as e:
+            die(f"--init_from={args.init_from}: {e}")
+    return start_step, loader_state, resumed_meta
+
+
+def mc_settings(args, world_size: int):
+    """(MCConfig, the auto-batch plan) of an MC run; None for a vanilla one, where any MC flag is an error
+    (it would do nothing)."""
+    stray = overridden_flags(args)
+    if not args.mc_enabled:
+        if stray:
+            die(f"{' '.join(stray)}: MegaContext flags do nothing in a vanilla run; add --mc_enabled=1 (or --mc), "
+                f"or drop them")
+        return None
+    try:
+        cfg = MCConfig.from_flags(args)
+        return cfg, mc_batch_plan(cfg, args.total_batch_size, args.device_batch_size, args.max_seq_len, world_size,
+                                  args.num_iterations)
+    except ValueError as e:
+        die(str(e))
+
+
+def startup_lines(args, config, num_params, flops_per_token, B, world_size, grad_accum_steps, num_iterations) -> str:
+    """The model, and how one optimizer step splits into micro-batches."""
+    total = num_iterations * args.total_batch_size
+    return (f"model: depth={config.n_layer} width={config.n_embd} heads={config.n_head}/{config.n_kv_head} "
+            f"vocab={config.vocab_size} params={num_params:,} flops/token={flops_per_token:.3e}\n"
+            f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {config.sequence_len} × "
+            f"{world_size} proc × {grad_accum_steps} grad accum; {num_iterations:,} steps = {total:,} tokens "
+            f"({total / num_params:.1f} tokens/param)")
+
+
 def main(argv=None):
     args = build_parser().parse_args(argv)
     if args.data_dir:
@@ -172,38 +287,20 @@ def main(argv=None):
     master = rank == 0
     base_dir = get_base_dir()
 
-    # ----------------------------------------------------------------------------------------------
     # Batch arithmetic: validate before building anything expensive.
     T, B = args.max_seq_len, args.device_batch_size
-    tokens_per_fwdbwd = B * T * world_size
-    if args.total_batch_size % tokens_per_fwdbwd != 0:
-        die(f"--total_batch_size={args.total_batch_size} is not a multiple of device_batch_size × max_seq_len × "
-            f"world_size = {B}×{T}×{world_size} = {tokens_per_fwdbwd}; pick sizes that divide "
-            f"(e.g. --total_batch_size={max(1, round(args.total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
-    grad_accum_steps = args.total_batch_size // tokens_per_fwdbwd
-    val_tokens_per_fwdbwd = tokens_per_fwdbwd  # eval keeps the vanilla micro-batch (same val rows, plain forward)
+    grad_accum_steps = batch_split(args, world_size)
+    val_tokens_per_fwdbwd = B * T * world_size  # eval keeps the vanilla micro-batch (same val rows, plain forward)
 
-    # ----------------------------------------------------------------------------------------------
     # MegaContext config and micro-batch plan (before anything expensive: bad flags fail fast).
     mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
-    mc_config = mc_plan = mc_modules = None
-    from mc.config import overridden_flags  # plain data, no MC code
-    stray = overridden_flags(args)
-    if stray and not mc_enabled:
-        die(f"{' '.join(stray)}: MegaContext flags do nothing in a vanilla run; add --mc_enabled=1 (or --mc), or drop them")
-    if mc_enabled:  # MC code is imported only here (the vanilla path never loads the controller)
-        from mc.auto_batch import mc_batch_plan
-        from mc.config import MCConfig
+    mc_config, mc_plan, mc_modules = mc_settings(args, world_size), None, None
+    if mc_enabled:  # the MC networks are imported only here: a vanilla run never loads them (tests/test_mc_train.py)
         from mc.controller import MCController
-        from mc.modules import MCModules, mc_state_dict, split_mc_state
+        from mc.modules import MCModules, mc_state_dict
         from mc.train_step import MCTrainStep, describe, raise_recompile_limit
-        try:
-            mc_config = MCConfig.from_flags(args)
-            mc_plan = mc_batch_plan(mc_config, args.total_batch_size, B, T, world_size, args.num_iterations)
-        except ValueError as e:
-            die(str(e))
+        mc_config, mc_plan = mc_config
         B, grad_accum_steps = mc_plan.device_batch_size, mc_plan.grad_accum_steps
-        tokens_per_fwdbwd = B * T * world_size
 
     # ----------------------------------------------------------------------------------------------
     # Tokenizer, data, model.
@@ -217,19 +314,8 @@ def main(argv=None):
     except (FileNotFoundError, ValueError) as e:
         die(str(e))
 
-    n_embd = args.depth * args.aspect_ratio
-    if n_embd % args.head_dim != 0:
-        die(f"model width depth×aspect_ratio = {n_embd} is not a multiple of --head_dim={args.head_dim}")
-    n_head = n_embd // args.head_dim
-    if n_head % args.kv_head_ratio != 0:
-        die(f"{n_head} attention heads are not divisible by --kv_head_ratio={args.kv_head_ratio}")
-    try:
-        model_config = GPTConfig(sequence_len=T, vocab_size=tokenizer.get_vocab_size(), n_layer=args.depth,
-                                 n_head=n_head, n_kv_head=n_head // args.kv_head_ratio, n_embd=n_embd,
-                                 prev_token_mix=args.prev_token_mix, query_gain=args.query_gain,
-                                 rope_fraction=args.rope_fraction)
-    except ValueError as e:
-        die(str(e))
+    model_config = gpt_config(args, tokenizer.get_vocab_size())
+    n_embd = model_config.n_embd
     with torch.device(device):
         model = GPT(model_config)
     model.init_weights()
@@ -246,17 +332,7 @@ def main(argv=None):
     num_params = orig_model.num_params()
     flops_per_token = orig_model.estimate_flops()
 
-    # ----------------------------------------------------------------------------------------------
-    # Training horizon.
-    if args.num_iterations > 0:
-        num_iterations = args.num_iterations
-    elif args.target_flops > 0:
-        num_iterations = round(args.target_flops / (flops_per_token * args.total_batch_size))
-    elif args.target_param_data_ratio > 0:
-        num_iterations = round(args.target_param_data_ratio * num_params / args.total_batch_size)
-    else:
-        die("no training horizon: set --num_iterations, --target_flops or --target_param_data_ratio")
-    num_iterations = max(1, num_iterations)
+    num_iterations = training_horizon(args, flops_per_token, num_params)
     total_tokens = num_iterations * args.total_batch_size
 
     optimizers = orig_model.setup_optimizers(unembedding_lr=args.unembedding_lr, embedding_lr=args.embedding_lr,
@@ -272,44 +348,12 @@ def main(argv=None):
     model_tag = args.model_tag or (f"d{args.depth}_mc" if mc_enabled else f"d{args.depth}")
     checkpoint_dir = tag_dir(os.path.join(base_dir, "base_checkpoints"), model_tag)
     user_config = vars(args).copy()
-    start_step, loader_state, resumed_meta = 0, None, None
-    step_to_load = resume_step(args.resume, checkpoint_dir)
-    if step_to_load is not None:
-        try:
-            resumed_meta = verify_checkpoint(checkpoint_dir, step_to_load)
-        except CheckpointError as e:
-            die(str(e))
-        from mc.modules import resume_mismatch
-        mc_problem = resume_mismatch(resumed_meta.get("mc_config"), mc_config)
-        problem = resume_problem(resumed_meta, user_config, RESUME_MUST_MATCH, world_size, vars(model_config))
-        if problem or mc_problem:
-            die(f"cannot resume {checkpoint_dir} step {step_to_load}: " + (problem or f"{mc_problem}. Re-run with "
-                f"the original MegaContext flags, or use a new --model_tag for a new run"))
-        if complete("base_train", checkpoint_dir, step_to_load, num_iterations):
-            compute_cleanup()
-            return
-        try:
-            model_state, optim_states, resumed_meta, rank_state = load_checkpoint(
-                checkpoint_dir, step_to_load, device, load_optimizer=True, rank=rank)
-        except (CheckpointError, FileNotFoundError) as e:
-            die(str(e))
-        if mc_enabled:
-            model_state, mc_state = split_mc_state(model_state)
-            mc_modules.load_state_dict(mc_state, strict=True)
-        orig_model.load_state_dict(model_state, strict=True)
-        for opt, state in zip(optimizers, optim_states):
-            opt.load_state_dict(state)
-        start_step = resumed_meta["step"]
-        loader_state = rank_state["loader"]
-        restore_rng(rank_state, device)
-        print0(f"resumed from {checkpoint_dir} step {start_step}")
-        del model_state, optim_states
-    elif args.init_from:  # fresh optimizers, data and step 0; only the GPT weights come from the checkpoint
-        try:
-            init_dir = tag_dir(os.path.join(base_dir, "base_checkpoints"), args.init_from, "--init_from")
-            print0(load_gpt_weights(orig_model, init_dir, device))
-        except (CheckpointError, FileNotFoundError, ValueError) as e:
-            die(f"--init_from={args.init_from}: {e}")
+    resumed = resume_or_init(args, checkpoint_dir, device, rank, world_size, orig_model, mc_modules, mc_config,
+                             optimizers, user_config, num_iterations)
+    if resumed is None:  # the final checkpoint exists: "already complete"
+        compute_cleanup()
+        return
+    start_step, loader_state, resumed_meta = resumed
 
     train_loader = DistributedTokenLoader(tokenizer, B, T, "train", source, rank=rank, world_size=world_size,
                                           device=device, state=loader_state)
@@ -322,13 +366,9 @@ def main(argv=None):
     # Logging.
     wandb_run = init_wandb(args.run, "nanochat", user_config, master)
     peak_flops = get_peak_flops(device)
-    from mc.alerts import BandMonitor  # plain-Python band checks (no MC compute); MFU band only, on CUDA
     mfu_alerts = BandMonitor(device_type, only=("train/mfu",), warmup_steps=min(100, num_iterations // 10))
-    print0(f"model: depth={args.depth} width={n_embd} heads={n_head}/{n_head // args.kv_head_ratio} "
-           f"vocab={model_config.vocab_size} params={num_params:,} flops/token={flops_per_token:.3e}")
-    print0(f"batch: total_batch_size={args.total_batch_size:,} tokens = {B} rows × {T} × {world_size} proc × "
-           f"{grad_accum_steps} grad accum; {num_iterations:,} steps = {total_tokens:,} tokens "
-           f"({total_tokens / num_params:.1f} tokens/param)")
+    print0(startup_lines(args, model_config, num_params, flops_per_token, B, world_size, grad_accum_steps,
+                         num_iterations))
     print0(cadence_line)
     if mc_enabled:
         mc_summary = describe(mc_config, mc_plan, T, sum(p.numel() for p in mc_modules.parameters()))
