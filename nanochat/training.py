@@ -24,6 +24,17 @@ from nanochat.checkpoint_manager import latest_step
 from nanochat.common import die, print0
 
 
+def grad_accum_steps_of(total_batch_size: int, device_batch_size: int, seq_len: int, world_size: int) -> int:
+    """Micro-batches per optimizer step: total_batch_size / (device_batch_size x seq_len x world_size), or
+    ValueError naming the flags and the nearest size that divides."""
+    per = device_batch_size * seq_len * world_size
+    if total_batch_size % per != 0:
+        raise ValueError(f"--total_batch_size={total_batch_size} is not a multiple of device_batch_size × max_seq_len "
+                         f"× world_size = {device_batch_size}×{seq_len}×{world_size} = {per}; pick sizes that divide "
+                         f"(e.g. --total_batch_size={max(1, round(total_batch_size / per)) * per})")
+    return total_batch_size // per
+
+
 def crossed(tokens_before: int, tokens_after: int, every: int) -> bool:
     """True when a token cadence boundary lies in (tokens_before, tokens_after]; every <= 0 = never."""
     return every > 0 and tokens_after // every > tokens_before // every

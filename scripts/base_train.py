@@ -83,6 +83,7 @@ from nanochat.training import (
     all_reduce_mean,
     complete,
     crossed,
+    grad_accum_steps_of,
     loss_parts,
     lr_multiplier,
     muon_momentum,
@@ -162,17 +163,6 @@ def build_parser():
     a("--mc", action="store_true", help="shorthand for --mc_enabled=1")
     add_mc_flags(p)
     return p
-
-
-def batch_split(args, world_size: int) -> int:
-    """Grad accumulation steps of the vanilla split of --total_batch_size (one clear error when it does not divide)."""
-    tokens_per_fwdbwd = args.device_batch_size * args.max_seq_len * world_size
-    if args.total_batch_size % tokens_per_fwdbwd != 0:
-        die(f"--total_batch_size={args.total_batch_size} is not a multiple of device_batch_size × max_seq_len × "
-            f"world_size = {args.device_batch_size}×{args.max_seq_len}×{world_size} = {tokens_per_fwdbwd}; pick sizes "
-            f"that divide (e.g. --total_batch_size="
-            f"{max(1, round(args.total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
-    return args.total_batch_size // tokens_per_fwdbwd
 
 
 def gpt_config(args, vocab_size: int) -> GPTConfig:
@@ -289,7 +279,10 @@ def main(argv=None):
 
     # Batch arithmetic: validate before building anything expensive.
     T, B = args.max_seq_len, args.device_batch_size
-    grad_accum_steps = batch_split(args, world_size)
+    try:
+        grad_accum_steps = grad_accum_steps_of(args.total_batch_size, B, T, world_size)
+    except ValueError as e:
+        die(str(e))
     val_tokens_per_fwdbwd = B * T * world_size  # eval keeps the vanilla micro-batch (same val rows, plain forward)
 
     # MegaContext config and micro-batch plan (before anything expensive: bad flags fail fast).

@@ -102,6 +102,7 @@ from nanochat.training import (
     all_reduce_sum,
     complete,
     crossed,
+    grad_accum_steps_of,
     loss_parts,
     lr_multiplier,
     restore_rng,
@@ -181,18 +182,23 @@ def build_parser(stage: str, add_mixture_flags=None):
     return p
 
 
-def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
-    """Train one chat stage. make_task(args, split) -> a Task (the mixture) for split 'train' | 'val'."""
-    d = STAGES[stage]
-    args = build_parser(stage, add_mixture_flags).parse_args(argv)
-    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
-    device_type = device.type
-    master = rank == 0
-    base_dir = get_base_dir()
-    user_config = vars(args).copy()
+@dataclasses.dataclass
+class Start:
+    """Where a chat stage begins: the model (and tokenizer), its output folder, the source tag, and for a
+    resumed run the step, the loader position, the checkpoint meta and the optimizer states."""
+    model: object
+    tokenizer: object
+    checkpoint_dir: str
+    src_tag: str
+    step: int = 0
+    loader_state: dict | None = None
+    resumed_meta: dict | None = None
+    optim_states: list | None = None
 
-    # ----------------------------------------------------------------------------------------------
-    # The starting model: this stage's own checkpoint (resume) or the source stage's.
+
+def starting_point(args, d, base_dir, device, rank, world_size, user_config) -> Start:
+    """This stage's newest checkpoint per --resume (refused when its settings differ), else the source
+    stage's checkpoint (--source, --source_tag, --source_step). One clear error when neither exists."""
     out_root = os.path.join(base_dir, SOURCE_DIRS[d["out"]])
     src_root = os.path.join(base_dir, SOURCE_DIRS[args.source])
     src_tag = args.source_tag
@@ -241,6 +247,24 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             die(str(e))
         print0(f"starting from {src_dir} step {src_step}")
+    return Start(model, tokenizer, checkpoint_dir, src_tag, start_step, loader_state, resumed_meta, optim_states)
+
+
+def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
+    """Train one chat stage. make_task(args, split) -> a Task (the mixture) for split 'train' | 'val'."""
+    d = STAGES[stage]
+    args = build_parser(stage, add_mixture_flags).parse_args(argv)
+    ddp, rank, local_rank, world_size, device = compute_init(args.device_type, seed=args.seed)
+    device_type = device.type
+    master = rank == 0
+    base_dir = get_base_dir()
+    user_config = vars(args).copy()
+
+    # The starting model: this stage's own checkpoint (resume) or the source stage's.
+    start = starting_point(args, d, base_dir, device, rank, world_size, user_config)
+    model, tokenizer, checkpoint_dir, src_tag = start.model, start.tokenizer, start.checkpoint_dir, start.src_tag
+    start_step, loader_state, resumed_meta, optim_states = (start.step, start.loader_state, start.resumed_meta,
+                                                            start.optim_states)
     orig_model = model
     mc_modules, mc_config = mc_parts(model)
     if mc_modules is not None:
@@ -259,12 +283,10 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         die(f"--max_seq_len={T} is longer than the checkpoint's context ({ckpt_T}); use at most {ckpt_T}")
     B = args.device_batch_size
     total_batch_size = args.total_batch_size if args.total_batch_size > 0 else d["rows"] * T
-    tokens_per_fwdbwd = B * T * world_size
-    if total_batch_size % tokens_per_fwdbwd != 0:
-        die(f"--total_batch_size={total_batch_size} is not a multiple of device_batch_size × max_seq_len × "
-            f"world_size = {B}×{T}×{world_size} = {tokens_per_fwdbwd}; pick sizes that divide "
-            f"(e.g. --total_batch_size={max(1, round(total_batch_size / tokens_per_fwdbwd)) * tokens_per_fwdbwd})")
-    grad_accum_steps = total_batch_size // tokens_per_fwdbwd
+    try:
+        grad_accum_steps = grad_accum_steps_of(total_batch_size, B, T, world_size)
+    except ValueError as e:
+        die(str(e))
     cadence_line = to_token_intervals(args, total_batch_size)  # steps → tokens, now that a step's size is known
     user_config.update(eval_every=args.eval_every, save_every=args.save_every)
 
@@ -355,7 +377,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         return save(step, state_before_step, os.path.join(checkpoint_dir, "debug"), {"step": step - 1, "nonfinite": message})
 
     def evaluate_val():
-        steps = max(1, args.eval_tokens // tokens_per_fwdbwd)
+        steps = max(1, args.eval_tokens // (B * T * world_size))
         loader = ChatLoader(val_task, tokenizer, B, T, rank, world_size, device, pack)
         model.eval()
         with autocast_ctx(device_type):
