@@ -67,6 +67,7 @@ class MCConfig:
     # --- inference
     infer_refocus_interval: int = 64  # tokens between LensNet + allocator refocuses while decoding
     infer_focus: str = "lensnet"  # lensnet | keymatch (the GPT's layer-0 keys pick the blocks, mc/keymatch.py)
+    infer_max_lod: int = 5  # inference: a history that outgrows max_lod grows the tree up to this level (0: never)
     # --- runtime
     aux_dtype: str = "auto"  # auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, else fp32)
     auto_batch: bool = True  # shrink the micro-batch for the (1 + N) variants, keep tokens/step
@@ -137,7 +138,8 @@ _CHOICES = {
 # (lowest allowed, highest allowed, lowest inclusive?) for numeric knobs; None = unbounded
 _RANGES = {
     "block_size": (2, None, True),
-    "max_lod": (1, 3, True),
+    "max_lod": (1, 8, True),
+    "infer_max_lod": (0, 8, True),
     "gistnet_layers": (1, None, True),
     "wc_anneal_start_frac": (0.0, 1.0, False),
     "wc_anneal_steps": (0, None, True),
@@ -160,7 +162,7 @@ _RANGES = {
     "infer_refocus_interval": (1, None, True),
 }
 _BOOLS = ("cache_lod0", "auto_batch", "lensnet_match")
-_INTS = ("block_size", "max_lod", "gistnet_layers", "wc_anneal_steps", "num_random_variants", "recent_tokens",
+_INTS = ("block_size", "max_lod", "infer_max_lod", "gistnet_layers", "wc_anneal_steps", "num_random_variants", "recent_tokens",
          "lensnet_layers", "allocator_sample_top_k", "allocator_soft_max_length", "allocator_max_replacements",
          "allocator_iterations", "infer_refocus_interval")
 
@@ -250,6 +252,8 @@ FLAGS = [
     ("allocator_iterations", "--allocator_iterations", int, "allocator iterations per refocus"),
     ("infer_refocus_interval", "--mc_infer_refocus_interval", int, "inference: tokens between refocuses"),
     ("infer_focus", "--mc_infer_focus", str, "inference: lensnet | keymatch (the GPT's layer-0 keys pick blocks)"),
+    ("infer_max_lod", "--mc_infer_max_lod", int, "inference: grow the tree up to this level for long histories "
+     "(each level holds block_size x more tokens; 0 = never grow)"),
     ("aux_dtype", "--mc_aux_dtype", str, "auto | fp32 | bf16 for GistNet/LensNet"),
     ("auto_batch", "--mc_auto_batch", str2bool, "scale the micro-batch for the variants (tokens/step unchanged)"),
 ]

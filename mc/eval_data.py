@@ -139,6 +139,9 @@ def _needle(rng: random.Random, kind: str, haystack: str):
     """(needle text ending with the value's prefix, value, query) with a cue absent from the haystack."""
     if kind == "passkey":
         objs = [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS if f"{a} {n}" not in haystack]
+        while not objs:  # a haystack of ~1M tokens names every vault: number one (the cue stays unique)
+            obj = f"{rng.choice(VAULT_ADJS)} {rng.choice(VAULT_NOUNS)} {rng.randint(10, 99)}"
+            objs = [obj] if obj not in haystack else []
         obj = rng.choice(objs)
         value = str(rng.randint(10_000, 999_999))
         return f" The passkey for the {obj} is ", value, f" What is the passkey for the {obj}? "

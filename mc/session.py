@@ -60,7 +60,10 @@ held. W - refocus_interval must exceed recent_tokens (the raw tail). A decode st
 any history length. The per-refocus work over the plan (allocator, entry list) is O(T) vectorised tensor
 ops on 1-byte-per-token maps, amortised over refocus_interval tokens. Largest history: its most
 compressed covering must fit the refocus budget (about (W - refocus_interval - recent_tokens -
-max_lod * (bs - 1)) * bs**max_lod tokens); beyond that HistoryTooLongError.
+max_lod * (bs - 1)) * bs**max_lod tokens). A longer history grows the tree a level (LOD3, LOD4, ...: the
+same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to --mc_infer_max_lod
+(default 5: ~33M tokens at bs 32); beyond that HistoryTooLongError. GistNet was trained on the levels of
+max_lod only: what a grown level costs is measured in the lab notebook ("LOD growth").
 
 Metrics (stats(), and telemetry events through mc.telemetry.emit_event, one set per refocus):
 - swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
@@ -85,6 +88,7 @@ from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, bloc
 from mc.positions import rope_cos_sin
 from mc.telemetry import NoOpTelemetryProvider, emit_event
 from mc.tree import MegaContextTree
+from mc.variants import min_variant_entries
 from mc.working_context import WorkingContext, entry_starts
 from nanochat.engine import ContextTooLongError
 from nanochat.gpt import sample_next_token
@@ -106,11 +110,12 @@ class HistoryTooLongError(ContextTooLongError):
 class MCSession:
     def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
                  refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
-                 seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None):
-        """mc_modules / mc_config default to model.mc_modules / model.mc_config (checkpoint_manager.build_model);
+                 seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None, max_lod: int | None = None):
+        """mc_modules / mc_config default to model.mc_modules / model.mc_config (mc.checkpoint.build_model);
         W, refocus_interval default as in the module docstring; telemetry: a mc.telemetry provider (NoOp);
         seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest;
-        focus: "lensnet" | "keymatch" (default: the config's --mc_infer_focus)."""
+        focus: "lensnet" | "keymatch" (default: the config's --mc_infer_focus); max_lod: the highest level the
+        tree may grow to (default: the config's --mc_infer_max_lod)."""
         mc_modules = mc_modules if mc_modules is not None else getattr(model, "mc_modules", None)
         cfg = mc_config if mc_config is not None else getattr(model, "mc_config", None)
         seq_len = model.config.sequence_len
@@ -118,8 +123,13 @@ class MCSession:
             raise MCSessionError(f"this model has no MegaContext modules (model.mc_modules is None: a vanilla "
                                  f"checkpoint, no GistNet/LensNet weights or meta['mc_config']); {VANILLA_FIX} of "
                                  f"{seq_len} tokens")
-        if focus is not None:
-            cfg = dataclasses.replace(cfg, infer_focus=focus)  # validated there (one clear error)
+        try:
+            if focus is not None:
+                cfg = dataclasses.replace(cfg, infer_focus=focus)  # validated there (one clear error)
+            if max_lod is not None:
+                cfg = dataclasses.replace(cfg, infer_max_lod=max_lod)
+        except ValueError as e:
+            raise MCSessionError(str(e)) from None
         # a question must be able to open what it asks about before the answer: enough allocator iterations
         # for a coarsest gist to reach raw in one refocus (children inherit a gist's score, mc/allocator.py)
         cfg = dataclasses.replace(cfg, allocator_iterations=max(cfg.allocator_iterations, cfg.max_lod))
@@ -355,13 +365,26 @@ class MCSession:
             f"the history of {self.num_tokens} tokens no longer fits the MegaContext working context even fully "
             f"compressed (W={self.W} entries, refocused to W - refocus_interval = {self.fit_budget}, "
             f"--mc_block_size={bs}, --mc_max_lod={L}, --allocator_recent_tokens={R}; this W holds about {cap} "
-            f"tokens). Start a new chat, or use a checkpoint with a larger --mc_max_lod or W ({e})")
+            f"tokens; --mc_infer_max_lod={self.cfg.infer_max_lod} stops the tree from growing further). Start a new "
+            f"chat, raise --mc_infer_max_lod, or use a larger W ({e})")
 
     def _allocate(self, fn, *args, **kwargs):
         try:
             return fn(*args, **kwargs)
         except PlanDoesNotFitError as e:
             raise self._capacity_error(e) from None
+
+    def _grow_to_fit(self):
+        """Grow the tree a level at a time (mc/tree.py grow: the same GistNet one level up) while even the
+        most compressed covering of the history would not fit the refocus budget, up to --mc_infer_max_lod;
+        past that the refocus raises HistoryTooLongError. The plans may then use the new level."""
+        budget = self.fit_budget if self.num_tokens > self.W else self.W
+        while (self.max_lod < self.cfg.infer_max_lod and
+               min_variant_entries(self.num_tokens, self.bs, self.max_lod, self.cfg.recent_tokens) > budget):
+            self.tree.grow()
+            self.max_lod += 1
+            self.cfg = dataclasses.replace(self.cfg, max_lod=self.max_lod,
+                                           allocator_iterations=max(self.cfg.allocator_iterations, self.max_lod))
 
     def _hard_fit(self):
         """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats.
@@ -387,6 +410,7 @@ class MCSession:
         old_plan = self.plan.clone()
         old_starts, old_lods = (x.clone() for x in self.entries())
         cached = self.kv.get_pos()
+        self._grow_to_fit()
         fitted = self.num_entries > self.W
         forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
         # a history that fits W keeps every token (the plain model); a longer one is fitted with headroom

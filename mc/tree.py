@@ -114,6 +114,23 @@ class MegaContextTree:
             new[level] = n
         return new
 
+    def grow(self) -> int:
+        """Add a level above max_lod: the same GistNet over groups of bs gists of the level below (one gist
+        per bs**(max_lod + 1) tokens). Returns the gists made now; later appends extend the level as any
+        other. The inference session grows its tree when a history outgrows the checkpoint's max_lod."""
+        self.max_lod += 1
+        self._buf.append(None)
+        self._len.append(0)
+        if self.batch_size is None:
+            return 0
+        level, bs = self.max_lod, self.block_size
+        n = self._len[level - 1] // bs
+        if n:
+            B, C = self.batch_size, self._buf[level - 1].size(2)
+            group = self._buf[level - 1][:, : n * bs].reshape(B * n, bs, C)
+            self._push(level, self.gistnet(group).view(B, n, C))
+        return n
+
     def _push(self, level: int, rows: torch.Tensor):
         """Append rows [B, k, C] to a level: concatenate under autograd, else write into spare capacity."""
         buf, n, k = self._buf[level], self._len[level], rows.size(1)

@@ -56,10 +56,13 @@ def parse_args(argv=None):
     p.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
                    help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys; "
                         "default: the checkpoint's)")
+    p.add_argument("--mc_infer_max_lod", type=ck.nonneg_int, default=None,
+                   help="--mc: the highest level of detail the tree may grow to for long chats (each level holds "
+                        "block_size x more tokens; 0 = never grow; default: the checkpoint's, 5)")
     p.add_argument("--mc_stats", action="store_true", help="--mc: print the session's numbers after each reply")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
     args = p.parse_args(argv)
-    for name in ("mc_infer_wc_length", "mc_infer_refocus_interval", "mc_infer_focus", "mc_stats"):
+    for name in ("mc_infer_wc_length", "mc_infer_refocus_interval", "mc_infer_focus", "mc_infer_max_lod", "mc_stats"):
         if getattr(args, name) not in (None, False) and not args.mc:
             p.error(f"--{name} only applies to MegaContext chats: add --mc")
     return args
@@ -83,7 +86,8 @@ def make_generator(model, tokenizer, use_mc: bool, args=None, telemetry=None):
     try:
         return MCEngine(model, tokenizer, reuse_session=True, W=getattr(args, "mc_infer_wc_length", None),
                         refocus_interval=getattr(args, "mc_infer_refocus_interval", None),
-                        focus=getattr(args, "mc_infer_focus", None), telemetry=telemetry)
+                        focus=getattr(args, "mc_infer_focus", None), max_lod=getattr(args, "mc_infer_max_lod", None),
+                        telemetry=telemetry)
     except MCSessionError as e:
         die(str(e))
 

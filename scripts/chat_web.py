@@ -448,6 +448,8 @@ def main(argv=None):
                         help="--mc: tokens between refocuses")
     parser.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
                         help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys)")
+    parser.add_argument("--mc_infer_max_lod", type=ck.nonneg_int, default=None,
+                        help="--mc: the highest level of detail the tree may grow to (0 = never grow)")
     parser.add_argument("--max_queue", type=ck.nonneg_int, default=MAX_QUEUE,
                         help="requests that may wait for a busy worker; more get 503 + Retry-After")
     parser.add_argument("--request_timeout", type=ck.nonneg_float, default=REQUEST_TIMEOUT,
@@ -459,9 +461,10 @@ def main(argv=None):
                         help="comma-separated extra Host names/addresses to answer besides localhost and --host "
                              "(e.g. the machine's LAN name under --host 0.0.0.0); '*' = any")
     args = parser.parse_args(argv)
-    mc_only = (args.mc_infer_wc_length, args.mc_infer_refocus_interval, args.mc_infer_focus)
+    mc_only = (args.mc_infer_wc_length, args.mc_infer_refocus_interval, args.mc_infer_focus, args.mc_infer_max_lod)
     if not args.mc and any(v is not None for v in mc_only):
-        die("--mc_infer_wc_length / --mc_infer_refocus_interval / --mc_infer_focus only apply with --mc")
+        die("--mc_infer_wc_length / --mc_infer_refocus_interval / --mc_infer_focus / --mc_infer_max_lod only apply "
+            "with --mc")
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
@@ -478,7 +481,8 @@ def main(argv=None):
         workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
                                          mc=args.mc, mc_kwargs={"W": args.mc_infer_wc_length,
                                                                 "refocus_interval": args.mc_infer_refocus_interval,
-                                                                "focus": args.mc_infer_focus})
+                                                                "focus": args.mc_infer_focus,
+                                                                "max_lod": args.mc_infer_max_lod})
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}

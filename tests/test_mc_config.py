@@ -17,7 +17,8 @@ def test_defaults_are_valid():
 @pytest.mark.parametrize("kwargs, flag", [
     (dict(block_size=1), "--mc_block_size"),
     (dict(max_lod=0), "--mc_max_lod"),
-    (dict(max_lod=4), "--mc_max_lod"),
+    (dict(max_lod=9), "--mc_max_lod"),
+    (dict(infer_max_lod=9), "--mc_infer_max_lod"),
     (dict(tree="disk"), "--mc_tree"),
     (dict(gistnet_type="lstm"), "--gistnet_type"),
     (dict(gistnet_layers=0), "--gistnet_layers"),

@@ -243,8 +243,32 @@ def test_clear_errors():
     with pytest.raises(ValueError, match="vocab_size"):
         s.ingest([256])
     # a history whose most compressed covering no longer fits W: a ContextTooLongError naming the limits
-    small = dataclasses.replace(cfg, max_lod=1)
+    small = dataclasses.replace(cfg, max_lod=1, infer_max_lod=0)  # growth off
     s = MCSession(model, modules, small, W=20, refocus_interval=4)
-    with pytest.raises(HistoryTooLongError, match=r"W=20 .*--mc_max_lod=1") as e:
+    with pytest.raises(HistoryTooLongError, match=r"W=20 .*--mc_max_lod=1.*--mc_infer_max_lod=0") as e:
         s.ingest(list(range(200)))
     assert isinstance(e.value, ContextTooLongError)
+
+
+def test_a_history_past_max_lod_grows_the_tree():
+    """Block 8, max_lod 1, W 40 holds ~250 tokens; 3,000 tokens grow the tree to LOD3 (the same GistNet one
+    level up, twice), entries stay <= W, the session's logits equal a from-scratch forward of its WC, and
+    growth stops at --mc_infer_max_lod with the usual error."""
+    model, modules, cfg = tiny_mc_model(max_lod=1, infer_max_lod=3)
+    s = MCSession(model, modules, cfg, W=40, refocus_interval=4)
+    ids = torch.randint(0, 256, (3000,), generator=torch.Generator().manual_seed(0)).tolist()
+    s.ingest(ids[:1500])
+    s.ingest(ids[1500:])
+    assert s.max_lod == s.cfg.max_lod == s.tree.max_lod == 3 and s.num_entries <= s.W
+    lods = s.stats()["lod_histogram"]
+    assert len(lods) == s.max_lod + 1 and lods[s.max_lod] > 0  # the new top level is in use
+    bs = cfg.block_size
+    top = s.tree.level(s.max_lod)
+    assert top.size(1) == 3000 // bs ** s.max_lod  # every complete top-level unit has its gist
+    torch.testing.assert_close(s.next_logits(), scratch_logits(s), atol=2e-5, rtol=1e-4)
+    for _ in range(3):
+        s.append_token(int(s.next_logits().argmax()))
+        assert s.num_entries <= s.W
+    capped = MCSession(model, modules, dataclasses.replace(cfg, infer_max_lod=2), W=40, refocus_interval=4)
+    with pytest.raises(HistoryTooLongError, match="--mc_infer_max_lod=2"):
+        capped.ingest(ids * 4)

@@ -122,3 +122,18 @@ def test_bad_input():
         tree.append(torch.randn(5, C))
     with pytest.raises(ValueError, match="mc_block_size"):
         MegaContextTree(None, 1, 2)
+
+
+def test_grow_adds_a_level_equal_to_a_taller_build():
+    """grow() on a max_lod-1 tree, then more appends, gives the same levels as a tree built with max_lod 2
+    from the start (the new level is the same GistNet over groups of block_size gists)."""
+    torch.manual_seed(0)
+    g = GistNet(16, block_size=4, gistnet_type="transformer", layers=1).eval()
+    x = torch.randn(2, 150, 16)
+    with torch.no_grad():
+        tall = MegaContextTree.build(x, g, block_size=4, max_lod=2)
+        grown = MegaContextTree.build(x[:, :70], g, block_size=4, max_lod=1)
+        assert grown.grow() == 70 // 16 and grown.max_lod == 2
+        grown.append(x[:, 70:])
+    for level in (1, 2):
+        torch.testing.assert_close(grown.level(level), tall.level(level))
