@@ -36,7 +36,9 @@ def sizes(dry_run: bool) -> dict:
     if dry_run:
         model = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=128",
                  "--device_batch_size=2", "--total_batch_size=512", "--compile=0"]
-        return {"tok": ["--vocab_size=512", "--max_chars=2000000"], "base": model + ["--num_iterations=3", "--eval_tokens=512"],
+        return {"tok": ["--vocab_size=512", "--max_chars=2000000"],
+                "base": model + ["--num_iterations=3", "--eval_tokens=512", "--eval_every=-1", "--sample_every=-1",
+                                 "--core_metric_every=-1", "--log_every=1"],
                 "mc": ["--mc_num_random_variants=2", "--mc_train_wc_length=0.5", "--allocator_recent_tokens=32",
                        "--mc_auto_batch=0"],
                 "chat": ["--device_type=cpu", "--device_batch_size=2", "--total_batch_size=512", "--num_iterations=2",
@@ -50,7 +52,7 @@ def sizes(dry_run: bool) -> dict:
     model = ["--depth=12", "--max_seq_len=2048", "--device_batch_size=16", "--total_batch_size=262144"]
     return {"tok": ["--vocab_size=2048", "--max_chars=200000000"],
             "base": model + ["--num_iterations=40", "--eval_every=-1", "--eval_tokens=1M", "--sample_every=-1",
-                             "--save_every=-1"],
+                             "--save_every=-1", "--core_metric_every=-1", "--log_every=1"],
             "mc": ["--mc_num_random_variants=4", "--mc_train_wc_length=0.2", "--allocator_recent_tokens=128",
                    "--mc_auto_batch=1"],
             "chat": ["--device_batch_size=16", "--num_iterations=10", "--eval_every=-1", "--eval_tokens=1M"],
@@ -63,13 +65,11 @@ def sizes(dry_run: bool) -> dict:
 
 def stages(s: dict, out_dir: str) -> list:
     """(name, argv) in running order; later stages read the checkpoints earlier ones wrote."""
-    base_fixed = ["--eval_every=-1", "--sample_every=-1", "--core_metric_every=-1", "--log_every=1"] \
-        if "--device_type=cpu" in s["base"] else ["--core_metric_every=-1", "--log_every=1"]
     py = [sys.executable, "-m"]
     return [
         ("tokenizer", py + ["scripts.tok_train", "--source=synthetic", *s["tok"]]),
-        ("base", py + ["scripts.base_train", *s["base"], *base_fixed, "--model_tag=gc"]),
-        ("base_mc", py + ["scripts.base_train", *s["base"], *base_fixed, "--model_tag=gc_mc", "--mc_enabled=1", *s["mc"]]),
+        ("base", py + ["scripts.base_train", *s["base"], "--model_tag=gc"]),
+        ("base_mc", py + ["scripts.base_train", *s["base"], "--model_tag=gc_mc", "--mc_enabled=1", *s["mc"]]),
         ("bench", py + ["scripts.mc_bench_train", *s["bench"], f"--out={os.path.join(out_dir, 'bench.json')}"]),
         ("mid", py + ["scripts.mid_train", "--source_tag=gc", *s["chat"]]),
         ("sft", py + ["scripts.chat_sft", "--source_tag=gc", *s["chat"]]),
@@ -111,8 +111,8 @@ def run(dry_run: bool, out: str) -> dict:
         try:
             p = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=s["timeout"])
             rc, output = p.returncode, p.stdout + p.stderr
-        except subprocess.TimeoutExpired as e:
-            rc, output = "timeout", (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes) else (e.stdout or "")
+        except subprocess.TimeoutExpired as e:  # its partial output may come back as bytes despite text=True
+            rc, output = "timeout", e.stdout.decode(errors="replace") if isinstance(e.stdout, bytes) else e.stdout or ""
         row = {"rc": rc, "wall_s": round(time.time() - t0, 1), **figures(name, output, base)}
         if rc != 0:
             row["tail"] = output[-3000:]

@@ -134,30 +134,29 @@ def plot_mc_curves(runs, out_path: str) -> list[str]:
     return notes
 
 
-def mc_section(report_dir: str, compare=()) -> str | None:
-    """The "MegaContext curves" markdown (draws mc_curves.png), or None for a vanilla run with nothing to compare."""
+def section_body(report_dir: str, compare=()) -> str | None:
+    """The section's markdown below its title (draws mc_curves.png), or None for a vanilla run with nothing
+    to compare."""
     runs = mc_runs(report_dir, compare)
     if not runs:
-        return None if not compare else "## MegaContext curves\n\nNot drawn: no base_train curve in this run or the --compare runs."
+        return None if not compare else "Not drawn: no base_train curve in this run or the --compare runs."
     if not any(is_mc_curve(rows) for _, rows in runs) and not compare:
-        return ("## MegaContext curves\n\nNot drawn: this run's base_train curve has no MegaContext metrics (a vanilla "
-                "run). `python -m nanochat.report generate --compare PATH` overlays an MC run (PATH = its NANOCHAT_BASE_DIR).")
+        return ("Not drawn: this run's base_train curve has no MegaContext metrics (a vanilla run). "
+                "`python -m scripts.mc_curves --compare PATH` overlays an MC run (PATH = its NANOCHAT_BASE_DIR).")
     try:
         notes = plot_mc_curves(runs, os.path.join(report_dir, MC_PLOT))
     except ImportError as e:
         print(f"warning: MegaContext {NO_MATPLOTLIB.format(error=e)}", file=sys.stderr)
-        return "## MegaContext curves\n\n" + NO_MATPLOTLIB.format(error=e)
-    return "## MegaContext curves\n\n" + f"![MegaContext curves]({MC_PLOT})\n\n" + "\n".join(f"- {n}" for n in notes)
+        return NO_MATPLOTLIB.format(error=e)
+    return f"![MegaContext curves]({MC_PLOT})\n\n" + "\n".join(f"- {n}" for n in notes)
 
 
 def log_curves_section(report, compare=()) -> str | None:
-    """Write the section (mc_section) into the report's folder as "MegaContext curves"; None when there
+    """Write the section (section_body) into the report's folder as "MegaContext curves"; None when there
     is nothing to draw (a vanilla run, nothing compared). report: a nanochat.report Report (DummyReport on
     other ranks: nothing is written)."""
     report_dir = getattr(report, "report_dir", None)
     if report_dir is None:
         return None
-    md = mc_section(report_dir, compare)
-    if md is None:
-        return None
-    return report.log(section=SECTION, data=md.split("\n", 2)[2])  # log() writes the "## " title itself
+    body = section_body(report_dir, compare)
+    return None if body is None else report.log(section=SECTION, data=body)

@@ -134,6 +134,15 @@ STATE = """JSON.stringify({state: document.body.dataset.state,
   errors: [...document.querySelectorAll('.error')].map(e => e.textContent)})"""
 
 
+def open_chat(browser, url, model_id, what="page load"):
+    """The chat page at url, loaded, once it shows model_id (fetched from /health)."""
+    page = Page(browser)
+    browser.get(url + "/")
+    page.wait_for(f"document.readyState === 'complete' && document.getElementById('model').textContent === "
+                  f"'{model_id}'", what=what)
+    return page
+
+
 def send_and_watch(page, text):
     """Type + click Send; sample the page until the reply is done. -> (final state, mid-stream samples)."""
     page.type_into("#input", text)
@@ -159,10 +168,7 @@ def test_chat_ui_in_headless_chromium(tmp_path, capsys):
     with serve(app) as url:
         browser = start_browser(chromium, driver, tmp_path / "chromedriver.log")
         try:
-            page = Page(browser)
-            browser.get(url + "/")
-            page.wait_for("document.readyState === 'complete' && "
-                          "document.getElementById('model').textContent === 'nanochat-tiny-test'", what="page load")
+            page = open_chat(browser, url, "nanochat-tiny-test")
             page.js("Object.entries({temperature: 0.9, top_k: 40, max_tokens: 40})"
                     ".forEach(([id, value]) => document.getElementById(id).value = value)")
 
@@ -220,10 +226,7 @@ def test_chat_ui_with_an_api_key(tmp_path):
     with serve(app) as url:
         browser = start_browser(chromium, driver, tmp_path / "chromedriver.log")
         try:
-            page = Page(browser)
-            browser.get(url + "/")
-            page.wait_for("document.readyState === 'complete' && document.getElementById('model').textContent "
-                          "=== 'keyed'", what="page load (/health needs no key)")
+            page = open_chat(browser, url, "keyed", what="page load (/health needs no key)")
             assert page.js("document.getElementById('api_key_label').hidden") is True
             page.type_into("#input", FIRST)
             page.click("#send")

@@ -2,6 +2,7 @@
 working-context entry (mc/keymatch.py), a learned gain in LensNet (mc/lensnet.py), and a refocus that
 opens the matching block of a far LOD2 gist, not an arbitrary child (mc/focus.py)."""
 
+import pytest
 import torch
 
 from mc.config import MCConfig
@@ -63,12 +64,8 @@ def test_fresh_match_lensnet_scores_zero_and_needs_the_match():
                 span_start=torch.arange(L).expand(R, L), span_len=torch.ones(R, L, dtype=torch.long),
                 valid=torch.ones(R, L, dtype=torch.bool))
     assert lens(**args, match=torch.zeros(R, L)).eq(0).all()  # nothing singled out: no opinion
-    try:
+    with pytest.raises(ValueError, match="--lensnet_match"):
         lens(**args)
-    except ValueError as e:
-        assert "--lensnet_match" in str(e)
-    else:
-        raise AssertionError("a match LensNet scored without its match input")
     with torch.no_grad():
         lens.match_gain.fill_(0.5)
     m = torch.rand(R, L)
@@ -96,12 +93,8 @@ def test_refocus_opens_the_matching_block_inside_a_far_lod2_gist():
     expect[:, 1024:2048] = 1
     expect[:, 41 * BS:42 * BS] = 0
     assert torch.equal(new, expect), (new[0, ::BS].tolist(), info["expands"])
-    try:
+    with pytest.raises(ValueError, match="match_z"):
         refocus(lens, plan, levels, cfg, entries + 62, recent_tokens=64)
-    except ValueError as e:
-        assert "match_z" in str(e)
-    else:
-        raise AssertionError("a match LensNet refocused without block scores")
 
 
 def test_tail_block_scores_use_queries_after_the_scored_blocks():
