@@ -4,7 +4,8 @@
 # RL: GSM8K with --source fineweb, the offline recall task otherwise; SKIP_RL=1 stops after SFT.
 #
 #   bash run10.sh --gpu cpu                 # offline, 2 CPU cores, ~10 minutes, synthetic corpus
-#   bash run10.sh --gpu 5090|h100           # one rented GPU (default h100)
+#   bash run10.sh --gpu 4090|5090|h100      # one rented GPU, 24 / 32 / 80 GB (default h100)
+#   bash run10.sh --gpu 4090 --dry_run      # will it fit? the memory estimate of the training step, then stop
 #   bash run10.sh --gpu h100 --source fineweb --shards 24   # real web text (downloads shards first)
 #   bash run10.sh --gpu cpu --data_dir ~/books               # your own .txt/.jsonl/.parquet files
 #   bash run10.sh ... -- --depth=8          # anything after -- goes to scripts.base_train
@@ -14,10 +15,11 @@
 #   bash run10.sh --gpu cpu --profile mc --recall     # the recall recipe: a tiny GPT with the recall options
 #                                           # on the dense recall corpus (--source recall) → mc_eval (no chat half)
 #
-# Options: --gpu cpu|5090|h100, --profile baseline|mc (or --mc), --quality, --recall, --source synthetic|fineweb,
+# Options: --gpu cpu|4090|5090|h100, --profile baseline|mc (or --mc), --quality, --recall, --source synthetic|fineweb,
 #          --data_dir PATH (your own text: tokenizer, base training and base loss read it; implies --source dir),
 #          --shards N (FineWeb shards to download), --run NAME (W&B; default $WANDB_RUN or dummy),
-#          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT/RL checkpoints).
+#          --fresh (start over: new report, new tokenizer, delete this tag's base/mid/SFT/RL checkpoints),
+#          --dry_run (print the memory estimate and the MC batch plan, scripts/memory_plan.py, and stop).
 # Re-running the same command continues where it stopped: every training stage resumes from its newest
 # complete checkpoint (--resume=auto; a finished one says "already complete" and exits at once), and the
 # tokenizer and the evals whose outputs exist for the newest checkpoint are skipped ("skip <stage>: why").
@@ -37,6 +39,8 @@ SHARDS=24
 QUALITY=0
 RECALL=0
 FRESH=0
+DRY_RUN=0
+GPU_MEMORY=
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -54,8 +58,9 @@ while [ $# -gt 0 ]; do
     --shards) SHARDS="$2"; shift ;;
     --run) export WANDB_RUN="$2"; shift ;;
     --fresh) FRESH=1 ;;
+    --dry_run) DRY_RUN=1 ;;
     --) shift; EXTRA=("$@"); break ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0"; exit 0 ;;
     *) echo "run10.sh: unknown option $1 (see bash run10.sh --help)" >&2; exit 2 ;;
   esac
   shift
@@ -104,7 +109,7 @@ GPU_VOCAB=$( [ "$SOURCE" = synthetic ] && echo 2048 || echo 65536 )
 # Cadences: a bare integer counts steps (as upstream), a unit makes it tokens (64M, 655360tok).
 case "$GPU" in
   cpu)
-    ./mc_setup --cpu
+    SETUP=--cpu
     # ~4k tok/s on 2 cores: 240 steps × 8,192 tokens ≈ 2M tokens ≈ 8 minutes of training.
     TOK_ARGS=(--vocab_size=2048 --max_chars=20000000)
     TRAIN_ARGS=(--device_type=cpu --depth=4 --aspect_ratio=64 --head_dim=64 --max_seq_len=512
@@ -130,15 +135,24 @@ case "$GPU" in
              --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0)
     MC_TAG=d4_mc
     ;;
-  5090)
-    ./mc_setup --gpu
+  4090|5090|h100)
+    # One card: d12 at T=2048. device_batch_size is the largest that the memory dry run (scripts/memory_plan.py,
+    # checked below before anything runs) fits with the 65,536-token vocabulary in eager mode (torch.compile
+    # saves less, so the estimate errs high): 24 GB → 4 rows, 32 GB → 8, 80 GB → 16. total_batch_size is the
+    # same on every card, so the three train the same model; a smaller card just accumulates more micro-batches.
+    case "$GPU" in
+      4090) GPU_MEMORY=23.9; DBS=4 ;;
+      5090) GPU_MEMORY=31.8; DBS=8 ;;
+      h100) GPU_MEMORY=79; DBS=16 ;;
+    esac
+    SETUP=--gpu
     TOK_ARGS=(--vocab_size="$GPU_VOCAB" --max_chars=2000000000)
-    TRAIN_ARGS=(--depth=12 --max_seq_len=2048 --device_batch_size=16 --total_batch_size=524288
+    TRAIN_ARGS=(--depth=12 --max_seq_len=2048 --device_batch_size="$DBS" --total_batch_size=524288
                 --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
     EVAL_ARGS=(--max_per_task=500)
-    LOSS_ARGS=(--device_batch_size=16)
-    MID_ARGS=(--device_batch_size=16)
-    SFT_ARGS=(--device_batch_size=16)
+    LOSS_ARGS=(--device_batch_size="$DBS")
+    MID_ARGS=(--device_batch_size="$DBS")
+    SFT_ARGS=(--device_batch_size="$DBS")
     CHAT_EVAL_ARGS=(--max-problems=500)
     RL_ARGS=()
     MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
@@ -147,23 +161,9 @@ case "$GPU" in
     MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
     MC_TAG=d12_mc
     ;;
-  h100)
-    ./mc_setup --gpu
-    TOK_ARGS=(--vocab_size="$GPU_VOCAB" --max_chars=2000000000)
-    TRAIN_ARGS=(--depth=12 --max_seq_len=2048 --device_batch_size=32 --total_batch_size=524288
-                --eval_every=64M --eval_tokens=4M --sample_every=256M --save_every=256M)
-    EVAL_ARGS=(--max_per_task=500)
-    LOSS_ARGS=(--device_batch_size=32)
-    MID_ARGS=(--device_batch_size=32)
-    SFT_ARGS=(--device_batch_size=32)
-    CHAT_EVAL_ARGS=(--max-problems=500)
-    RL_ARGS=()
-    MC_EVAL_ARGS=(--num_docs=64 --num_probes=64 --probe_multipliers=4,16)
-    MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.2 --allocator_recent_tokens=128 --mc_auto_batch=1)
-    MC_TAG=d12_mc
-    ;;
-  *) echo "run10.sh: unknown --gpu $GPU (cpu|5090|h100)" >&2; exit 2 ;;
+  *) echo "run10.sh: unknown --gpu $GPU (cpu|4090|5090|h100)" >&2; exit 2 ;;
 esac
+[ "$DRY_RUN" = 1 ] || ./mc_setup "$SETUP"
 if [ "$QUALITY" = 1 ]; then
   # The long-range question (DESIGN.md): does FULL attention learn to retrieve facts on the synthetic
   # corpus (mc_eval's validity bar), and how much of the FULL-RECENCY gap do gists recover at W = T/4?
@@ -218,6 +218,26 @@ fi
 for a in ${EXTRA[@]+"${EXTRA[@]}"}; do case "$a" in --model_tag=*) TAG="${a#*=}" ;; esac; done
 LOSS_ARGS+=(--model_tag="$TAG")  # the evals read the model this run trained
 EVAL_ARGS+=(--model_tag="$TAG")
+VOCAB=$(for a in "${TOK_ARGS[@]}"; do case "$a" in --vocab_size=*) echo "${a#*=}" ;; esac; done)
+
+# The memory dry run (scripts/memory_plan.py): on a GPU preset the training step (flags after -- included) is
+# estimated on the CPU before anything runs; one that would not fit stops here, naming a --device_batch_size
+# that would, instead of running out of memory minutes in. --dry_run prints the estimate and stops (no setup,
+# no training; on --gpu cpu against this machine's RAM). SKIP_MEMORY_CHECK=1 trains anyway: the estimate
+# is eager-mode and errs high under torch.compile.
+if [ -n "$GPU_MEMORY" ] || [ "$DRY_RUN" = 1 ]; then
+  [ -x "$PY" ] || { echo "run10.sh: the memory dry run needs the venv: run ./mc_setup --cpu (or --gpu) first" >&2; exit 2; }
+  MEMORY=${GPU_MEMORY:-$(awk '/MemTotal/ {printf "%.1f", $2 / 1048576}' /proc/meminfo 2>/dev/null)}
+  [ -n "$MEMORY" ] || { echo "run10.sh: cannot read this machine's RAM (/proc/meminfo) for the --gpu cpu dry run" >&2; exit 2; }
+  if ! $PY -m scripts.memory_plan --gpu_memory="$MEMORY" --vocab_size="$VOCAB" "${TRAIN_ARGS[@]}" ${EXTRA[@]+"${EXTRA[@]}"}; then
+    if [ "$DRY_RUN" = 1 ] || [ "${SKIP_MEMORY_CHECK:-0}" != 1 ]; then
+      echo "run10.sh: this run does not fit --gpu $GPU by the memory estimate above; pass -- --device_batch_size=N" \
+           "(total_batch_size stays, so the model trained is the same), or SKIP_MEMORY_CHECK=1 to try anyway" >&2
+      exit 1
+    fi
+  fi
+  [ "$DRY_RUN" = 1 ] && exit 0
+fi
 
 if [ "$SOURCE" = fineweb ]; then
   $PY -m nanochat.dataset -n "$SHARDS"
@@ -229,7 +249,6 @@ if [ -n "$DATA_DIR" ]; then DATA_ARGS=(--data_dir="$DATA_DIR"); TOK_RECORD="dir 
 # Each stage runs unless its output is already there (see dev/recipe_common.sh); trainers resume themselves.
 R=$NANOCHAT_BASE_DIR/report
 C=$NANOCHAT_BASE_DIR
-VOCAB=$(for a in "${TOK_ARGS[@]}"; do case "$a" in --vocab_size=*) echo "${a#*=}" ;; esac; done)
 [ "$FRESH" = 1 ] && start_fresh "$TAG"
 report_reset "$FRESH"
 { [ "$FRESH" = 0 ] && tokenizer_ready "$VOCAB" "$TOK_RECORD"; } ||

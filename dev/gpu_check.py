@@ -8,6 +8,8 @@ torch.compile) and collects the figures a lab-notebook entry needs, as one JSON.
 Stages (each a subprocess with its own time limit; a failure is recorded, not fatal, so one broken stage
 still leaves the figures of the others):
   tokenizer    tok_train on the built-in synthetic corpus (offline; vocab 2048)
+  memory       scripts.memory_plan's estimate of the base and base_mc steps (CPU, meta device), to set
+               beside their measured peaks: "memory_estimate_vs_peak" in the JSON (nanochat/memory.py)
   base         base_train, vanilla, d12 @ 2048, 40 steps x 256K tokens: tok/s, MFU, peak memory
   base_mc      the same with MegaContext (4 variants, W = 0.2 T): tok/s, MFU, peak memory
   bench        scripts.mc_bench_train at d12 @ 2048: vanilla vs MC tokens/s in one process, the controller's share
@@ -66,8 +68,13 @@ def sizes(dry_run: bool) -> dict:
 def stages(s: dict, out_dir: str) -> list:
     """(name, argv) in running order; later stages read the checkpoints earlier ones wrote."""
     py = [sys.executable, "-m"]
+    vocab = next(a.split("=", 1)[1] for a in s["tok"] if a.startswith("--vocab_size="))
     return [
         ("tokenizer", py + ["scripts.tok_train", "--source=synthetic", *s["tok"]]),
+        ("memory", py + ["scripts.memory_plan", *s["base"], "--gpu_memory=1000", f"--vocab_size={vocab}",
+                         f"--out={os.path.join(out_dir, 'memory.json')}"]),
+        ("memory_mc", py + ["scripts.memory_plan", *s["base"], "--mc_enabled=1", *s["mc"], "--gpu_memory=1000",
+                            f"--vocab_size={vocab}", f"--out={os.path.join(out_dir, 'memory_mc.json')}"]),
         ("base", py + ["scripts.base_train", *s["base"], "--model_tag=gc"]),
         ("base_mc", py + ["scripts.base_train", *s["base"], "--model_tag=gc_mc", "--mc_enabled=1", *s["mc"]]),
         ("bench", py + ["scripts.mc_bench_train", *s["bench"], f"--out={os.path.join(out_dir, 'bench.json')}"]),
@@ -91,7 +98,23 @@ def figures(name: str, output: str, out_dir: str) -> dict:
     if name == "bench" and os.path.isfile(os.path.join(out_dir, "bench.json")):
         with open(os.path.join(out_dir, "bench.json")) as f:
             got["bench"] = json.load(f)
+    if name.startswith("memory") and os.path.isfile(os.path.join(out_dir, f"{name}.json")):
+        with open(os.path.join(out_dir, f"{name}.json")) as f:
+            got["estimate_bytes"] = json.load(f)["estimate_bytes"]
     return got
+
+
+def memory_comparison(stages: dict) -> dict:
+    """The estimate of each training stage beside its measured peak (torch.cuda.max_memory_allocated, which leaves
+    out the CUDA context: so the estimate's allowance is left out of the ratio too)."""
+    out = {}
+    for est_name, run_name in (("memory", "base"), ("memory_mc", "base_mc")):
+        est, peak = stages.get(est_name, {}).get("estimate_bytes"), stages.get(run_name, {}).get("peak_memory_mib")
+        if est and peak:
+            without_allowance = (est["total"] - est["allowance"]) / 2**20
+            out[run_name] = {"estimate_mib": round(est["total"] / 2**20), "peak_mib": peak,
+                             "peak_over_estimate_without_allowance": round(peak / without_allowance, 3)}
+    return out
 
 
 def run(dry_run: bool, out: str) -> dict:
@@ -122,6 +145,7 @@ def run(dry_run: bool, out: str) -> dict:
     b, m = result["stages"].get("base", {}), result["stages"].get("base_mc", {})
     if b.get("tokens_per_s") and m.get("tokens_per_s"):
         result["mc_vs_vanilla_tokens_per_s"] = m["tokens_per_s"] / b["tokens_per_s"]
+    result["memory_estimate_vs_peak"] = memory_comparison(result["stages"])
     result["ok"] = all(r["rc"] == 0 for r in result["stages"].values())
     with open(out, "w") as f:
         json.dump(result, f, indent=2)

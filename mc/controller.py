@@ -66,7 +66,7 @@ LensNet's EMAs) is MCTrainStep in mc/train_step.py.
 """
 
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -196,7 +196,9 @@ class MCController:
         """(autocast context, input dtype) for GistNet per --mc_aux_dtype."""
         aux = self.cfg.aux_dtype
         if aux == "auto":
-            aux = "bf16" if device_type == "cuda" else "fp32"
+            aux = "bf16" if device_type in ("cuda", "meta") else "fp32"
+        if device_type == "meta":  # the memory dry run (nanochat/memory.py), which emulates autocast itself
+            return nullcontext(), (torch.float32 if aux == "fp32" else None)
         if aux == "fp32":
             return torch.autocast(device_type, enabled=False), torch.float32
         return torch.autocast(device_type, dtype=torch.bfloat16), None

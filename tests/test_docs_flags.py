@@ -27,7 +27,7 @@ OPS_DOC = os.path.join(ROOT, "obsidian", "ops", "Training & Operations.md")
 
 SCRIPTS = ["base_train", "tok_train", "tok_eval", "base_loss", "base_eval", "mid_train", "chat_sft", "chat_rl",
            "chat_eval", "chat_cli", "chat_web", "mc_eval", "mc_otel_preflight", "mc_bench_train", "mc_bench",
-           "wandb_dashboard", "recall_bench", "bad_cli", "web_fuzz", "mc_recall"]
+           "wandb_dashboard", "recall_bench", "bad_cli", "web_fuzz", "mc_recall", "memory_plan"]
 MODULES = [f"scripts.{s}" for s in SCRIPTS] + ["nanochat.dataset", "nanochat.report"]
 # shell recipes -> the files whose `case` arms parse their options
 SHELL = {"run10.sh": ["run10.sh"], "speedrun.sh": ["speedrun.sh", "dev/recipe_common.sh"],

@@ -20,21 +20,24 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["ok"] and data["dry_run"]
-    assert list(data["stages"]) == ["tokenizer", "base", "base_mc", "bench", "mid", "sft", "rl"]
+    assert list(data["stages"]) == ["tokenizer", "memory", "memory_mc", "base", "base_mc", "bench", "mid", "sft", "rl"]
     assert all(s["rc"] == 0 for s in data["stages"].values())
     assert data["stages"]["base"]["tokens_per_s"] > 0 and data["mc_vs_vanilla_tokens_per_s"] > 0
     assert "vanilla" in json.dumps(data["stages"]["bench"]["bench"])
+    assert data["stages"]["memory_mc"]["estimate_bytes"]["total"] > data["stages"]["memory"]["estimate_bytes"]["weights"]
+    assert data["memory_estimate_vs_peak"] == {}  # a CPU run has no CUDA peak to set the estimate against
 
 
 def test_gpu_sizes_parse_with_each_script():
-    from scripts import base_train, chat_rl, mc_bench_train, mid_train, tok_train
+    from scripts import base_train, chat_rl, mc_bench_train, memory_plan, mid_train, tok_train
     from tasks.mixtures import add_mid_mixture_flags, add_sft_mixture_flags
 
     parsers = {"scripts.tok_train": tok_train.parse_args, "scripts.base_train": base_train.build_parser().parse_args,
                "scripts.mc_bench_train": mc_bench_train.build_parser().parse_args,
                "scripts.mid_train": mid_train.build_parser("mid", add_mid_mixture_flags).parse_args,
                "scripts.chat_sft": mid_train.build_parser("sft", add_sft_mixture_flags).parse_args,
-               "scripts.chat_rl": chat_rl.build_parser().parse_args}
+               "scripts.chat_rl": chat_rl.build_parser().parse_args,
+               "scripts.memory_plan": memory_plan.build_parser().parse_args}
     for dry in (False, True):
         for name, argv in gpu_check.stages(gpu_check.sizes(dry), "/tmp/x"):
             module = argv[argv.index("-m") + 1]
