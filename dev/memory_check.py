@@ -29,8 +29,8 @@ def build(config, mc: bool, device: str):
     import torch
 
     from mc.config import MCConfig
-    from mc.controller import MCController
     from mc.modules import MCModules
+    from mc.train.controller import MCController
     from nanochat.gpt import GPT, GPTConfig
 
     depth, T, B, V = config

@@ -19,7 +19,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from mc.eval_data import probe_items  # noqa: E402
+from mc.eval.data import probe_items  # noqa: E402
 from mc.keymatch import block_scores, layer0_inputs, layer0_keys, layer0_query  # noqa: E402
 from nanochat.checkpoint_manager import load_model  # noqa: E402
 

@@ -87,7 +87,7 @@ class MCConfig:
 
     def validate_against(self, sequence_len: int) -> int:
         """Checks that need --max_seq_len. Returns W (entries)."""
-        from mc.variants import min_variant_entries  # local import: variants does not need the config
+        from mc.tree import min_variant_entries  # local import: the tree module does not need the config
 
         T = int(sequence_len)
         W = self.wc_length(T)

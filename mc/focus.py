@@ -3,9 +3,9 @@ One refocus: LensNet scores the current working context, the allocator edits the
 
     plan, state, info = refocus(lensnet, plan, levels, cfg, W)
 
-This is the step the inference session (mc/session.py) runs at every user turn and every
+This is the step the inference session (mc/infer/session.py) runs at every user turn and every
 --mc_infer_refocus_interval tokens, and the step mc_eval's MC-LensNet condition runs once per probe.
-Training never calls it: there LensNet only learns (mc/lens_loss.py) from the random variants.
+Training never calls it: there LensNet only learns (mc/train/lens_loss.py) from the random variants.
 
 Inputs
   lensnet   mc.lensnet.LensNet, or None for fixed focus (--lensnet_type=none): every score is 0, so
@@ -23,7 +23,7 @@ changed).
 
 Scores are centred on the row's gists before the allocator reads them:
     s'_e = clamp(s_e - mean_{gists g of the row} s_g, -1, 1)
-LensNet learns from preferences between variants (mc/lens_loss.py), which fix score DIFFERENCES, not
+LensNet learns from preferences between variants (mc/train/lens_loss.py), which fix score DIFFERENCES, not
 their level: measured on a CPU MC run (lab notebook, 2026-11-23) it learned "raw beats gist" and
 scored every gist below -0.5, so absolute thresholds (--allocator_expand_threshold 0.1) never fired and
 its ranking among gists was never used. Centred, a gist is expanded when LensNet rates it

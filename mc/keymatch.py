@@ -1,8 +1,8 @@
 """
 Keymatch: which blocks of the history does the current question ask about? Read from the GPT's own
 layer-0 attention (its c_k / c_q, trained by the LM loss), with no parameters of its own. mc_eval's
-MC-KEYMATCH condition (mc/eval_keymatch.py) and the inference session's keymatch focus
-(--mc_infer_focus=keymatch, mc/session.py) both score blocks with it.
+MC-KEYMATCH condition (mc/eval/keymatch_condition.py) and the inference session's keymatch focus
+(--mc_infer_focus=keymatch, mc/infer/session.py) both score blocks with it.
 
     x = layer0_inputs(model, embeddings)        # block 0's attention input, from embeddings alone
     keys, query = layer0_keys(model, x), layer0_query(model, x[:, t])

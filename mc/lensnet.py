@@ -25,7 +25,7 @@ Padding slots get score 0.
 Initialisation: input projections U(-a, a), a = sqrt(3 / fan_in); the lod table N(0, 1); every output
 projection (attention, MLP) zero, and the head's final vector w zero. A fresh LensNet therefore scores
 every entry exactly 0 ("no opinion"; with the content match, every entry whose span nothing singles out), and the allocator does nothing until the preference loss
-(mc/lens_loss.py) has taught it something. Gradients reach w at once and the rest from step 2.
+(mc/train/lens_loss.py) has taught it something. Gradients reach w at once and the rest from step 2.
 
 Content match (match=True, --lensnet_match=1): a score also reads how strongly the entry's span holds
 what the tail of the history asks about,

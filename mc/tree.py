@@ -21,9 +21,31 @@ on. Old gists are never recomputed. Without autograd, levels live in buffers who
 cache_lod0=False (seed 004 C): LOD0 is not stored (only the < bs tail rows needed to finish the next
 block). Raw tokens of a working context then come from re-embedding their ids with wte, which is
 cheaper than keeping C floats per token: pass them as levels[0] to build_working_context.
+
+The geometry of a covering with the last R tokens raw (training's variants, the session's budget check):
+the compressible prefix [0, P), P = floor((T - R) / bs) * bs, holds n_l = floor(n_1 / bs**(l-1))
+complete level-l units (unit_counts), and the most compressed covering has
+    E_min = n_L + sum_{l<L} (n_l - bs * n_{l+1}) + (T - P)
+entries (min_variant_entries): every token inside the coarsest unit that contains it, the tail raw.
 """
 
 import torch
+
+
+def unit_counts(T: int, block_size: int, max_lod: int, recent_tokens: int) -> list[int]:
+    """[n_1, ..., n_max_lod]: complete aligned level-l units inside the compressible prefix."""
+    n1 = max(T - recent_tokens, 0) // block_size
+    return [n1 // block_size ** (level - 1) for level in range(1, max_lod + 1)]
+
+
+def min_variant_entries(T: int, block_size: int, max_lod: int, recent_tokens: int) -> int:
+    """Entries of the most compressed variant covering [0, T) with at least the last R tokens raw."""
+    n = unit_counts(T, block_size, max_lod, recent_tokens)
+    entries = T - n[0] * block_size  # the raw tail
+    for level in range(max_lod):
+        above = n[level + 1] * block_size if level + 1 < max_lod else 0
+        entries += n[level] - above  # level-(level+1) units not inside a coarser unit
+    return entries
 
 
 class MegaContextTree:

@@ -3,11 +3,11 @@ Pieces shared by the chat training scripts (scripts/mid_train.py, chat_sft.py, c
 
 - micro_batch_loss():   a micro-batch's share of a step loss normalised by the step's supervised tokens
 - MegaContext carry-through: a checkpoint loaded with MC modules (model.mc_modules / model.mc_config,
-  attached by mc.checkpoint.build_model, not GPT submodules) keeps them: mc_optimizer_params()
+  attached by mc.infer.checkpoint.build_model, not GPT submodules) keeps them: mc_optimizer_params()
   puts them into the GPT's two optimizers, trainable_params() lists GPT + MC parameters (for gradient
   averaging and clipping), model_state_for_save() / mc_meta() write them back in the checkpoint
   convention ("mc."-prefixed weights + meta["mc_config"]), so the next stage loads them again.
-The MC training step with the trainer's error policy is mc.train_step.process_or_die; the midtraining
+The MC training step with the trainer's error policy is mc.train.train_step.process_or_die; the midtraining
 and SFT mixtures live in tasks/mixtures.py. Nothing here imports mc or tasks: the MC modules are
 reached through the model's attributes and the checkpoint's "mc." prefix only.
 """
@@ -40,7 +40,7 @@ def trainable_params(model) -> list:
 
 def model_state_for_save(model):
     """GPT weights + MC weights under `mc.` (EXTRA_PREFIX: the layout checkpoint_manager hands back and
-    mc.checkpoint attaches)."""
+    mc.infer.checkpoint attaches)."""
     mc_modules, _ = mc_parts(model)
     state = dict(model.state_dict())
     if mc_modules is not None:

@@ -348,7 +348,7 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
 
     The one seam for the floor above: model-state entries under EXTRA_PREFIX ("mc.": MegaContext's GistNet
     and LensNet, saved beside the GPT) are not the GPT's. They come back untouched in
-    meta["extra_state"] ({} when there are none) with the device the model is on; mc.checkpoint builds
+    meta["extra_state"] ({} when there are none) with the device the model is on; mc.infer.checkpoint builds
     its modules from them and meta["mc_config"]. This loader never imports mc: an MC checkpoint loads
     here as the plain GPT it contains."""
     from nanochat import tokenizer as tokenizer_module

@@ -21,7 +21,7 @@ column of tokens per step (one token per sample) and a mask column (1 = sampled,
 prompt + max_tokens must fit model.config.sequence_len (the length the model was trained on), else
 ContextTooLongError; longer chats are what the MegaContext session (--mc) is for.
 
-The same generate() contract over a MegaContext session, with no context limit, is mc.engine.MCEngine:
+The same generate() contract over a MegaContext session, with no context limit, is mc.infer.engine.MCEngine:
 it builds on Engine (Row, _choose: the tool-use state machine) from the floor above; this module never
 imports mc.
 

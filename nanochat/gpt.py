@@ -392,7 +392,7 @@ class GPT(nn.Module):
         key_padding_mask: bool, True = real token; [B, T], or [B, cached + T] with a kv_cache.
         Padding keys are never attended to; outputs at padding positions are meaningless (finite).
         last_only (no targets): logits of the last position only, [B, 1, vocab] -- a prefill that only
-        needs the next-token distribution skips the T x vocab head matmul (MC re-prefill, mc/session.py).
+        needs the next-token distribution skips the T x vocab head matmul (MC re-prefill, mc/infer/session.py).
         """
         if (idx is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of idx (token ids) or inputs_embeds")

@@ -16,7 +16,7 @@ The run report: every pipeline stage logs a markdown section; `generate` stitche
   bullets of the sections. Keys it recognises (case, spaces, '-' and '_' ignored) are in SUMMARY_METRICS,
   e.g. "CORE metric", "val bpb" / "Final val bpb" / "Minimum val bpb", "ChatCORE metric", "ARC-Easy", "GSM8K".
 - Sections from the floor above arrive the same way: MegaContext training logs "MegaContext curves"
-  (mc/report_curves.py draws mc_curves.png; `python -m scripts.mc_curves --compare PATH` overlays another
+  (mc/ops/report_curves.py draws mc_curves.png; `python -m scripts.mc_curves --compare PATH` overlays another
   run). Figures a section links by a bare file name (`![...](name.png)`) are re-linked by absolute path
   in the ./report.md copy. This module imports nothing from mc.
 """
@@ -316,7 +316,7 @@ if __name__ == "__main__":
         print(f"report reset: {report.reset()}")
     else:
         try:
-            if args.compare:  # the MC curves live upstairs now (mc/report_curves.py): run their CLI, then stitch
+            if args.compare:  # the MC curves live upstairs now (mc/ops/report_curves.py): run their CLI, then stitch
                 print("warning: generate --compare is deprecated; run `python -m scripts.mc_curves --compare PATH`, "
                       "then `python -m nanochat.report generate`", file=sys.stderr)
                 forwarded = subprocess.run([sys.executable, "-m", "scripts.mc_curves",

@@ -24,10 +24,10 @@ vanilla runs stay aligned. --log_every (ours) is a token count however written (
 a NaN/inf loss or gradient stops training with a debug checkpoint, or skips the step (--nonfinite=skip).
 
 MegaContext (--mc_enabled=1 | --mc; flags in mc/config.py): micro-batches go through MCController
-(mc/controller.py; loss = LM loss + mean loss of 1 + N packed working contexts per row); GistNet joins the
+(mc/train/controller.py; loss = LM loss + mean loss of 1 + N packed working contexts per row); GistNet joins the
 optimizers, grad averaging, clipping, checkpoints ("mc.*" keys, meta["mc_config"]; resume refuses a changed
 MC config). --mc_auto_batch=1 shrinks the micro-batch, raising grad accum, so steps train on the vanilla
-run's exact rows (mc/auto_batch.py). train/loss stays the plain LM loss; mc/* metrics (rank 0's) go to stdout
+run's exact rows (mc/train/auto_batch.py). train/loss stays the plain LM loss; mc/* metrics (rank 0's) go to stdout
 and W&B at the log cadence; MC_MEMORY_DEBUG=1 writes report/mc_memory_step<N>.txt at log steps.
 --mc_enabled=0 runs the plain GPT forward, no MC code.
 """
@@ -42,10 +42,10 @@ import time
 import torch
 from tqdm import tqdm
 
-from mc.alerts import BandMonitor  # plain-Python band checks (no MC compute); the MFU band, on CUDA
-from mc.auto_batch import mc_batch_plan
 from mc.config import MCConfig, add_mc_flags, overridden_flags
-from mc.report_curves import log_curves_section
+from mc.ops.alerts import BandMonitor  # plain-Python band checks (no MC compute); the MFU band, on CUDA
+from mc.ops.report_curves import log_curves_section
+from mc.train.auto_batch import mc_batch_plan
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
@@ -289,9 +289,9 @@ def main(argv=None):
     mc_enabled = args.mc_enabled = args.mc_enabled or args.mc
     mc_config, mc_plan, mc_modules = mc_settings(args, world_size), None, None
     if mc_enabled:  # the MC networks are imported only here: a vanilla run never loads them (tests/test_mc_train.py)
-        from mc.controller import MCController
         from mc.modules import MCModules, mc_state_dict
-        from mc.train_step import MCTrainStep, describe, raise_recompile_limit
+        from mc.train.controller import MCController
+        from mc.train.train_step import MCTrainStep, describe, raise_recompile_limit
         mc_config, mc_plan = mc_config
         B, grad_accum_steps = mc_plan.device_batch_size, mc_plan.grad_accum_steps
 
@@ -392,7 +392,7 @@ def main(argv=None):
     # The training forward of one micro-batch: (loss to backpropagate, detached LM loss for train/loss).
     telemetry = None
     if mc_enabled:  # controller errors and non-finite MC losses stop training via die() (no fallback)
-        from mc.telemetry import training_provider
+        from mc.ops.telemetry import training_provider
         try:
             telemetry = training_provider(master)  # OTLP when MC_OTEL_ENDPOINT is set, else a no-op
         except (ValueError, RuntimeError) as e:

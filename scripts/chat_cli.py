@@ -14,8 +14,8 @@ The conversation is kept as tokens in the chat format of nanochat.tokenizer (<|b
 the whole conversation is the prompt of nanochat.engine.Engine. A plain GPT only sees
 model.config.sequence_len tokens: a reply gets at most the room left in that context, and a
 conversation that no longer fits ends with a message (type 'clear', or restart with --mc) instead of a
-crash. With --mc the checkpoint's MegaContext modules carry the chat instead: mc.engine.MCEngine
-keeps ONE mc.session.MCSession for the whole conversation (each turn ingests only the new user message,
+crash. With --mc the checkpoint's MegaContext modules carry the chat instead: mc.infer.engine.MCEngine
+keeps ONE mc.infer.session.MCSession for the whole conversation (each turn ingests only the new user message,
 refocuses, and generates; 'clear' starts a new session), so replies are never cut by the context.
 --mc_infer_wc_length / --mc_infer_refocus_interval override the checkpoint's working-context cap W
 and refocus interval (W must fit the model's sequence_len); MC_OTEL_ENDPOINT sends the
@@ -25,8 +25,8 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 import argparse
 import sys
 
-from mc.checkpoint import load_model
-from mc.engine import MCEngine
+from mc.infer.checkpoint import load_model
+from mc.infer.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import CheckpointError
 from nanochat.common import autocast_ctx, compute_init, die
@@ -81,7 +81,7 @@ def make_generator(model, tokenizer, use_mc: bool, args=None, telemetry=None):
             "this checkpoint has no MC modules. Drop --mc to chat within the model's context of "
             f"{model.config.sequence_len} tokens, or train one with `python -m scripts.base_train --mc_enabled=1` "
             "(`bash run10.sh --profile mc`) and load it (-i/-g/-s).")
-    from mc.session import MCSessionError
+    from mc.infer.session import MCSessionError
 
     try:
         return MCEngine(model, tokenizer, reuse_session=True, W=getattr(args, "mc_infer_wc_length", None),
@@ -205,7 +205,7 @@ def main(argv=None) -> int:
         die(str(e))
     telemetry = None
     if args.mc:
-        from mc.telemetry import provider_from_env
+        from mc.ops.telemetry import provider_from_env
 
         try:
             telemetry = provider_from_env("megacontext-chat")

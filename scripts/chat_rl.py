@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from mc.checkpoint import build_model
+from mc.infer.checkpoint import build_model
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import CADENCE_FLAGS, parse_cadence

@@ -34,7 +34,7 @@ ContextTooLongError of the Engine, since the first token is awaited before a res
 Text is streamed in whole UTF-8 characters: a token that ends inside a multi-byte character is held
 back until the next token completes it (nanochat.engine.Utf8StreamDecoder).
 
---mc (an MC checkpoint): workers run mc.engine.MCEngine. Requests are stateless (each carries the
+--mc (an MC checkpoint): workers run mc.infer.engine.MCEngine. Requests are stateless (each carries the
 whole conversation), so each builds a fresh MegaContext session from its full message list (ingest all,
 refocus, generate): same request + seed, same reply; no per-conversation server state. No context cut
 applies then (the request limits bound the work); only a history too long for W is a 400.
@@ -55,7 +55,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
-from mc.engine import MCEngine
+from mc.infer.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat import web_guard as wg
 from nanochat.common import autodetect_device_type, die, get_base_dir
@@ -404,7 +404,7 @@ def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUE
 def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
     (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
-    from mc.checkpoint import load_model
+    from mc.infer.checkpoint import load_model
     from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, tag_dir
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():

@@ -7,7 +7,7 @@ Decode cost against history length: the MegaContext session vs full attention vs
 
 For each history length H (random token ids; the cost does not depend on the content), three decoders
 are set up and then generate --decode_tokens greedy tokens each:
-- mc:     mc.session.MCSession: the H tokens are ingested (tree + hard fit + refocus), then decoding
+- mc:     mc.infer.session.MCSession: the H tokens are ingested (tree + hard fit + refocus), then decoding
           with refocus every --mc_infer_refocus_interval tokens; the re-prefill after each refocus is
           part of the measured decode time. KV cache <= W entries at any H (W: the session's cap).
 - full:   every history token raw in one KV cache (chunked prefill of H tokens, positions computed
@@ -54,9 +54,9 @@ import time
 import torch
 
 from mc.config import MCConfig, add_mc_flags
+from mc.infer.session import MCSession
 from mc.modules import MCModules, attach
 from mc.positions import rope_cos_sin
-from mc.session import MCSession
 from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, compute_init, die, str2bool, synchronize
 from nanochat.gpt import GPT, GPTConfig
@@ -123,7 +123,7 @@ def random_model(args, device):
 
 
 def load(args, device):
-    from mc.checkpoint import load_model
+    from mc.infer.checkpoint import load_model
     from nanochat.checkpoint_manager import CheckpointError
 
     try:

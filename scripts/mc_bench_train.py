@@ -31,9 +31,9 @@ import time
 import torch
 
 from mc.config import MCConfig, add_mc_flags
-from mc.controller import MCController, MCControllerError
 from mc.modules import MCModules
-from mc.timing import PhaseTimer
+from mc.train.controller import MCController, MCControllerError
+from mc.train.timing import PhaseTimer
 from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, compute_init, die, print0, synchronize
 from nanochat.gpt import GPT, GPTConfig

@@ -1,5 +1,5 @@
 """
-Draw the report's "MegaContext curves" section (mc/report_curves.py: baseline vs MC loss, LOD mix, ΔNLL
+Draw the report's "MegaContext curves" section (mc/ops/report_curves.py: baseline vs MC loss, LOD mix, ΔNLL
 over training) for this run, optionally with other runs overlaid, then stitch the report as usual.
 
     python -m scripts.mc_curves --compare ~/runs/vanilla     # another run's NANOCHAT_BASE_DIR, report dir or curve file
@@ -11,7 +11,7 @@ to compare against).
 
 import argparse
 
-from mc.report_curves import log_curves_section
+from mc.ops.report_curves import log_curves_section
 from nanochat.common import die
 from nanochat.report import get_report
 

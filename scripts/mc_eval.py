@@ -7,7 +7,7 @@ Long-context quality of one checkpoint, MegaContext conditions side by side.
     python -m scripts.mc_eval --tasks=questions.jsonl           # rows {"context", "question", "answer"}
     torchrun --standalone --nproc_per_node=8 -m scripts.mc_eval # items split over ranks, gathered on rank 0
 
-What it measures (mc/eval_conditions.py has the definitions and the math):
+What it measures (mc/eval/conditions.py has the definitions and the math):
 - conditions FULL, RECENCY, RECENCY-EQ, RECENCY-EQ-FOCUS, MEANPOOL, MC, MC-fixed, MC-KEYMATCH,
   MC-LensNet, SHUFFLED, ORACLE: the same history seen through different working-context plans; all
   keep at least the last W tokens raw (W = --wc_length, default sequence_len / 4), are scored on those
@@ -16,20 +16,20 @@ What it measures (mc/eval_conditions.py has the definitions and the math):
   same at MC-fixed's entries. MC-fixed, MC-KEYMATCH, MC-LensNet and ORACLE get the same focus budget:
   the coarsest covering's entries + E (--focus_budget), spent by recency (MC-fixed), on the blocks whose
   mean-pooled layer-0 keys best match the question's queries (MC-KEYMATCH, parameter-free,
-  mc/eval_keymatch.py), by one LensNet + allocator refocus (MC-LensNet, mc/focus.py; "not available:
+  mc/eval/keymatch_condition.py), by one LensNet + allocator refocus (MC-LensNet, mc/focus.py; "not available:
   <reason>" when the checkpoint has no LensNet) or on the needles' blocks (ORACLE); every block of
   results reports the mean entries each condition read;
 - NLL and gap recovery R = (NLL_recency - NLL_cond) / (NLL_recency - NLL_full), and R_eq with RECENCY-EQ
-  (and RECENCY-EQ-FOCUS) in place of RECENCY, with bootstrap 95% CIs over documents (mc/stats.py), on
+  (and RECENCY-EQ-FOCUS) in place of RECENCY, with bootstrap 95% CIs over documents (mc/eval/stats.py), on
   three token sets reported separately: the horizon (last H window targets), the boundary (the first 64
   targets after the cut: local continuity) and the long-range answer tokens (recalled values whose
   source lies before the cut);
 - exact match of recalled answers (greedy decoding of the answer tokens = argmax equal to the answer
   at every answer position given the true prefix: the two agree token by token until the first miss)
   on needle-in-a-haystack probes at m x W tokens (--probe_multipliers, default 4,16; passkeys and
-  key-value facts, half of each straddling a block boundary, reported separately; mc/eval_data.py),
+  key-value facts, half of each straddling a block boundary, reported separately; mc/eval/data.py),
   on associative recall (K ledger pairs far before the cut, one query per refocus in the raw window;
-  mc/eval_tasks.py), on the documents' long-range recalls, and on --tasks rows. Histories longer than
+  mc/eval/tasks.py), on the documents' long-range recalls, and on --tasks rows. Histories longer than
   sequence_len work for every condition but FULL (skipped there): they read <= W + gists + E entries;
 - the GistNet diagnostic: NLL of the 64 tokens after the block just before the cut when that block is
   raw, replaced by its learned gist, by its mean-pool, or dropped (keys masked out).
@@ -39,13 +39,13 @@ NLL_FULL >= 0.02 nats on the long-range set. Otherwise JSON "valid" is false, "v
 why, the long-range R moves to "gap_recovery_unvalidated", and the table prints NOT VALID. Probe and
 associative-recall blocks and the tasks carry their own validity (FULL's exact match on that task).
 Every figure no passing verdict covers is marked "(not covered by validity)" in the table and has
-covered_by_validity false in the JSON (mc/eval_report.py, "Coverage").
+covered_by_validity false in the JSON (mc/eval/report.py, "Coverage").
 Figure: exact match against history length per condition (probes at each m x W, associative recall,
-the documents' recalls), written next to the JSON (--plot; mc/eval_plot.py).
+the documents' recalls), written next to the JSON (--plot; mc/eval/plot.py).
 
 Efficiency: documents are batched (--batch_size); per batch one GistNet pass per gist type (the MC
 tree, mc/tree.py), one refocus for MC-LensNet, and ONE GPT forward per condition over all items
-(mc/eval_run.py). bf16 autocast on CUDA.
+(mc/eval/run.py). bf16 autocast on CUDA.
 """
 
 import argparse
@@ -56,14 +56,14 @@ import time
 
 import torch
 
-from mc.checkpoint import load_model
-from mc.eval_conditions import BOUNDARY_TOKENS
-from mc.eval_data import doc_item, probe_items, read_tasks, task_item, text_item
-from mc.eval_plot import plot_exact_match
-from mc.eval_report import summarize
-from mc.eval_run import Setup, diagnose_batch, evaluate_batch, item_recalls, item_sets, run_items  # noqa: F401
-from mc.eval_tasks import assoc_items
+from mc.eval.conditions import BOUNDARY_TOKENS
+from mc.eval.data import doc_item, probe_items, read_tasks, task_item, text_item
+from mc.eval.plot import plot_exact_match
+from mc.eval.report import summarize
+from mc.eval.run import Setup, diagnose_batch, evaluate_batch, item_recalls, item_sets, run_items  # noqa: F401
+from mc.eval.tasks import assoc_items
 from mc.gistnet import GistNet
+from mc.infer.checkpoint import load_model
 from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import SOURCE_DIRS, CheckpointError, find_last_model_tag
 from nanochat.common import compute_cleanup, compute_init, die, get_base_dir, print0
@@ -173,7 +173,7 @@ def _focus_settings(args, model, max_lod):
 
 
 def _write_plot(result, flag, out):
-    """{"path": str | None, "note": str | None}: the exact-match figure (mc/eval_plot.py) at --plot, or next
+    """{"path": str | None, "note": str | None}: the exact-match figure (mc/eval/plot.py) at --plot, or next
     to the JSON; never fails the run (the numbers are in the JSON either way)."""
     if flag == "none":
         return {"path": None, "note": "--plot=none"}

@@ -5,7 +5,7 @@ Check an OTLP/HTTP telemetry endpoint end to end before a long run relies on it.
     python -m scripts.mc_otel_preflight --endpoint http://tempo:4318 [--insecure] [--timeout 5]
 
 1. the OpenTelemetry packages import (else: run ./mc_setup --otel);
-2. one `mc_preflight` span goes through the same path training uses (mc.telemetry.OpenTelemetryProvider:
+2. one `mc_preflight` span goes through the same path training uses (mc.ops.telemetry.OpenTelemetryProvider:
    BatchSpanProcessor -> OTLP/HTTP protobuf exporter), flushed at once;
 3. the receiver must answer HTTP 2xx. Connection refused, TLS errors, timeouts and non-2xx answers are
    reported with the URL and the likely fix; exit code 0 = OK, 1 = failed.
@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-from mc.telemetry import (
+from mc.ops.telemetry import (
     OpenTelemetryProvider,
     OTelUnavailableError,
     emit_event,

@@ -1,6 +1,6 @@
 """
 Chat remembers: a passkey stated far back in a long conversation, asked at its end, answered through the
-MegaContext inference session (mc.session.MCSession, the path chat_cli --mc and chat_web --mc take).
+MegaContext inference session (mc.infer.session.MCSession, the path chat_cli --mc and chat_web --mc take).
 
     python -m scripts.mc_recall --model_tag d2_recall_mc                       # 50K-token histories
     python -m scripts.mc_recall --model_tag d2_recall_mc --histories 8192,50000 --probes 16 --out r.json
@@ -30,10 +30,10 @@ import time
 import numpy as np
 import torch
 
-from mc.checkpoint import load_model
-from mc.eval_data import probe_item
+from mc.eval.data import probe_item
+from mc.infer.checkpoint import load_model
+from mc.infer.session import MCSession, MCSessionError
 from mc.modules import MCModules
-from mc.session import MCSession, MCSessionError
 from nanochat import cli_checks as ck
 from nanochat.common import autodetect_device_type, die
 

@@ -21,10 +21,10 @@ import json
 
 import torch
 
-from mc.auto_batch import mc_batch_plan
-from mc.controller import MCController
 from mc.modules import MCModules
-from mc.train_step import describe
+from mc.train.auto_batch import mc_batch_plan
+from mc.train.controller import MCController
+from mc.train.train_step import describe
 from nanochat import cli_checks as ck
 from nanochat.common import die
 from nanochat.gpt import GPT

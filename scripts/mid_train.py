@@ -38,7 +38,7 @@ the loader's conversation cursor (the same on every rank).
 
 MegaContext. A checkpoint loaded with MC modules (model.mc_modules, see dev/INTERFACES.md) keeps them:
 they join the optimizers and are saved as `mc.`-prefixed weights with meta["mc_config"]. When
-mc/controller.py exists, rows are packed (--pack defaults to 1, --pack 0 is refused: the controller
+mc/train/controller.py exists, rows are packed (--pack defaults to 1, --pack 0 is refused: the controller
 needs a contiguous T-token history) and micro-batches whose rows are longer than the working context
 W train through MCController.process_batch at the target W (no second anneal). Its full-sequence LM
 term uses our targets, so it is masked to assistant tokens; its variant term (gists -> next token) is
@@ -57,8 +57,8 @@ import time
 import torch
 from tqdm import tqdm
 
-from mc.checkpoint import build_model
-from mc.train_step import process_or_die
+from mc.infer.checkpoint import build_model
+from mc.train.train_step import process_or_die
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
@@ -269,7 +269,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     mc_modules, mc_config = mc_parts(model)
     if mc_modules is not None:
         mc_modules.train()
-    use_controller = mc_modules is not None and importlib.util.find_spec("mc.controller") is not None
+    use_controller = mc_modules is not None and importlib.util.find_spec("mc.train.controller") is not None
     pack = args.pack if args.pack is not None else (use_controller or d["pack"])
     if use_controller and not pack:
         die("--pack=0 with a MegaContext checkpoint: MC rows train through the MC controller, which needs full "
@@ -333,9 +333,9 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
     controller, mc_status, wc_len = None, "none (vanilla checkpoint)", None
     if mc_modules is not None and not use_controller:
-        mc_status = "carried through unchanged (mc/controller.py not available; MC weights get no gradient)"
+        mc_status = "carried through unchanged (mc/train/controller.py not available; MC weights get no gradient)"
     elif use_controller:
-        from mc.controller import MCController
+        from mc.train.controller import MCController
         # The checkpoint was annealed to its working context in pretraining: train at the target W, no re-anneal.
         controller = MCController(orig_model, mc_modules, dataclasses.replace(mc_config, wc_anneal_steps=0),
                                   forward_model=model, total_steps=0, seed=args.seed)
@@ -343,7 +343,7 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             wc_len = controller.target_wc_length(T)
         except ValueError as e:
             die(f"the checkpoint's MegaContext config does not fit --max_seq_len={T}: {e}")
-        if resumed_meta is not None:  # LensNet's EMAs (mc/controller.py), same on every rank
+        if resumed_meta is not None:  # LensNet's EMAs (mc/train/controller.py), same on every rank
             controller.load_lens_state((resumed_meta.get("mc_train_state") or {}).get("lens"))
         mc_status = (f"trained through MCController: micro-batches with rows longer than the working context "
                      f"W={wc_len} (packed rows of {T} tokens)")

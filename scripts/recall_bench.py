@@ -14,7 +14,7 @@ is that part's contribution on this budget. The parts (nanochat/gpt.py, nanochat
     dense          --source=recall (dense recalls, loss mostly on the answers, documents sized to T)
                    instead of the story corpus
     curriculum     sequence length 256 -> 512 -> 1024 (-> --max_seq_len) instead of max_seq_len throughout
-Scores (held-out: the probes are built from val documents with cues absent from them, mc/eval_data.py):
+Scores (held-out: the probes are built from val documents with cues absent from them, mc/eval/data.py):
     passkey / kv   one needle in a haystack of L tokens, asked at the end (probe_items)
     assoc          8 key=value pairs >= W tokens before 4 queries (assoc_items; one score per query)
     corpus         in-distribution: dense val documents cut to L tokens, every recall answer inside them
@@ -30,9 +30,9 @@ import time
 import numpy as np
 import torch
 
-from mc.eval_conditions import char_byte_offsets, char_span_to_tokens, token_byte_starts
-from mc.eval_data import probe_items
-from mc.eval_tasks import assoc_items
+from mc.eval.conditions import char_byte_offsets, char_span_to_tokens, token_byte_starts
+from mc.eval.data import probe_items
+from mc.eval.tasks import assoc_items
 from nanochat import cli_checks as ck
 from nanochat.common import parse_token_count
 from nanochat.dataloader import DistributedTokenLoader

@@ -22,7 +22,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from mc.engine import MCEngine
+from mc.infer.engine import MCEngine
 from nanochat.engine import ContextTooLongError, Engine
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.synthetic import synthetic_texts

@@ -1,7 +1,8 @@
 """The architecture notes must not drift from the mc/ code.
 
-(1) every mc/*.py module (not __init__.py) has a note: obsidian/architecture/mc/<module>.md, or its file
-    name (`mc/<module>.py`, or a `mc/eval_*.py` wildcard for the eval modules) appears in a note directly
+(1) every mc module (mc/*.py and mc/<room>/*.py, not __init__.py) has a note: obsidian/architecture/mc/<module>.md,
+    or its file name (`mc/<module>.py`, `mc/<room>/<module>.py`, or a `mc/eval/*.py` wildcard for the eval
+    modules) appears in a note directly
     in obsidian/architecture/ (Telemetry, mc_eval, Inference session, ... describe several modules each);
 (2) in each obsidian/architecture/mc/<module>.md, the identifiers of inline code spans exist in the code:
     every `name(` / `a.b.name(` call, and every span that is just `module.name` / `Class.attr`, resolves
@@ -30,8 +31,18 @@ ARCH = os.path.join(ROOT, "obsidian", "architecture")
 MC_NOTES = os.path.join(ARCH, "mc")
 VAULT = os.path.join(ROOT, "obsidian")
 
-MC_STEMS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "mc", "*.py"))
-                  if not p.endswith("__init__.py"))
+ROOMS = ("train", "infer", "eval", "ops")  # mc's subpackages (the core sits at the top of mc/)
+# module stem -> its file, relative to the repo (stems are unique across the rooms, so notes are named by stem)
+MC_FILES = {os.path.basename(p)[:-3]: os.path.relpath(p, ROOT)
+            for p in glob.glob(os.path.join(ROOT, "mc", "*.py")) + glob.glob(os.path.join(ROOT, "mc", "*", "*.py"))
+            if not p.endswith("__init__.py")}
+MC_STEMS = sorted(MC_FILES)
+assert len(MC_STEMS) == len(glob.glob(os.path.join(ROOT, "mc", "**", "*.py"), recursive=True)) - 1 - len(ROOMS), \
+    "two mc modules share a file name: the architecture notes are named by stem, so stems must be unique"
+
+
+def mc_module(stem: str):
+    return importlib.import_module(MC_FILES[stem][:-3].replace("/", "."))
 # prefixes of names that are not ours to check (the GPT, torch, numpy, ...)
 FOREIGN = {"torch", "F", "nn", "np", "numpy", "math", "dist", "os", "GPT", "model", "dataclasses", "argparse"}
 
@@ -95,15 +106,17 @@ def resolves(dotted: str, mod) -> list:
     forced = parts[0] == "mc" and len(parts) > 1
     if forced:
         parts = parts[1:]
+        if parts[0] in ROOMS and len(parts) > 1:  # mc.train.controller.X
+            parts = parts[1:]
     found = []
     if parts[0] in MC_STEMS and (len(parts) > 1 or forced):
-        found.append(_chain(importlib.import_module(f"mc.{parts[0]}"), parts[1:]))
+        found.append(_chain(mc_module(parts[0]), parts[1:]))
     if forced:
         return [f for f in found if f is not None]
     found.append(_chain(mod, parts))
     if len(parts) > 1:
         for stem in MC_STEMS:
-            other = importlib.import_module(f"mc.{stem}")
+            other = mc_module(stem)
             cls = vars(other).get(parts[0])
             if inspect.isclass(cls):
                 found.append(_chain(cls, parts[1:]))
@@ -153,7 +166,7 @@ def _signature_ok(obj, names: list[str]) -> bool:
 
 def identifier_problems(note: str) -> list[str]:
     stem = os.path.basename(note)[:-3]
-    mod = importlib.import_module(f"mc.{stem}")
+    mod = mc_module(stem)
     with open(note, encoding="utf-8") as f:
         spans = inline_spans(f.read())
     bad = []
@@ -198,10 +211,10 @@ def test_every_mc_module_has_a_note():
     for stem in MC_STEMS:
         if os.path.exists(os.path.join(MC_NOTES, f"{stem}.md")):
             continue
-        wildcard = "mc/eval_*.py" if stem.startswith("eval_") else None
-        if f"mc/{stem}.py" in top_notes or (wildcard and wildcard in top_notes):
+        wildcard = "mc/eval/*.py" if MC_FILES[stem].startswith("mc/eval/") else None
+        if MC_FILES[stem] in top_notes or (wildcard and wildcard in top_notes):
             continue
-        missing.append(f"mc/{stem}.py")
+        missing.append(MC_FILES[stem])
     assert not missing, ("modules without an architecture note (write obsidian/architecture/mc/<module>.md, or "
                          "describe the module, by file name, in a note of obsidian/architecture/): " + ", ".join(missing))
 
@@ -212,7 +225,7 @@ def test_note_identifiers_exist_in_the_code():
     bad = {}
     for note in notes:
         stem = os.path.basename(note)[:-3]
-        assert stem in MC_STEMS, f"{os.path.relpath(note, ROOT)} names no module mc/{stem}.py"
+        assert stem in MC_STEMS, f"{os.path.relpath(note, ROOT)} names no mc module {stem}.py"
         problems = identifier_problems(note)
         if problems:
             bad[os.path.relpath(note, ROOT)] = problems
@@ -281,7 +294,7 @@ def test_note_shape_and_links():
 
 def test_resolution_rules():
     """The checker itself: real names pass, drifted ones fail."""
-    import mc.train_step as ts
+    import mc.train.train_step as ts
     import mc.tree as tree
 
     assert resolves("MegaContextTree.append", tree) and resolves("variants.duplicate_weights", tree)
@@ -292,3 +305,20 @@ def test_resolution_rules():
     assert _signature_ok(tree.MegaContextTree.append, ["embeddings"])
     assert not _signature_ok(tree.MegaContextTree.append, ["lod0"])
     assert inline_spans("a `f(x,\ny)` b\n```\n`g(z)`\n```\n") == ["f(x, y)"]
+
+
+def test_the_map_lists_every_module():
+    """obsidian/architecture/Map.md: one line per module under its folder's line, none missing, none stale."""
+    with open(os.path.join(ARCH, "Map.md"), encoding="utf-8") as f:
+        block = f.read().split("```")[1]
+    listed, folder = set(), None
+    for line in block.splitlines():
+        if re.match(r"^[a-z_/]+/\s", line + " "):
+            folder = line.split()[0].rstrip("/")
+        elif re.match(r"^  [a-z0-9_]+\.py\s", line):
+            listed.add(f"{folder}/{line.split()[0]}")
+    folders = ["nanochat", "tasks", "mc", *(f"mc/{r}" for r in ROOMS), "scripts", "dev"]
+    code = {os.path.relpath(p, ROOT) for d in folders for p in glob.glob(os.path.join(ROOT, d, "*.py"))
+            if not p.endswith("__init__.py")}
+    assert not code - listed, f"modules missing from obsidian/architecture/Map.md: {sorted(code - listed)}"
+    assert not listed - code, f"Map.md lists modules that do not exist: {sorted(listed - code)}"

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-import mc.engine as mc_engine_module
+import mc.infer.engine as mc_engine_module
 import nanochat.engine as engine_module
-from mc.engine import MCEngine
+from mc.infer.engine import MCEngine
 from nanochat.engine import (
     CalculatorError,
     CalculatorTimeout,
@@ -306,7 +306,7 @@ def long_prompt(tok, n_turns=12):
 
 @pytest.mark.usefixtures("single_thread")
 def test_mc_engine_matches_session_and_passes_the_context(tok):
-    from mc.session import MCSession
+    from mc.infer.session import MCSession
 
     model, modules, cfg = mc_model(tok)
     p = long_prompt(tok)
@@ -378,7 +378,7 @@ def test_mc_engine_errors(tok):
         eng.generate(prompt_ids(tok), max_tokens=-1)
     with pytest.raises(ValueError, match="vocab_size"):
         eng.generate([tok.get_vocab_size()])
-    from mc.session import MCSessionError
+    from mc.infer.session import MCSessionError
 
     with pytest.raises(MCSessionError, match="--mc_enabled=1"):
         MCEngine(make_model(tok), tok)  # a vanilla model

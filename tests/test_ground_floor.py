@@ -1,9 +1,9 @@
-"""The ground floor: nanochat/ (the base LLM layer) does not reach up into mc/ or tasks/.
+"""The ground floor: nanochat/ (the base LLM layer) does not reach up into mc/ or tasks/; and mc/'s rooms.
 
 - every import in nanochat/*.py, at any depth of a function, is scanned: none names mc or tasks (REMAINING
   lists any still to move, each with why; it is empty and may only stay so)
 - nanochat.checkpoint_manager loads an MC checkpoint as the plain GPT it contains, in a fresh interpreter
-  that never imports mc, handing the "mc." state back in meta["extra_state"]; mc.checkpoint attaches it
+  that never imports mc, handing the "mc." state back in meta["extra_state"]; mc.infer.checkpoint attaches it
 """
 
 import ast
@@ -50,9 +50,39 @@ def test_nanochat_imports_nothing_from_upstairs():
     assert not gone, f"{gone} no longer import upstairs: drop them from REMAINING"
 
 
+# room -> the mc rooms it may import (besides itself; everything may import nanochat)
+MC_ROOMS = {"core": {"core"}, "ops": {"core"}, "train": {"core", "ops"}, "infer": {"core", "ops"},
+            "eval": {"core", "infer", "ops"}}
+
+
+def mc_room(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 and parts[1] in MC_ROOMS else "core"
+
+
+def test_mc_rooms_import_only_what_they_may():
+    bad = []
+    for room in MC_ROOMS:
+        folder = os.path.join(REPO, "mc") if room == "core" else os.path.join(REPO, "mc", room)
+        for name in sorted(os.listdir(folder)):
+            if not name.endswith(".py"):
+                continue
+            with open(os.path.join(folder, name), encoding="utf-8") as f:
+                tree = ast.parse(f.read())
+            for node in ast.walk(tree):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                    [node.module] if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module else [])
+                for n in names:
+                    if n.split(".")[0] == "tasks" or n.startswith("scripts"):
+                        bad.append(f"mc/{'' if room == 'core' else room + '/'}{name} imports {n}")
+                    elif n.startswith("mc.") and mc_room(n) != room and mc_room(n) not in MC_ROOMS[room]:
+                        bad.append(f"mc/{'' if room == 'core' else room + '/'}{name} ({room}) imports {n} ({mc_room(n)})")
+    assert not bad, "imports against mc's room rules (each room's __init__.py says what it may import):\n" + "\n".join(bad)
+
+
 def test_floor_loads_an_mc_checkpoint_as_its_gpt_without_importing_mc(tiny_base_dir, tmp_path, monkeypatch):
-    from mc.checkpoint import build_model
     from mc.config import MCConfig
+    from mc.infer.checkpoint import build_model
     from mc.modules import MCModules, mc_state_dict
     from nanochat.tokenizer import RustBPETokenizer
 

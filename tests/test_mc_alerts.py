@@ -1,4 +1,4 @@
-"""mc/alerts.py: every band fires on a bad value and stays quiet on a good one, warm-up and the rate limit
+"""mc/ops/alerts.py: every band fires on a bad value and stays quiet on a good one, warm-up and the rate limit
 hold, MFU is skipped off CUDA, alerts become mc_alert telemetry events, and the documented table matches."""
 
 import math
@@ -6,8 +6,8 @@ import os
 
 import pytest
 
-from mc import telemetry as T
-from mc.alerts import BANDS, BANDS_BY_METRIC, LOG2, RULES, Alert, BandMonitor, bands_table
+from mc.ops import telemetry as T
+from mc.ops.alerts import BANDS, BANDS_BY_METRIC, LOG2, RULES, Alert, BandMonitor, bands_table
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -170,5 +170,5 @@ def test_alerts_become_telemetry_events():
 
 def test_documented_table_matches_code():
     text = open(os.path.join(ROOT, "obsidian", "architecture", "Telemetry.md"), encoding="utf-8").read()
-    assert bands_table() in text, "re-paste mc.alerts.bands_table() into Telemetry.md's Band alerts section"
+    assert bands_table() in text, "re-paste mc.ops.alerts.bands_table() into Telemetry.md's Band alerts section"
     assert len(BANDS) == len(BANDS_BY_METRIC)

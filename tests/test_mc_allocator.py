@@ -8,7 +8,8 @@ from hypothesis import strategies as st
 
 from mc.allocator import allocate, entry_scores_to_token_map, token_map_to_entry_scores
 from mc.config import MCConfig
-from mc.variants import min_variant_entries, sample_compressed_plans
+from mc.train.variants import sample_compressed_plans
+from mc.tree import min_variant_entries
 from mc.working_context import check_plan, entry_counts, entry_starts
 
 

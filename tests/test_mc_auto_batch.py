@@ -1,5 +1,5 @@
 """
-mc/auto_batch.py: the variant multiplier, the divisor choice, the batch plan (tokens per step kept,
+mc/train/auto_batch.py: the variant multiplier, the divisor choice, the batch plan (tokens per step kept,
 clear errors), and, end to end through scripts.base_train, that an MC auto-batched run trains on
 exactly the token rows of the vanilla run at every optimizer step.
 """
@@ -8,8 +8,8 @@ import pytest
 import torch
 
 import scripts.base_train as base_train
-from mc.auto_batch import choose_micro_batch_divisor, mc_batch_plan, plan_micro_batch, variant_multiplier
 from mc.config import MCConfig
+from mc.train.auto_batch import choose_micro_batch_divisor, mc_batch_plan, plan_micro_batch, variant_multiplier
 from nanochat.dataloader import DistributedTokenLoader
 
 

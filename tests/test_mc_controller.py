@@ -9,12 +9,12 @@ MetricMeter, PhaseTimer, MCModules, PositionalCaches).
 import pytest
 import torch
 
-import mc.controller as controller_module
+import mc.train.controller as controller_module
 from mc.config import MCConfig
-from mc.controller import MCController, MCControllerError, padded_length
 from mc.modules import MCModules, attach, mc_state_dict, split_mc_state
-from mc.timing import MetricMeter, PhaseTimer
-from mc.variants import hashed_uniform
+from mc.train.controller import MCController, MCControllerError, padded_length
+from mc.train.timing import MetricMeter, PhaseTimer
+from mc.train.variants import hashed_uniform
 from nanochat.gpt import GPT, GPTConfig
 
 V_SIZE, T, C = 97, 160, 32

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from mc.eval_conditions import (
+from mc.eval.conditions import (
     answer_mask,
     char_byte_offsets,
     char_span_to_tokens,
@@ -24,10 +24,10 @@ from mc.eval_conditions import (
     token_byte_starts,
     window_masks,
 )
-from mc.eval_data import EvalItem, doc_item, probe_item, task_item
+from mc.eval.data import EvalItem, doc_item, probe_item, task_item
+from mc.eval.stats import bootstrap_ci, gap_recovery, paired_bootstrap, resample_indices
 from mc.gistnet import GistNet
-from mc.stats import bootstrap_ci, gap_recovery, paired_bootstrap, resample_indices
-from mc.variants import baseline_plan
+from mc.train.variants import baseline_plan
 from mc.working_context import check_plan, entry_counts
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig
@@ -419,7 +419,7 @@ def test_mc_checkpoint_uses_its_learned_gistnet(base_dir, tmp_path):
 
 
 def test_summarize_valid_and_invalid_paths():
-    from mc.eval_report import summarize
+    from mc.eval.report import summarize
 
     rng = np.random.default_rng(0)
     nll = {"FULL": 1.0, "RECENCY": 2.0, "MEANPOOL": 1.9, "MC": 1.5, "MC-fixed": 1.45, "MC-LensNet": 1.2,

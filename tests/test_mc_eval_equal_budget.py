@@ -1,6 +1,6 @@
 """
 mc_eval at equal budgets: RECENCY-EQ / RECENCY-EQ-FOCUS read exactly the entries of MC / MC-fixed,
-MC-KEYMATCH (parameter-free block scoring, mc/eval_keymatch.py) expands the best-matching blocks and never
+MC-KEYMATCH (parameter-free block scoring, mc/eval/keymatch_condition.py) expands the best-matching blocks and never
 passes the budget, R_eq in the JSON and the table, validity coverage labels, and the exact-match figure.
 """
 
@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from mc.eval_conditions import (
+from mc.eval.conditions import (
     CONDITIONS,
     covering_plan,
     equal_entries_plan,
@@ -17,11 +17,11 @@ from mc.eval_conditions import (
     plan_entries,
     recency_focus,
 )
-from mc.eval_data import Answer, EvalItem
-from mc.eval_keymatch import keymatch_focus, keymatch_plans, query_end, query_positions
-from mc.eval_plot import em_panels, plot_exact_match, r_points
-from mc.eval_report import summarize
-from mc.eval_run import Setup, evaluate_batch
+from mc.eval.data import Answer, EvalItem
+from mc.eval.keymatch_condition import keymatch_focus, keymatch_plans, query_end, query_positions
+from mc.eval.plot import em_panels, plot_exact_match, r_points
+from mc.eval.report import summarize
+from mc.eval.run import Setup, evaluate_batch
 from mc.gistnet import GistNet
 from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs
 from mc.working_context import check_plan, entry_counts

@@ -9,11 +9,11 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.eval_conditions import covering_plan, fixed_focus_plan, oracle_plan, plan_entries, recency_focus, straddles
-from mc.eval_data import EvalItem, probe_items
-from mc.eval_report import straddle_split
-from mc.eval_run import Setup, evaluate_batch, lensnet_plans
-from mc.eval_tasks import ASSOC_QUERY, assoc_items, ledger_groups, ledger_text
+from mc.eval.conditions import covering_plan, fixed_focus_plan, oracle_plan, plan_entries, recency_focus, straddles
+from mc.eval.data import EvalItem, probe_items
+from mc.eval.report import straddle_split
+from mc.eval.run import Setup, evaluate_batch, lensnet_plans
+from mc.eval.tasks import ASSOC_QUERY, assoc_items, ledger_groups, ledger_text
 from mc.gistnet import GistNet
 from mc.lensnet import LensNet
 from mc.tree import MegaContextTree

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.eval_conditions import covering_plan
+from mc.eval.conditions import covering_plan
 from mc.focus import first_changed_token, refocus
 from mc.modules import MCModules
 from mc.tree import MegaContextTree

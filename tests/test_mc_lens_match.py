@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.controller import MCController
 from mc.focus import refocus
 from mc.gistnet import GistNet
+from mc.infer.session import MCSession
 from mc.keymatch import (
     KEYMATCH_MIN_Z,
     block_scores,
@@ -21,7 +21,7 @@ from mc.keymatch import (
 )
 from mc.lensnet import LensNet
 from mc.modules import MCModules
-from mc.session import MCSession
+from mc.train.controller import MCController
 from mc.tree import MegaContextTree
 from nanochat.gpt import GPT, GPTConfig
 

@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from mc.lens_loss import (
+from mc.lensnet import LensNet
+from mc.train.lens_loss import (
     AdvantageNormalizer,
     BudgetSmoother,
     bradley_terry_loss,
@@ -16,8 +17,7 @@ from mc.lens_loss import (
     policy_scores,
     preference_pairs,
 )
-from mc.lensnet import LensNet
-from mc.variants import sample_variants
+from mc.train.variants import sample_variants
 from mc.working_context import WorkingContext, build_working_context
 
 C, BS, T, RECENT = 32, 8, 128, 16  # 16 blocks of 8 tokens; the last 16 tokens stay raw

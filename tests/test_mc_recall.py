@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.eval_data import probe_item
+from mc.eval.data import probe_item
 from mc.modules import MCModules, mc_state_dict
 from nanochat.checkpoint_manager import save_checkpoint
 from nanochat.gpt import GPT, GPTConfig

@@ -1,4 +1,4 @@
-"""Tests for mc/session.py (MegaContext inference) on tiny CPU models:
+"""Tests for mc/infer/session.py (MegaContext inference) on tiny CPU models:
 - a history 12x the model's sequence_len (past the GPT's rotary table) ingests and decodes; the WC never
   exceeds W (so neither does the KV cache, W <= sequence_len), the WC is a legal full covering, and its
   embeddings equal build_working_context over the tree (the budget itself: tests/test_mc_session_budget.py)
@@ -14,10 +14,10 @@ import pytest
 import torch
 
 from mc.config import MCConfig
+from mc.infer.session import HistoryTooLongError, MCSession, MCSessionError
 from mc.modules import MCModules, attach
+from mc.ops.telemetry import SCHEMAS
 from mc.positions import wc_cos_sin
-from mc.session import HistoryTooLongError, MCSession, MCSessionError
-from mc.telemetry import SCHEMAS
 from mc.working_context import build_working_context, check_invariants, check_plan
 from nanochat.engine import ContextTooLongError
 from nanochat.gpt import GPT, GPTConfig

@@ -1,4 +1,4 @@
-"""The inference session's budget (mc/session.py, "Budget"; issue 17 item 0):
+"""The inference session's budget (mc/infer/session.py, "Budget"; issue 17 item 0):
 - a short chat is the plain model: while the history fits W, every token stays raw and the session's
   next-token logits equal the plain GPT's full-attention logits on the same ids, even with a LensNet that
   scores everything strongly negative (the old allocator collapsed such entries on its own);
@@ -9,7 +9,7 @@
 import pytest
 import torch
 
-from mc.session import MCSession
+from mc.infer.session import MCSession
 from tests.test_mc_session import SEQ, scratch_logits, tiny_mc_model
 
 pytestmark = pytest.mark.usefixtures("single_thread")

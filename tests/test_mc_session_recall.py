@@ -1,7 +1,7 @@
-"""Chat remembers: how an MC session answers a question about a fact stated far earlier (mc/session.py).
+"""Chat remembers: how an MC session answers a question about a fact stated far earlier (mc/infer/session.py).
 
 A small rigged model pins the mechanism end to end through MCSession's public API (ingest / refocus /
-generate, as mc.engine.MCEngine drives it: every user turn is ingested, then refocused):
+generate, as mc.infer.engine.MCEngine drives it: every user turn is ingested, then refocused):
 - a history of 40 blocks of 32 filler tokens (10 user turns), with the fact "KEY VALUE" planted in block 3,
   so by the time the question comes that block is one LOD1 gist in a working context refocused to
   128 entries (the session's W, its hard cap, is 128 + the refocus interval of 64);
@@ -38,8 +38,8 @@ import torch.nn.functional as F
 
 from mc.config import MCConfig
 from mc.gistnet import GistNet
+from mc.infer.session import MCSession
 from mc.modules import MCModules, attach
-from mc.session import MCSession
 from nanochat.gpt import GPT, GPTConfig
 
 pytestmark = pytest.mark.usefixtures("single_thread")

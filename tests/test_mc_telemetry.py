@@ -1,5 +1,5 @@
 """
-mc/telemetry.py and scripts/mc_otel_preflight.py against a real (local) OTLP/HTTP receiver: an
+mc/ops/telemetry.py and scripts/mc_otel_preflight.py against a real (local) OTLP/HTTP receiver: an
 http.server on 127.0.0.1 that decodes POST /v1/traces bodies as ExportTraceServiceRequest protobufs.
 """
 
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from mc import telemetry as T
+from mc.ops import telemetry as T
 from scripts import mc_otel_preflight
 
 pytest.importorskip("opentelemetry.exporter.otlp.proto.http.trace_exporter")

@@ -4,7 +4,7 @@ GistNet, optimizers and checkpoints:
 
 - the LM loss and the MC token loss fall; MC_MEMORY_DEBUG writes its snapshots at log steps
 - the checkpoint holds GistNet (model.pt "mc.*" keys, meta["mc_config"], the optimizer states) and
-  mc.checkpoint.build_model() gives it back as model.mc_modules / model.mc_config
+  mc.infer.checkpoint.build_model() gives it back as model.mc_modules / model.mc_config
 - resuming continues exactly (same losses as the uninterrupted run); a changed MC config, or switching
   MC on/off, is refused with the flag named
 - --mc_auto_batch=1 changes only the micro-batch split, not the training (same losses)
@@ -22,9 +22,9 @@ import sys
 import pytest
 import torch
 
-import mc.controller as controller_module
+import mc.train.controller as controller_module
 import scripts.base_train as base_train
-from mc.checkpoint import build_model
+from mc.infer.checkpoint import build_model
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = ["--device_type=cpu", "--depth=2", "--aspect_ratio=32", "--head_dim=32", "--max_seq_len=64",
@@ -146,7 +146,7 @@ def test_vanilla_run_never_imports_the_controller(env):
                        env=dict(os.environ, NANOCHAT_BASE_DIR=str(env), OMP_NUM_THREADS="1"))
     assert r.returncode == 0, r.stderr[-3000:]
     line = [x for x in r.stdout.splitlines() if x.startswith("MC-MODULES")][0]
-    assert "mc.controller" not in line and "mc.tree" not in line and "mc.gistnet" not in line, line
+    assert "mc.train.controller" not in line and "mc.tree" not in line and "mc.gistnet" not in line, line
 
 
 def test_mc_ddp_two_processes_match_one(env):

@@ -5,14 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mc.variants import (
-    annealed_wc_length,
-    baseline_plan,
-    min_variant_entries,
-    sample_compressed_plans,
-    sample_variants,
-    unit_counts,
-)
+from mc.train.variants import annealed_wc_length, baseline_plan, sample_compressed_plans, sample_variants
+from mc.tree import min_variant_entries, unit_counts
 from mc.working_context import build_working_context, check_invariants, check_plan, entry_counts
 
 
@@ -117,7 +111,7 @@ def test_anneal():
 
 
 def test_duplicate_weights_count_each_distinct_plan_once():
-    from mc.variants import duplicate_weights
+    from mc.train.variants import duplicate_weights
     a = torch.zeros(8, dtype=torch.int8)
     b = a.clone()
     b[:4] = 1

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from mc.report_curves import log_curves_section
+from mc.ops.report_curves import log_curves_section
 from nanochat import report as rp
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

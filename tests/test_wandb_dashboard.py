@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from mc.config import MCConfig
-from mc.controller import MCController
+from mc.train.controller import MCController
 
-try:  # the trainer's MC step moved to mc/train_step.py
-    from mc.train_step import MCTrainStep
+try:  # the trainer's MC step moved to mc/train/train_step.py
+    from mc.train.train_step import MCTrainStep
 except ImportError:
-    from mc.controller import MCTrainStep
+    from mc.train.controller import MCTrainStep
 from mc.modules import MCModules
 from nanochat.gpt import GPT, GPTConfig
 from scripts import wandb_dashboard as wd

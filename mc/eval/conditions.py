@@ -33,7 +33,7 @@ caused by that representation:
               content, this must be worse than MC, and no better than RECENCY)
     MC-KEYMATCH the covering plus E entries spent by a parameter-free scorer (MoBA-style): blocks
               whose mean-pooled layer-0 keys best match the question's queries become raw
-              (mc/eval_keymatch.py)
+              (mc/eval/keymatch_condition.py)
     ORACLE    the covering with the blocks holding the needed facts expanded to raw tokens first;
               what is left of E is then spent like MC-fixed, so ORACLE, MC-fixed, MC-KEYMATCH and
               MC-LensNet read the same number of entries whenever the needles cost <= E (else ORACLE
@@ -59,7 +59,7 @@ Token sets, over the window's targets (index i = t - cut, t in [cut, T), target 
                  earlier repetition of its value) ends before the cut: no condition but FULL and
                  ORACLE sees it raw, so only memory of the far past can predict them
 Gap recovery R on a set = (NLL_RECENCY - NLL_cond) / (NLL_RECENCY - NLL_FULL), and R_eq the same with
-RECENCY-EQ (or RECENCY-EQ-FOCUS) in place of RECENCY (REFERENCES; see mc/stats.py).
+RECENCY-EQ (or RECENCY-EQ-FOCUS) in place of RECENCY (REFERENCES; see mc/eval/stats.py).
 
 Offset mapping. Recall annotations are char offsets into the text; the model sees tokens. Decoding
 each token on its own gives its byte length; cumulative sums give every token's byte start, and

@@ -1,6 +1,6 @@
 """
 AppendBuffer: a 1-D CPU tensor with spare capacity, for the inference session's per-token vectors
-(token ids, plan, entry list: mc/session.py). Appending k values costs O(k) amortised: a decode step
+(token ids, plan, entry list: mc/infer/session.py). Appending k values costs O(k) amortised: a decode step
 appends one value to each, and an O(T) torch.cat per token would make decoding slower as the history grows.
 """
 

@@ -22,7 +22,7 @@ is over steps (at most E / (bs - 1)).
 
 import torch
 
-from mc.eval_conditions import check_cut, covering_plan, plan_entries
+from mc.eval.conditions import check_cut, covering_plan, plan_entries
 from mc.keymatch import block_scores, expand_blocks_to_raw, layer0_inputs, layer0_keys, layer0_query
 from mc.working_context import entry_counts
 

@@ -12,7 +12,7 @@ Policy score of a variant (a function of per-entry scores). With G_v the gist en
     s_v = mean_{e in G_v} (-ŝ_e) + mean_{e in F_v} ŝ_e        (an empty mean is 0)
 A variant scores high when it compressed what LensNet calls unimportant (gists with ŝ < 0) and kept
 raw what LensNet calls important (raw with ŝ > 0). Variants of one sample spend (almost) the same
-budget W (mc/variants.py), so they differ in WHERE detail goes, and s_i > s_j says LensNet would rather
+budget W (mc/train/variants.py), so they differ in WHERE detail goes, and s_i > s_j says LensNet would rather
 have i's allocation. The allocator expands high-ŝ gists and collapses low-ŝ raw spans, i.e. it moves
 toward high s_v, so "LensNet prefers the better variant" is exactly what the allocator needs.
 tail_start[b] (default) = the largest span end of any gist in any row of sample b: everything after it

@@ -14,7 +14,7 @@ State (batch 1):
 - the plan, int8 [1, T]: level of detail of every history token (mc/working_context.py); full
   coverage; new tokens join it raw. The working context (WC) is its entry list: an entry starts at
   token t iff plan[t] = l and t % bs**l == 0 and spans bs**l tokens. Kept as two CPU vectors
-  (span_start, lod; mc/buffer.py), appended to for every new token and recomputed from the plan after
+  (span_start, lod; mc/infer/buffer.py), appended to for every new token and recomputed from the plan after
   a refocus.
 - the allocator's hysteresis state, int8 [1, T].
 - a KV cache over the WC entries, unpadded, in entry order: cache slot i holds entry i. Each entry
@@ -65,7 +65,7 @@ same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to
 (default 5: ~33M tokens at bs 32); beyond that HistoryTooLongError. GistNet was trained on the levels of
 max_lod only: what a grown level costs is measured in the lab notebook ("LOD growth").
 
-Metrics (stats(), and telemetry events through mc.telemetry.emit_event, one set per refocus):
+Metrics (stats(), and telemetry events through mc.ops.telemetry.emit_event, one set per refocus):
 - swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
 - residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
 - budget_used = entries / W (the cap); expands / collapses / forced edits; allocator iterations
@@ -81,14 +81,13 @@ import uuid
 import torch
 
 from mc.allocator import PlanDoesNotFitError, allocate
-from mc.buffer import AppendBuffer
 from mc.focus import first_changed_token
 from mc.focus import refocus as focus_refocus
+from mc.infer.buffer import AppendBuffer
 from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, block_scores, keymatch_refocus
+from mc.ops.telemetry import NoOpTelemetryProvider, emit_event
 from mc.positions import rope_cos_sin
-from mc.telemetry import NoOpTelemetryProvider, emit_event
-from mc.tree import MegaContextTree
-from mc.variants import min_variant_entries
+from mc.tree import MegaContextTree, min_variant_entries
 from mc.working_context import WorkingContext, entry_starts
 from nanochat.engine import ContextTooLongError
 from nanochat.gpt import sample_next_token
@@ -111,8 +110,8 @@ class MCSession:
     def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
                  refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
                  seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None, max_lod: int | None = None):
-        """mc_modules / mc_config default to model.mc_modules / model.mc_config (mc.checkpoint.build_model);
-        W, refocus_interval default as in the module docstring; telemetry: a mc.telemetry provider (NoOp);
+        """mc_modules / mc_config default to model.mc_modules / model.mc_config (mc.infer.checkpoint.build_model);
+        W, refocus_interval default as in the module docstring; telemetry: a mc.ops.telemetry provider (NoOp);
         seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest;
         focus: "lensnet" | "keymatch" (default: the config's --mc_infer_focus); max_lod: the highest level the
         tree may grow to (default: the config's --mc_infer_max_lod)."""

@@ -8,7 +8,7 @@ For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, 
 
   tree    E = wte(x) is LOD0; GistNet gists every block of every sample, one call per level
           (mc/tree.py), with gradients into GistNet and wte.
-  sample  W_t = annealed_wc_length(step) (mc/variants.py). Per sample the recency baseline (last W_t raw
+  sample  W_t = annealed_wc_length(step) (mc/train/variants.py). Per sample the recency baseline (last W_t raw
           tokens) and N compressed variants, all as plans, their random keys hashed from the global row
           id (split-independent: any micro-batch/process split draws the same variants for a row).
           build_working_context gathers the entries of all R = B(1+N) rows at once, right-aligned and
@@ -28,12 +28,12 @@ For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, 
           not something to make worse).
   lens    (when the modules have a LensNet) scores = LensNet(wc) over all R rows in one call (its inputs
           detached: this loss trains LensNet only), and lens_loss = the Bradley–Terry preference loss
-          on the measured ΔNLL of the sample's variants (mc/lens_loss.py; pair weights from the
+          on the measured ΔNLL of the sample's variants (mc/train/lens_loss.py; pair weights from the
           advantage normaliser, optional KL and budget-smoothing terms per the --mc_lens_* knobs).
   loss    lm_loss + variant_loss + gist_delta_weight * penalty + lens_loss_weight * lens_loss.
 
 LensNet's EMAs (advantage scale, budget mean) advance once per optimizer step: commit_step() after the
-step's last micro-batch (mc/train_step.py does it), all-reduced over ranks, so they are the same on
+step's last micro-batch (mc/train/train_step.py does it), all-reduced over ranks, so they are the same on
 every rank and for every micro-batch split; lens_state_dict()/load_lens_state() carry them through
 checkpoints (they are the only controller state).
 
@@ -51,7 +51,7 @@ Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert the
   mc/variants_per_sample (1+N), mc/effective_batch_size (R rows in the packed forward),
   mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
   with LensNet: mc/lens_loss, mc/lens_pairs, mc/preference_corr_mean|max, mc/pref_span_corr,
-  mc/policy_score_abs_mean, mc/policy_score_std_mean (definitions in mc/lens_loss.py)
+  mc/policy_score_abs_mean, mc/policy_score_std_mean (definitions in mc/train/lens_loss.py)
 Timings (ms, mc/time_<phase>_ms): tree, sample, build (= tree + sample), base_forward, variant,
   lens_forward, lens_loss, metrics, controller (the whole call; forward only, backward is the trainer's).
 
@@ -62,7 +62,7 @@ Errors: any exception inside a phase is re-raised as MCControllerError naming th
 MC_MEMORY_DEBUG: pass memory_log=<path> and a memory snapshot is written after each phase.
 
 The trainer-side wrapper (row ids, metric averaging, log lines, the once-per-step commit of
-LensNet's EMAs) is MCTrainStep in mc/train_step.py.
+LensNet's EMAs) is MCTrainStep in mc/train/train_step.py.
 """
 
 from collections.abc import Mapping
@@ -74,11 +74,11 @@ import torch.nn.functional as F
 
 from mc.config import MCConfig
 from mc.keymatch import entry_match, tail_block_scores
-from mc.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.positions import wc_cos_sin
-from mc.timing import PhaseTimer, memory_snapshot
-from mc.tree import MegaContextTree
-from mc.variants import annealed_wc_length, duplicate_weights, hashed_uniform, sample_variants, unit_counts
+from mc.train.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
+from mc.train.timing import PhaseTimer, memory_snapshot
+from mc.train.variants import annealed_wc_length, duplicate_weights, hashed_uniform, sample_variants
+from mc.tree import MegaContextTree, unit_counts
 from mc.working_context import build_working_context, targets_for
 
 
@@ -211,7 +211,7 @@ class MCController:
         return self._targets[T]
 
     def wc_length(self, step: int, T: int) -> int:
-        """W_t, the working-context budget at this step (annealed, see mc/variants.py)."""
+        """W_t, the working-context budget at this step (annealed, see mc/train/variants.py)."""
         steps = self.cfg.wc_anneal_steps or self.total_steps
         return annealed_wc_length(step, steps, self.cfg.wc_anneal_start_frac, self.target_wc_length(T), T)
 

@@ -1,6 +1,6 @@
 """
 The markdown table scripts/mc_eval.py prints and puts in the report, from the JSON document that
-mc/eval_report.summarize builds. Pure formatting: every number comes from the result dict.
+mc/eval/report.summarize builds. Pure formatting: every number comes from the result dict.
 
 Layout: one column per condition that ran; rows
 - per documents token set: NLL, R (vs RECENCY), R_eq (vs RECENCY-EQ) and R_eq-focus (vs RECENCY-EQ-FOCUS),
@@ -8,7 +8,7 @@ Layout: one column per condition that ran; rows
 - exact-match rows per block (documents' recalls, each probe length, associative recall, tasks), each
   block followed by its mean WC entries;
 - notes: validity verdicts, MC-LensNet refocus statistics, CI comparisons, the GistNet diagnostic.
-Every figure its validity verdict does not cover carries NOT_COVERED in its row label (mc/eval_report.py
+Every figure its validity verdict does not cover carries NOT_COVERED in its row label (mc/eval/report.py
 "Coverage"); a long-range R on a run that is not valid is not printed at all (NOT VALID in its cells).
 """
 

@@ -3,19 +3,19 @@ The batched evaluator behind scripts/mc_eval.py: every condition's plan for a ba
 forward per condition, per-item NLL / argmax-correct over the raw window's targets.
 
 Per batch: items are grouped by history length T; per group one tree per gist type (MegaContextTree:
-one GistNet pass per level), then per condition the plans [b, T] (mc/eval_conditions.py defines them)
+one GistNet pass per level), then per condition the plans [b, T] (mc/eval/conditions.py defines them)
 -> build_working_context -> inputs_embeds + per-entry rotary (mc/positions.py computes cos/sin from
 the positions themselves, so histories far beyond the GPT's own rotary table, 10 x sequence_len, are
 fine) + key-padding mask -> ONE GPT forward over all groups of the condition (right-aligned, padded).
 
-Equal-entries baselines (pure, mc/eval_conditions.equal_entries_plan): RECENCY-EQ reads the last n raw
+Equal-entries baselines (pure, mc/eval/conditions.equal_entries_plan): RECENCY-EQ reads the last n raw
 tokens, n = MC's entries (the covering); RECENCY-EQ-FOCUS the last n' raw tokens, n' = MC-fixed's entries
 (covering + E). Both are scored on the same last-W window targets as every other condition.
 
 Focus conditions (budget E = setup.focus_budget entries on top of the covering's):
-    MC-fixed    recency_focus of the covering (pure, mc/eval_conditions.py)
+    MC-fixed    recency_focus of the covering (pure, mc/eval/conditions.py)
     MC-KEYMATCH the blocks whose mean-pooled layer-0 keys best match the question's layer-0 queries made
-                raw (mc/eval_keymatch.py; parameter-free, reads the GPT's c_k / c_q weights only)
+                raw (mc/eval/keymatch_condition.py; parameter-free, reads the GPT's c_k / c_q weights only)
     MC-LensNet  mc/focus.refocus(lensnet, covering, the learned tree levels, cfg, W = covering + E,
                 recent_tokens = W_raw): one LensNet scoring of the covering's working context + one
                 allocator call of cfg.allocator_iterations iterations (the children of an expanded
@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from mc.eval_conditions import (
+from mc.eval.conditions import (
     BOUNDARY_TOKENS,
     CONDITIONS,
     answer_mask,
@@ -49,7 +49,7 @@ from mc.eval_conditions import (
     recency_plan,
     window_masks,
 )
-from mc.eval_keymatch import keymatch_focus, query_end
+from mc.eval.keymatch_condition import keymatch_focus, query_end
 from mc.focus import refocus
 from mc.keymatch import tail_block_scores
 from mc.positions import rope_cos_sin

@@ -208,7 +208,7 @@ class OpenTelemetryProvider:
         self._tracer_provider.add_span_processor(BatchSpanProcessor(
             _CountingExporter(exporter, SpanExportResult.SUCCESS, self.stats),
             schedule_delay_millis=schedule_delay_millis))
-        self._tracer = self._tracer_provider.get_tracer("mc.telemetry")
+        self._tracer = self._tracer_provider.get_tracer("mc.ops.telemetry")
         self._closed = False
 
     def emit(self, event: TelemetryEvent) -> None:
@@ -265,7 +265,7 @@ def validate_attributes(event_type: str, attributes: dict) -> None:
     unknown = sorted(set(attributes) - set(schema))
     if unknown:
         raise ValueError(f"{event_type} has no field(s) {unknown} (known: {list(schema)}); add new fields to "
-                         "SCHEMAS in mc/telemetry.py and to obsidian/architecture/Telemetry.md")
+                         "SCHEMAS in mc/ops/telemetry.py and to obsidian/architecture/Telemetry.md")
     required = next(iter(schema))
     if required not in attributes:
         raise ValueError(f"{event_type} event is missing its required field {required!r}")

@@ -7,7 +7,7 @@ Panels, from base_train_curve.jsonl and any compared runs (another run's NANOCHA
 or curve file): (1) loss vs tokens, baseline vs MC: each run's train_loss (the plain LM loss in both modes),
 plus an MC run's variant loss and recency-baseline loss; (2) LOD mix: the fraction of WC entries per level
 of detail when the rows carry it, else the loss per LOD; (3) ΔNLL@H over training (mean and p95) with the
-alert band of mc/alerts.py. Row fields read (W&B names; "/" and "_" are interchangeable, so mc/lod_loss/1
+alert band of mc/ops/alerts.py. Row fields read (W&B names; "/" and "_" are interchangeable, so mc/lod_loss/1
 = mc_lod_loss_1): mc_token_loss, mc_loss_lod0, mc/lod_frac/<L>, mc/lod_loss/<L>, mc/adv_delta_mean,
 mc/adv_delta_p95. A panel whose fields are absent says so in the section; nothing is skipped silently,
 and neither is the figure when matplotlib is missing (the section says "plots skipped" and why).
@@ -16,7 +16,7 @@ and neither is the figure when matplotlib is missing (the section says "plots sk
 import os
 import sys
 
-from mc.alerts import BandMonitor  # the ΔNLL band drawn is the one the alerts use
+from mc.ops.alerts import BandMonitor  # the ΔNLL band drawn is the one the alerts use
 from nanochat.report import NO_MATPLOTLIB, _pyplot, read_curve
 
 SECTION = "MegaContext curves"

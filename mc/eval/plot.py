@@ -8,12 +8,12 @@ one line per condition (the same colour in every panel), one panel per task that
 shows the documents' gap recovery R = (NLL_RECENCY - NLL_cond) / (NLL_RECENCY - NLL_FULL) per condition
 for the three windows (horizon, boundary, long-range answers), with its CIs. Error bars are
 the bootstrap 95% CIs of the JSON; each condition's points sit slightly to the side of the true length
-(a fixed dodge on the log axis) so that equal values do not hide each other. A point its validity verdict does not cover (mc/eval_report.py,
+(a fixed dodge on the log axis) so that equal values do not hide each other. A point its validity verdict does not cover (mc/eval/report.py,
 "Coverage") is drawn hollow, and the panel title says so, so the figure never shows more than the
 verdicts allow. Conditions that did not run at a length (FULL past sequence_len) have no point there.
 """
 
-from mc.eval_conditions import CONDITIONS
+from mc.eval.conditions import CONDITIONS
 
 
 def em_panels(result: dict) -> list:

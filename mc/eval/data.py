@@ -4,13 +4,13 @@ Evaluation items for scripts/mc_eval.py: token sequences with the answers and fa
 An EvalItem is ids[0..T] (ids[0] = BOS; history x = ids[:T], targets ids[1:]) plus
 - answers: token spans whose tokens are scored for recall (NLL, and exact match), each with the end
   of its nearest source (where the value was last seen) and whether it is long-range (in the horizon,
-  source entirely before the cut T - W; see mc/eval_conditions.py);
+  source entirely before the cut T - W; see mc/eval/conditions.py);
 - needles: token spans ORACLE keeps raw (the facts the long-range answers need).
 
 Four kinds:
 - "doc"   a held-out synthetic document (nanochat/synthetic.py, split val) cut to exactly T + 1 tokens
           (generated long enough first; about 4-5 long-range recalls land in the last 512 tokens of a
-          2048-token document). Recall char spans map to tokens through mc/eval_conditions.py's offset
+          2048-token document). Recall char spans map to tokens through mc/eval/conditions.py's offset
           mapping; a recall's source is the nearest earlier copy of its value.
 - "text"  a document from --data_dir (first T + 1 tokens); no annotations.
 - "probe" a passkey or key-value needle in a haystack of exactly T + 1 tokens (T = m * W):
@@ -22,7 +22,7 @@ Four kinds:
           The needle goes after a sentence end of the haystack (a word boundary when no sentence end fits),
           entirely before the cut, at the boundary closest to a uniformly drawn position; `straddle` asks
           for a placement where the value's tokens cross a block boundary (a // bs != (a + n - 1) // bs,
-          mc/eval_conditions.straddles) or, when False, lie in one block; probe_items asks for half of
+          mc/eval/conditions.straddles) or, when False, lie in one block; probe_items asks for half of
           each. The haystack is ONE synthetic document grown to >= T tokens (long_document raises its
           target_chars; documents are never concatenated), so a 16 x W probe is one long story.
           Pieces are tokenized separately and concatenated; they meet at pre-token boundaries (a space
@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from mc.eval_conditions import (
+from mc.eval.conditions import (
     char_byte_offsets,
     char_span_to_tokens,
     is_long_range,

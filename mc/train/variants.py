@@ -44,21 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-
-def unit_counts(T: int, block_size: int, max_lod: int, recent_tokens: int) -> list[int]:
-    """[n_1, ..., n_max_lod]: complete aligned level-l units inside the compressible prefix."""
-    n1 = max(T - recent_tokens, 0) // block_size
-    return [n1 // block_size ** (level - 1) for level in range(1, max_lod + 1)]
-
-
-def min_variant_entries(T: int, block_size: int, max_lod: int, recent_tokens: int) -> int:
-    """Entries of the most compressed variant covering [0, T) with at least the last R tokens raw."""
-    n = unit_counts(T, block_size, max_lod, recent_tokens)
-    entries = T - n[0] * block_size  # the raw tail
-    for level in range(max_lod):
-        above = n[level + 1] * block_size if level + 1 < max_lod else 0
-        entries += n[level] - above  # level-(level+1) units not inside a coarser unit
-    return entries
+from mc.tree import min_variant_entries, unit_counts
 
 
 def annealed_wc_length(step: int, total_steps: int, start_frac: float, target: int, sequence_len: int) -> int:

@@ -1,6 +1,6 @@
 """
 From per-item measurements to the numbers scripts/mc_eval.py reports: statistics, validity, the JSON
-document (the markdown table is mc/eval_table.py). Pure Python/numpy (no model).
+document (the markdown table is mc/eval/table.py). Pure Python/numpy (no model).
 
 Inputs (built by the script, one entry per item):
 - documents: sets[d][set][cond] = (summed NLL, token count) for set in horizon | boundary | long_range;
@@ -13,7 +13,7 @@ every condition that ran in it (FULL = T, RECENCY = W, RECENCY-EQ = MC, RECENCY-
 the budgets are visibly matched (MC-fixed = MC-KEYMATCH's and MC-LensNet's cap = ORACLE's whenever its
 needles fit in E).
 
-Statistics (mc/stats.py): NLL is token-weighted within a set; CIs resample documents; gap recovery is
+Statistics (mc/eval/stats.py): NLL is token-weighted within a set; CIs resample documents; gap recovery is
 computed per replicate from the same resampled documents for every condition, against three references
 (REFERENCES): "gap_recovery" R vs RECENCY (the last W raw tokens), "gap_recovery_eq" R_eq vs RECENCY-EQ
 (the last n raw tokens, n = MC's entries: equal entries for MEANPOOL / MC / SHUFFLED) and
@@ -47,9 +47,9 @@ whether the two 95% CIs overlap (mc/stats.ci_overlap); a metric its verdict does
 
 import numpy as np
 
-from mc.eval_conditions import CONDITIONS, REFERENCES
-from mc.eval_table import NOT_COVERED, table
-from mc.stats import bootstrap_ci, ci_overlap, paired_bootstrap
+from mc.eval.conditions import CONDITIONS, REFERENCES
+from mc.eval.stats import bootstrap_ci, ci_overlap, paired_bootstrap
+from mc.eval.table import NOT_COVERED, table
 
 SETS = ("horizon", "boundary", "long_range")
 MIN_FULL_EM = 0.90
@@ -155,7 +155,7 @@ def lens_focus(metas: list) -> dict | None:
 
 def straddle_split(rows: list, n_boot: int, seed: int) -> dict:
     """{"straddling": EM, "not_straddling": EM} over rows (item, {cond: [bool]}, ...) grouped by
-    item.info["straddle"] (the value's tokens cross a block boundary, mc/eval_conditions.straddles)."""
+    item.info["straddle"] (the value's tokens cross a block boundary, mc/eval/conditions.straddles)."""
     return {"straddling": em_stats([r[1] for r in rows if r[0].info["straddle"]], n_boot, seed),
             "not_straddling": em_stats([r[1] for r in rows if not r[0].info["straddle"]], n_boot, seed)}
 

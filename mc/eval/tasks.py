@@ -25,7 +25,7 @@ the MC-LensNet condition refocuses once per query with that question in the raw 
 can move detail to the pair being asked for. ORACLE's needle is the asked pair's "key=value" tokens.
 
 Token spans: the statements are tokenized as one string; the char spans of each "key=value" and
-value map to tokens through mc/eval_conditions.py's offset mapping (per-token byte lengths), so
+value map to tokens through mc/eval/conditions.py's offset mapping (per-token byte lengths), so
 the spans are right whatever the tokenizer merges. Pieces (haystack slices, statements, queries,
 answers) meet at pre-token boundaries (a sentence's "." then a space-led word).
 """
@@ -35,8 +35,8 @@ import re
 
 import numpy as np
 
-from mc.eval_conditions import char_byte_offsets, char_span_to_tokens, straddles, token_byte_starts
-from mc.eval_data import Answer, EvalItem, _seed, long_document
+from mc.eval.conditions import char_byte_offsets, char_span_to_tokens, straddles, token_byte_starts
+from mc.eval.data import Answer, EvalItem, _seed, long_document
 from nanochat.synthetic import LEDGER_KEYS, LEDGER_NAMES
 
 ASSOC_INDEX_OFFSET = 2_000_000  # haystack val documents: far from the NLL documents and the probes

@@ -19,8 +19,8 @@ import traceback
 import torch
 
 from mc.config import MCConfig
-from mc.controller import MCController, MCControllerError
-from mc.timing import MetricMeter
+from mc.train.controller import MCController, MCControllerError
+from mc.train.timing import MetricMeter
 from nanochat.common import autocast_ctx, die
 from nanochat.training import all_reduce_sum
 
@@ -33,7 +33,7 @@ class MCTrainStep:
                  report_dir: str, memory_debug: bool = False, fail=None, telemetry=None):
         """fail(message): called (after printing the traceback) when the MC step fails, e.g. the trainer's
         die(); it must not return. Default: the MCControllerError propagates.
-        telemetry: a mc.telemetry provider; log() emits mc_timing and mc_batch_counters to it."""
+        telemetry: a mc.ops.telemetry provider; log() emits mc_timing and mc_batch_counters to it."""
         self.controller, self.rows_per_step, self.B = controller, rows_per_step, B
         self.rank, self.world_size = rank, world_size
         self.report_dir, self.memory_debug, self.fail = report_dir, memory_debug, fail
@@ -41,7 +41,7 @@ class MCTrainStep:
         self.meter = MetricMeter()
         self.grad_accum_steps = rows_per_step // (B * world_size)
         self.last_result = None  # the last MCResult (the trainer's NonFiniteGuard names its loss parts)
-        from mc.alerts import BandMonitor  # the seed-003 telemetry bands (train/mfu is the trainer's)
+        from mc.ops.alerts import BandMonitor  # the seed-003 telemetry bands (train/mfu is the trainer's)
 
         device_type = controller.model.get_device().type
         bands = ("mc/adv_delta_mean", "mc/adv_delta_p95", "mc/token_loss", "mc/variants_total",
@@ -99,7 +99,7 @@ class MCTrainStep:
         m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
         m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
         if self.telemetry is not None:
-            from mc.telemetry import emit_training_metrics
+            from mc.ops.telemetry import emit_training_metrics
             emit_training_metrics(self.telemetry, step, m)
         nan = float("nan")
         lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
@@ -118,7 +118,7 @@ class MCTrainStep:
 
 
 def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
-    """The trainer's start-up lines about MC (plan: mc.auto_batch.BatchPlan)."""
+    """The trainer's start-up lines about MC (plan: mc.train.auto_batch.BatchPlan)."""
     text = (f"megacontext: W={cfg.wc_length(T)} entries (anneal from {cfg.wc_anneal_start_frac:g}×T), "
             f"{cfg.num_random_variants} variants + recency baseline per row, block {cfg.block_size}, max LOD "
             f"{cfg.max_lod}, GistNet {cfg.gistnet_type} ({n_params:,} params); auto-batch "

@@ -13,7 +13,7 @@ checked (a vanilla run has no mc/*, training has no swap rate), so one monitor f
 Conventions that differ from the seed table, and why:
 - ΔNLL@H is mc/adv_delta_mean itself: the controller measures every variant's NLL on the horizon H (the
   shared raw tail) against the recency baseline, so there is no separate horizon metric to read.
-- mc/preference_corr_mean (mc/lens_loss.py) is corr(s_v, -ΔNLL_v): LensNet's policy score against the
+- mc/preference_corr_mean (mc/train/lens_loss.py) is corr(s_v, -ΔNLL_v): LensNet's policy score against the
   *negated* ΔNLL, so agreement is POSITIVE (+1 = perfect). The seed's "negative (close to -1)" is the same
   property in corr(s, ΔNLL) convention. We alert when it is not clearly positive after warm-up.
 - mc/lens_loss is a Bradley-Terry loss: with tied policy scores every pair costs -log σ(0) = log 2 ≈ 0.693,
@@ -29,7 +29,7 @@ Conventions that differ from the seed table, and why:
 
 Rate limit: an alert for a metric is printed at most once per `repeat_every` steps; a band that recovers
 and breaks again within that window stays quiet. With a telemetry provider each printed alert is also an
-`mc_alert` event (mc/telemetry.py).
+`mc_alert` event (mc/ops/telemetry.py).
 """
 
 import math
@@ -214,7 +214,7 @@ class BandMonitor:
     micro_batch_rows: int | None = None  # rows of ONE controller call (MCTrainStep.B), not rows per step
     warmup_steps: int = 100
     repeat_every: int = 200  # steps between two alerts for the same metric
-    telemetry: object = None  # a mc.telemetry provider: each printed alert becomes an mc_alert event
+    telemetry: object = None  # a mc.ops.telemetry provider: each printed alert becomes an mc_alert event
     only: tuple | None = None  # restrict to these metric names (e.g. ("train/mfu",) for the vanilla trainer)
     # thresholds (defaults from the seed's table; see BANDS for the words)
     delta_investigate: float = 0.15
@@ -297,7 +297,7 @@ class BandMonitor:
     def _emit(self, alert: Alert):
         if self.telemetry is None:
             return
-        from mc.telemetry import emit_event  # lazy: alerts stay importable without the telemetry module's deps
+        from mc.ops.telemetry import emit_event  # lazy: alerts stay importable without the telemetry module's deps
 
         emit_event(self.telemetry, "mc_alert", {"metric": alert.metric, "step": int(alert.step),
                                                 "value": float(alert.value), "band": alert.band,

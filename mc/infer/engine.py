@@ -1,6 +1,6 @@
 """
 MCEngine: nanochat.engine.Engine's generate() contract over an MC checkpoint's inference session
-(mc/session.py), with no context limit. The chat front ends (chat_cli --mc, chat_web --mc) use it.
+(mc/infer/session.py), with no context limit. The chat front ends (chat_cli --mc, chat_web --mc) use it.
 
 generate(tokens) ingests the tokens the session has not seen (with reuse_session, a conversation that
 extends the previous call's history token for token continues that session; anything else starts a new
@@ -12,14 +12,14 @@ The tool-use state machine (Row, Engine._choose) is the vanilla Engine's.
 
 import torch
 
-from mc.session import MCSession
+from mc.infer.session import MCSession
 from nanochat.engine import Engine, Row
 from nanochat.gpt import sample_next_token
 
 
 class MCEngine(Engine):
     """Engine-compatible generation over a MegaContext session (module docstring). session_kwargs go to
-    mc.session.MCSession (W, refocus_interval, telemetry, ...). reuse_session=False: every generate()
+    mc.infer.session.MCSession (W, refocus_interval, telemetry, ...). reuse_session=False: every generate()
     builds a fresh session from its tokens (stateless servers: same request, same answer)."""
 
     unbounded = True  # callers: no sequence_len limit on prompt + reply
