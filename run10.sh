@@ -179,7 +179,7 @@ if [ "$QUALITY" = 1 ]; then
   MC_ARGS=(--mc_num_random_variants=4 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.6
            --allocator_recent_tokens=64 --mc_auto_batch=1)
   MC_TAG=d8_mc_quality
-  MC_EVAL_ARGS+=(--wc_length=256 --num_docs=64 --num_probes=64 --probe_multipliers=4)
+  MC_EVAL_ARGS+=(--mc_eval_wc_length=256 --num_docs=64 --num_probes=64 --probe_multipliers=4)
 fi
 TOK_SOURCE=$SOURCE
 if [ "$RECALL" = 1 ]; then

@@ -1,6 +1,12 @@
 """
 MCConfig: every MegaContext knob in one dataclass, validated once, with one clear error per problem.
 
+Each knob is declared once, as a field made by knob(): its default, its command-line flag, its help and
+its allowed values (choices, or a numeric range). Everything else is derived from those declarations:
+the validation, the training flags (add_mc_flags), the override flags of inference, evaluation and the
+benches (add_mc_flags(..., names=..., overrides=True): default None = the checkpoint's value), and FLAGS,
+the table other modules and the docs tests read.
+
 - MCConfig(...)                 dataclass; __post_init__ checks each knob on its own and raises a
                                 ValueError naming the command-line flag (e.g. "--gistnet_pooling=max ...")
 - cfg.validate_against(T)       checks that need the model's sequence length T (= --max_seq_len):
@@ -8,69 +14,102 @@ MCConfig: every MegaContext knob in one dataclass, validated once, with one clea
                                 and can hold a fully compressed covering of a T-token history
 - cfg.wc_length(T)              W in entries: train_wc_length is either an entry count (int >= 1) or a
                                 fraction of T (float in (0, 1]); W = round(fraction * T)
-- add_mc_flags(parser)          adds every --mc_*, --allocator_*, --gistnet_*, --lensnet_* and
-                                --positional_type flag (plus --mc_enabled) to an argparse parser
+- add_mc_flags(parser)          adds every knob's flag (plus --mc_enabled) to an argparse parser
 - MCConfig.from_flags(args)     builds the config from the parsed namespace
 
-Flag names are the field names with a prefix (see FLAGS below); where a flag name differs from the
-field (recent_tokens <- --allocator_recent_tokens, tree <- --mc_tree) the table says so.
+Flag names: --mc_<field> for the tree, working context, losses and inference (--mc_infer_*), the field
+name itself for the --gistnet_*, --lensnet_* and --allocator_* families and --positional_type; where a
+flag differs from its field (recent_tokens <- --allocator_recent_tokens, tree <- --mc_tree) the knob says so.
 Vocabulary: block_size B_s = tokens per LOD1 gist = LOD1 gists per LOD2 gist, so a LOD-l gist covers
 B_s**l tokens (32, 1024 with the default). The working context (WC) holds at most W entries.
 """
 
 import argparse
-from dataclasses import dataclass, fields
+import sys
+from dataclasses import dataclass, field, fields
 
+from nanochat import cli_checks as ck
 from nanochat.common import str2bool
+
+
+def knob(default, flag: str, help: str, *, choices: tuple = (), lo=None, hi=None, lo_open: bool = False,
+         hi_open: bool = False, why: str = ""):
+    """One MC option, declared once: the default, the flag, the help, and the allowed values (choices, or a
+    range [lo, hi] whose ends lo_open / hi_open exclude; `why` explains an excluded end in the error)."""
+    return field(default=default, metadata=dict(flag=flag, help=help, choices=choices, lo=lo, hi=hi,
+                                                lo_open=lo_open, hi_open=hi_open, why=why))
 
 
 @dataclass
 class MCConfig:
     # --- tree / GistNet
-    block_size: int = 32  # tokens per LOD1 gist, and LOD1 gists per LOD2 gist
-    max_lod: int = 2  # coarsest level of detail (LOD2 = one gist per block_size**2 tokens)
-    tree: str = "ram"  # only the in-memory tree exists
-    cache_lod0: bool = True  # keep LOD0 (token embeddings) in the tree after building the gists
-    gistnet_type: str = "transformer"  # transformer | mean (mean = parameter-free MEANPOOL baseline)
-    gistnet_layers: int = 2
-    gistnet_pooling: str = "mean"  # mean | query | cls
-    gistnet_head: str = "mlp"  # mlp | linear
+    block_size: int = knob(32, "--mc_block_size", "tokens per LOD1 gist (and LOD1 gists per LOD2 gist)", lo=2)
+    max_lod: int = knob(2, "--mc_max_lod", "coarsest level of detail (2 = gists of block_size**2 tokens)", lo=1, hi=8)
+    tree: str = knob("ram", "--mc_tree", "MegaContext tree storage (only 'ram')", choices=("ram",))
+    cache_lod0: bool = knob(True, "--mc_cache_lod0", "keep token embeddings in the tree (0 = drop after gisting)")
+    gistnet_type: str = knob("transformer", "--gistnet_type", "transformer | mean (parameter-free mean pooling)",
+                             choices=("transformer", "mean"))
+    gistnet_layers: int = knob(2, "--gistnet_layers", "transformer layers in GistNet", lo=1)
+    gistnet_pooling: str = knob("mean", "--gistnet_pooling", "mean | query | cls", choices=("mean", "query", "cls"))
+    gistnet_head: str = knob("mlp", "--gistnet_head", "mlp | linear", choices=("mlp", "linear"))
     # --- working context / variant sampling
-    train_wc_length: int | float = 0.2  # W: entries (int) or fraction of max_seq_len (float in (0, 1])
-    wc_anneal_start_frac: float = 0.8  # W starts at this fraction of max_seq_len and anneals down to W
-    wc_anneal_steps: int = 0  # steps of the anneal (0 = the whole run)
-    num_random_variants: int = 4  # N compressed variants per sequence (plus the recency baseline)
-    recent_tokens: int = 128  # R >= 1: last R tokens always raw (variants and allocator): the shared horizon of ΔNLL
-    positional_type: str = "gaussian"  # simple | gaussian (RoPE of gists, see mc/positions.py)
+    train_wc_length: int | float = knob(0.2, "--mc_train_wc_length",
+                                        "WC budget W: entries, or a fraction of --max_seq_len")
+    wc_anneal_start_frac: float = knob(0.8, "--mc_wc_anneal_start_frac", "W starts at this fraction of --max_seq_len",
+                                       lo=0.0, hi=1.0, lo_open=True)
+    wc_anneal_steps: int = knob(0, "--mc_wc_anneal_steps", "steps to anneal W to its target (0 = whole run)", lo=0)
+    num_random_variants: int = knob(4, "--mc_num_random_variants", "compressed WC variants per sequence (plus the "
+                                    "recency baseline)", lo=1)
+    recent_tokens: int = knob(128, "--allocator_recent_tokens", "last R tokens always stay raw (variants and "
+                              "allocator): the shared horizon of ΔNLL", lo=1)
+    positional_type: str = knob("gaussian", "--positional_type", "simple | gaussian (RoPE for gists, mc/positions.py)",
+                                choices=("simple", "gaussian"))
     # --- losses
-    gist_delta_weight: float = 0.0  # penalty on variants whose ΔNLL exceeds the recency baseline
-    lens_loss_weight: float = 0.1
-    lens_temperature: float = 1.0  # Bradley-Terry temperature (lower = sharper)
-    lens_hard_negative_ratio: float = 1.0  # fraction of preference pairs kept, by |advantage|
-    lens_adv_norm_beta: float = 0.99  # EMA of the advantage scale
-    lens_kl_weight: float = 0.0  # policy KL regulariser
-    lens_budget_smooth_weight: float = 0.0
-    lens_budget_smooth_beta: float = 0.9
-    lensnet_type: str = "transformer"  # transformer | none (none = no LensNet: fixed focus, the MC-fixed ablation)
-    lensnet_layers: int = 2
-    lensnet_head: str = "mlp"  # mlp | linear
-    lensnet_match: bool = False  # LensNet also reads each span's keymatch score against the recent tail
+    gist_delta_weight: float = knob(0.0, "--mc_gist_delta_weight", "penalty weight on variants worse than the "
+                                    "baseline", lo=0.0)
+    lens_loss_weight: float = knob(0.1, "--mc_lens_loss_weight", "weight of LensNet's preference loss", lo=0.0)
+    lens_temperature: float = knob(1.0, "--mc_lens_temperature", "Bradley-Terry temperature (lower = sharper)",
+                                   lo=0.0, lo_open=True)
+    lens_hard_negative_ratio: float = knob(1.0, "--mc_lens_hard_negative_ratio", "fraction of preference pairs kept, "
+                                           "by |advantage|", lo=0.0, hi=1.0, lo_open=True)
+    lens_adv_norm_beta: float = knob(0.99, "--mc_lens_adv_norm_beta", "EMA beta of the advantage normaliser",
+                                     lo=0.0, hi=1.0, hi_open=True, why="an EMA coefficient of 1 never updates")
+    lens_kl_weight: float = knob(0.0, "--mc_lens_kl_weight", "policy KL regulariser weight", lo=0.0)
+    lens_budget_smooth_weight: float = knob(0.0, "--mc_lens_budget_smooth_weight", "budget smoothing weight", lo=0.0)
+    lens_budget_smooth_beta: float = knob(0.9, "--mc_lens_budget_smooth_beta", "budget smoothing EMA beta",
+                                          lo=0.0, hi=1.0, hi_open=True, why="an EMA coefficient of 1 never updates")
+    lensnet_type: str = knob("transformer", "--lensnet_type", "transformer | none (no LensNet: fixed focus, the "
+                             "MC-fixed ablation)", choices=("transformer", "none"))
+    lensnet_layers: int = knob(2, "--lensnet_layers", "transformer layers in LensNet", lo=1)
+    lensnet_head: str = knob("mlp", "--lensnet_head", "mlp | linear (LensNet's scoring head)", choices=("mlp", "linear"))
+    lensnet_match: bool = knob(False, "--lensnet_match", "LensNet reads each span's content match with the recent "
+                               "tokens (the GPT's layer-0 keys, mc/keymatch.py)")
     # --- focus allocator
-    allocator_type: str = "greedy"  # greedy | stochastic_greedy
-    allocator_sample_top_k: int = 4
-    allocator_sample_temperature: float = 1.0
-    allocator_soft_max_length: int = 0  # the allocator aims at this many entries (0 = W)
-    allocator_expand_threshold: float = 0.1  # expand an entry when its score >= this
-    allocator_collapse_threshold: float = -0.1  # collapse a span when its score <= this
-    allocator_max_replacements: int = 8  # edits per allocator iteration
-    allocator_iterations: int = 1
+    allocator_type: str = knob("greedy", "--allocator_type", "greedy | stochastic_greedy",
+                               choices=("greedy", "stochastic_greedy"))
+    allocator_sample_top_k: int = knob(4, "--allocator_sample_top_k", "stochastic_greedy: sample among the top k",
+                                       lo=1)
+    allocator_sample_temperature: float = knob(1.0, "--allocator_sample_temperature", "stochastic_greedy temperature",
+                                               lo=0.0, lo_open=True)
+    allocator_soft_max_length: int = knob(0, "--allocator_soft_max_length", "entries the allocator aims at (0 = W)",
+                                          lo=0)
+    allocator_expand_threshold: float = knob(0.1, "--allocator_expand_threshold", "expand an entry when its score "
+                                             ">= this")
+    allocator_collapse_threshold: float = knob(-0.1, "--allocator_collapse_threshold", "collapse a span when its "
+                                               "score <= this")
+    allocator_max_replacements: int = knob(8, "--allocator_max_replacements", "edits per allocator iteration", lo=1)
+    allocator_iterations: int = knob(1, "--allocator_iterations", "allocator iterations per refocus", lo=1)
     # --- inference
-    infer_refocus_interval: int = 64  # tokens between LensNet + allocator refocuses while decoding
-    infer_focus: str = "lensnet"  # lensnet | keymatch (the GPT's layer-0 keys pick the blocks, mc/keymatch.py)
-    infer_max_lod: int = 5  # inference: a history that outgrows max_lod grows the tree up to this level (0: never)
+    infer_refocus_interval: int = knob(64, "--mc_infer_refocus_interval", "inference: tokens between LensNet + "
+                                       "allocator refocuses while decoding", lo=1)
+    infer_focus: str = knob("lensnet", "--mc_infer_focus", "inference: lensnet | keymatch (the GPT's layer-0 keys "
+                            "pick the blocks, mc/keymatch.py)", choices=("lensnet", "keymatch"))
+    infer_max_lod: int = knob(5, "--mc_infer_max_lod", "inference: grow the tree up to this level for long histories "
+                              "(each level holds block_size x more tokens; 0 = never grow)", lo=0, hi=8)
     # --- runtime
-    aux_dtype: str = "auto"  # auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, else fp32)
-    auto_batch: bool = True  # shrink the micro-batch for the (1 + N) variants, keep tokens/step
+    aux_dtype: str = knob("auto", "--mc_aux_dtype", "auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, "
+                          "else fp32)", choices=("auto", "fp32", "bf16"))
+    auto_batch: bool = knob(True, "--mc_auto_batch", "scale the micro-batch for the variants (tokens/step unchanged)")
 
     def __post_init__(self):
         for f in fields(self):
@@ -123,58 +162,15 @@ class MCConfig:
 
 
 # ------------------------------------------------------------------ per-knob validation
-_CHOICES = {
-    "tree": ("ram",),
-    "gistnet_type": ("transformer", "mean"),
-    "gistnet_pooling": ("mean", "query", "cls"),
-    "gistnet_head": ("mlp", "linear"),
-    "positional_type": ("simple", "gaussian"),
-    "allocator_type": ("greedy", "stochastic_greedy"),
-    "lensnet_type": ("transformer", "none"),
-    "lensnet_head": ("mlp", "linear"),
-    "infer_focus": ("lensnet", "keymatch"),
-    "aux_dtype": ("auto", "fp32", "bf16"),
-}
-# (lowest allowed, highest allowed, lowest inclusive?) for numeric knobs; None = unbounded
-_RANGES = {
-    "block_size": (2, None, True),
-    "max_lod": (1, 8, True),
-    "infer_max_lod": (0, 8, True),
-    "gistnet_layers": (1, None, True),
-    "wc_anneal_start_frac": (0.0, 1.0, False),
-    "wc_anneal_steps": (0, None, True),
-    "num_random_variants": (1, None, True),
-    "recent_tokens": (1, None, True),
-    "gist_delta_weight": (0.0, None, True),
-    "lens_loss_weight": (0.0, None, True),
-    "lens_temperature": (0.0, None, False),
-    "lens_hard_negative_ratio": (0.0, 1.0, False),
-    "lens_adv_norm_beta": (0.0, 1.0, True),
-    "lens_kl_weight": (0.0, None, True),
-    "lens_budget_smooth_weight": (0.0, None, True),
-    "lens_budget_smooth_beta": (0.0, 1.0, True),
-    "lensnet_layers": (1, None, True),
-    "allocator_sample_top_k": (1, None, True),
-    "allocator_sample_temperature": (0.0, None, False),
-    "allocator_soft_max_length": (0, None, True),
-    "allocator_max_replacements": (1, None, True),
-    "allocator_iterations": (1, None, True),
-    "infer_refocus_interval": (1, None, True),
-}
-_BOOLS = ("cache_lod0", "auto_batch", "lensnet_match")
-_INTS = ("block_size", "max_lod", "infer_max_lod", "gistnet_layers", "wc_anneal_steps", "num_random_variants", "recent_tokens",
-         "lensnet_layers", "allocator_sample_top_k", "allocator_soft_max_length", "allocator_max_replacements",
-         "allocator_iterations", "infer_refocus_interval")
-
-
 def _check(cfg, name, value):
-    flag = FLAG_OF[name]
-    bad = f"{flag}={value!r}"
-    if name in _CHOICES:
-        if value not in _CHOICES[name]:
-            raise ValueError(f"{bad} is not one of {', '.join(_CHOICES[name])}")
+    f = KNOBS[name]
+    meta, kind = f.metadata, f.type
+    bad = f"{meta['flag']}={value!r}"
+    if meta["choices"]:
+        if value not in meta["choices"]:
+            raise ValueError(f"{bad} is not one of {', '.join(meta['choices'])}")
         return
-    if name in _BOOLS:
+    if kind is bool:
         if not isinstance(value, bool):
             raise ValueError(f"{bad} must be a boolean (0/1)")
         return
@@ -186,18 +182,16 @@ def _check(cfg, name, value):
         if isinstance(value, float) and not 0.0 < value <= 1.0:
             raise ValueError(f"{bad}: a fractional length must lie in (0, 1]; give whole entries as an integer")
         return
-    if name in _INTS and (isinstance(value, bool) or not isinstance(value, int)):
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int)):
         raise ValueError(f"{bad} must be an integer")
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ValueError(f"{bad} must be a number")
-    if name in _RANGES:
-        lo, hi, lo_inclusive = _RANGES[name]
-        if lo is not None and (value < lo or (value == lo and not lo_inclusive)):
-            raise ValueError(f"{bad} must be {'>=' if lo_inclusive else '>'} {lo}")
-        if hi is not None and value > hi:
-            raise ValueError(f"{bad} must be <= {hi}")
-        if name in ("lens_adv_norm_beta", "lens_budget_smooth_beta") and value >= 1.0:
-            raise ValueError(f"{bad} must be < 1 (an EMA coefficient of 1 never updates)")
+    lo, hi = meta["lo"], meta["hi"]
+    if lo is not None and (value < lo or (value == lo and meta["lo_open"])):
+        raise ValueError(f"{bad} must be {'>' if meta['lo_open'] else '>='} {lo}")
+    if hi is not None and (value > hi or (value == hi and meta["hi_open"])):
+        raise ValueError(f"{bad} must be {'<' if meta['hi_open'] else '<='} {hi}"
+                         + (f" ({meta['why']})" if meta["why"] else ""))
 
 
 # ------------------------------------------------------------------ command-line flags
@@ -213,65 +207,90 @@ def _wc_length_arg(text):
         raise argparse.ArgumentTypeError(f"expected an entry count (e.g. 512) or a fraction (e.g. 0.25), got {text!r}") from None
 
 
-# (field, flag, argparse type, help)
-FLAGS = [
-    ("block_size", "--mc_block_size", int, "tokens per LOD1 gist (and LOD1 gists per LOD2 gist)"),
-    ("max_lod", "--mc_max_lod", int, "coarsest level of detail (2 = gists of block_size**2 tokens)"),
-    ("tree", "--mc_tree", str, "MegaContext tree storage (only 'ram')"),
-    ("cache_lod0", "--mc_cache_lod0", str2bool, "keep token embeddings in the tree (0 = drop after gisting)"),
-    ("gistnet_type", "--gistnet_type", str, "transformer | mean (parameter-free mean pooling)"),
-    ("gistnet_layers", "--gistnet_layers", int, "transformer layers in GistNet"),
-    ("gistnet_pooling", "--gistnet_pooling", str, "mean | query | cls"),
-    ("gistnet_head", "--gistnet_head", str, "mlp | linear"),
-    ("train_wc_length", "--mc_train_wc_length", _wc_length_arg, "WC budget W: entries, or a fraction of --max_seq_len"),
-    ("wc_anneal_start_frac", "--mc_wc_anneal_start_frac", float, "W starts at this fraction of --max_seq_len"),
-    ("wc_anneal_steps", "--mc_wc_anneal_steps", int, "steps to anneal W to its target (0 = whole run)"),
-    ("num_random_variants", "--mc_num_random_variants", int, "compressed WC variants per sequence"),
-    ("recent_tokens", "--allocator_recent_tokens", int, "last R tokens always stay raw"),
-    ("positional_type", "--positional_type", str, "simple | gaussian (RoPE for gists)"),
-    ("gist_delta_weight", "--mc_gist_delta_weight", float, "penalty weight on variants worse than the baseline"),
-    ("lens_loss_weight", "--mc_lens_loss_weight", float, "weight of LensNet's preference loss"),
-    ("lens_temperature", "--mc_lens_temperature", float, "Bradley-Terry temperature"),
-    ("lens_hard_negative_ratio", "--mc_lens_hard_negative_ratio", float, "fraction of preference pairs kept"),
-    ("lens_adv_norm_beta", "--mc_lens_adv_norm_beta", float, "EMA beta of the advantage normaliser"),
-    ("lens_kl_weight", "--mc_lens_kl_weight", float, "policy KL regulariser weight"),
-    ("lens_budget_smooth_weight", "--mc_lens_budget_smooth_weight", float, "budget smoothing weight"),
-    ("lens_budget_smooth_beta", "--mc_lens_budget_smooth_beta", float, "budget smoothing EMA beta"),
-    ("lensnet_type", "--lensnet_type", str, "transformer | none (no LensNet: fixed focus)"),
-    ("lensnet_layers", "--lensnet_layers", int, "transformer layers in LensNet"),
-    ("lensnet_head", "--lensnet_head", str, "mlp | linear (LensNet's scoring head)"),
-    ("lensnet_match", "--lensnet_match", str2bool, "LensNet reads each span's content match with the recent "
-     "tokens (the GPT's layer-0 keys, mc/keymatch.py)"),
-    ("allocator_type", "--allocator_type", str, "greedy | stochastic_greedy"),
-    ("allocator_sample_top_k", "--allocator_sample_top_k", int, "stochastic_greedy: sample among top-k |score|"),
-    ("allocator_sample_temperature", "--allocator_sample_temperature", float, "stochastic_greedy temperature"),
-    ("allocator_soft_max_length", "--allocator_soft_max_length", int, "entries the allocator aims at (0 = W)"),
-    ("allocator_expand_threshold", "--allocator_expand_threshold", float, "expand when score >= this"),
-    ("allocator_collapse_threshold", "--allocator_collapse_threshold", float, "collapse when score <= this"),
-    ("allocator_max_replacements", "--allocator_max_replacements", int, "edits per allocator iteration"),
-    ("allocator_iterations", "--allocator_iterations", int, "allocator iterations per refocus"),
-    ("infer_refocus_interval", "--mc_infer_refocus_interval", int, "inference: tokens between refocuses"),
-    ("infer_focus", "--mc_infer_focus", str, "inference: lensnet | keymatch (the GPT's layer-0 keys pick blocks)"),
-    ("infer_max_lod", "--mc_infer_max_lod", int, "inference: grow the tree up to this level for long histories "
-     "(each level holds block_size x more tokens; 0 = never grow)"),
-    ("aux_dtype", "--mc_aux_dtype", str, "auto | fp32 | bf16 for GistNet/LensNet"),
-    ("auto_batch", "--mc_auto_batch", str2bool, "scale the micro-batch for the variants (tokens/step unchanged)"),
-]
+def _parse_type(f):
+    """The argparse type of a knob, from its annotation."""
+    return {bool: str2bool, int: int, float: float, str: str}.get(f.type, _wc_length_arg)
+
+
+KNOBS = {f.name: f for f in fields(MCConfig)}
+# (field, flag, argparse type, help): the table the rest of the code and the docs tests read
+FLAGS = [(f.name, f.metadata["flag"], _parse_type(f), f.metadata["help"]) for f in fields(MCConfig)]
 FLAG_OF = {name: flag for name, flag, _, _ in FLAGS}
 
 
-def add_mc_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add --mc_enabled and every MCConfig flag (defaults from the dataclass) to `parser`."""
-    defaults = MCConfig()
-    group = parser.add_argument_group("MegaContext")
-    group.add_argument("--mc_enabled", type=str2bool, default=False, help="train/run with MegaContext (0 = vanilla)")
-    for name, flag, typ, help_text in FLAGS:
-        kwargs = dict(type=typ, default=getattr(defaults, name), help=help_text)
-        if name in _CHOICES:
-            kwargs["choices"] = _CHOICES[name]
-        group.add_argument(flag, **kwargs)
+class _Renamed(argparse.Action):
+    """An old spelling of a flag: still accepted for one release, with a warning naming the new one."""
+
+    def __init__(self, option_strings, dest, new_flag="", **kwargs):
+        self.new_flag = new_flag
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string != self.new_flag:
+            print(f"warning: {option_string} is deprecated and will be removed in the next release; use "
+                  f"{self.new_flag}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+# The working-context budgets of the stages that read a trained config. Not trained knobs (so not fields of
+# MCConfig, whose fields a checkpoint records and resume compares), but declared here, once, for every
+# command: --mc_{train,infer,eval}_wc_length is W at each stage.
+STAGE_FLAGS = {
+    "infer_wc_length": ("--mc_infer_wc_length", ck.positive_int, "inference: the working-context cap W in entries, "
+                        "decoded tokens included (a chat's default: the trained W + one refocus interval; "
+                        "scripts.mc_recall's: 3/4 of sequence_len)"),
+    "eval_wc_length": ("--mc_eval_wc_length", ck.nonneg_int, "evaluation: W, the raw window every condition keeps and the unit of "
+                       "the probe distances (0 = sequence_len / 4 in whole blocks)"),
+}
+
+
+def add_mc_flags(parser: argparse.ArgumentParser, names=None, overrides: bool = False, renamed=None,
+                 title: str = "MegaContext") -> argparse.ArgumentParser:
+    """Add MC flags to `parser`: every knob plus --mc_enabled (training, the benches), or only `names` (knobs,
+    or STAGE_FLAGS' names). overrides=True: default None, "the checkpoint's value" (inference and evaluation
+    read a trained config and override some of it). renamed: {name: old spellings still accepted for one
+    release, with a warning}."""
+    group = parser.add_argument_group(title)
+    if names is None:
+        group.add_argument("--mc_enabled", type=str2bool, default=False, help="train/run with MegaContext (0 = vanilla)")
+    unknown = set(names or ()) - set(KNOBS) - set(STAGE_FLAGS)
+    if unknown:
+        raise ValueError(f"not MC knobs: {sorted(unknown)}")
+    rows = [(n, *STAGE_FLAGS[n]) for n in names or () if n in STAGE_FLAGS]
+    rows += [(n, flag, typ, help_text) for n, flag, typ, help_text in FLAGS if names is None or n in names]
+    for name, flag, typ, help_text in rows:
+        if name in STAGE_FLAGS:
+            kwargs = dict(type=typ, default=None, help=help_text)
+        else:
+            kwargs = dict(type=typ, default=None if overrides else KNOBS[name].default,
+                          help=help_text + (" (default: the checkpoint's)" if overrides else ""))
+            if KNOBS[name].metadata["choices"]:
+                kwargs["choices"] = KNOBS[name].metadata["choices"]
+        old = (renamed or {}).get(name, ())
+        if old:
+            kwargs.update(action=_Renamed, new_flag=flag)
+        group.add_argument(flag, *old, dest=flag.lstrip("-"), **kwargs)
     return parser
 
+
+# What a chat session may override at start-up (chat_cli, chat_web): its W cap and three inference knobs.
+SESSION_FLAGS = ("infer_wc_length", "infer_refocus_interval", "infer_focus", "infer_max_lod")
+
+
+def add_session_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    return add_mc_flags(parser, names=SESSION_FLAGS, overrides=True, title="MegaContext session (with --mc)")
+
+
+def session_overrides(args: argparse.Namespace) -> dict:
+    """MCEngine / MCSession keyword arguments from add_session_flags' flags (None = the checkpoint's)."""
+    return {"W": args.mc_infer_wc_length, "refocus_interval": args.mc_infer_refocus_interval,
+            "focus": args.mc_infer_focus, "max_lod": args.mc_infer_max_lod}
+
+
+def given_session_flags(args: argparse.Namespace) -> list[str]:
+    """The session flags that were given (they only mean something with --mc)."""
+    flags = {**{n: f for n, (f, _, _) in STAGE_FLAGS.items()}, **FLAG_OF}
+    return [flags[n] for n in SESSION_FLAGS if getattr(args, flags[n].lstrip("-"), None) is not None]
 
 
 def overridden_flags(args: argparse.Namespace, names=None) -> list[str]:

@@ -154,7 +154,7 @@ CASES = [
     _r("chat_eval", "-i", "sft", "-g", "badhead", "--device_type", "cpu", expect="meta.json"),
     _r("base_loss", "--model_tag=nosuchtag", "--device_type=cpu", expect="nosuchtag"),
     _r("mc_eval", "--source=sft", "--model_tag=flipped", "--device_type=cpu", expect="sha256"),
-    _r("mc_eval", "--model_tag=tiny", "--wc_length=32", "--probe_multipliers=x", "--device_type=cpu",
+    _r("mc_eval", "--model_tag=tiny", "--mc_eval_wc_length=32", "--probe_multipliers=x", "--device_type=cpu",
        expect="--probe_multipliers"),
     _r("mc_bench", "--histories=abc", "--device_type=cpu", expect="--histories"),
     _r("base_train", "--resume=soon", "--device_type=cpu", expect="--resume"),

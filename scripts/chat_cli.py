@@ -25,6 +25,7 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 import argparse
 import sys
 
+from mc.config import add_session_flags, given_session_flags, session_overrides
 from mc.infer.checkpoint import load_model
 from mc.infer.engine import MCEngine
 from nanochat import cli_checks as ck
@@ -48,23 +49,13 @@ def parse_args(argv=None):
     p.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"],
                    help="cuda | cpu | mps (empty = autodetect)")
     p.add_argument("--mc", action="store_true", help="use the MegaContext inference session (unbounded chats)")
-    p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
-                   help="--mc: working-context cap W in entries, decoded tokens included (default: the checkpoint's "
-                        "training W + the refocus interval, at most sequence_len)")
-    p.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
-                   help="--mc: tokens between LensNet refocuses while decoding (default: the checkpoint's)")
-    p.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
-                   help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys; "
-                        "default: the checkpoint's)")
-    p.add_argument("--mc_infer_max_lod", type=ck.nonneg_int, default=None,
-                   help="--mc: the highest level of detail the tree may grow to for long chats (each level holds "
-                        "block_size x more tokens; 0 = never grow; default: the checkpoint's, 5)")
     p.add_argument("--mc_stats", action="store_true", help="--mc: print the session's numbers after each reply")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
+    add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod
     args = p.parse_args(argv)
-    for name in ("mc_infer_wc_length", "mc_infer_refocus_interval", "mc_infer_focus", "mc_infer_max_lod", "mc_stats"):
-        if getattr(args, name) not in (None, False) and not args.mc:
-            p.error(f"--{name} only applies to MegaContext chats: add --mc")
+    for flag in given_session_flags(args) + (["--mc_stats"] if args.mc_stats else []):
+        if not args.mc:
+            p.error(f"{flag} only applies to MegaContext chats: add --mc")
     return args
 
 
@@ -84,10 +75,8 @@ def make_generator(model, tokenizer, use_mc: bool, args=None, telemetry=None):
     from mc.infer.session import MCSessionError
 
     try:
-        return MCEngine(model, tokenizer, reuse_session=True, W=getattr(args, "mc_infer_wc_length", None),
-                        refocus_interval=getattr(args, "mc_infer_refocus_interval", None),
-                        focus=getattr(args, "mc_infer_focus", None), max_lod=getattr(args, "mc_infer_max_lod", None),
-                        telemetry=telemetry)
+        overrides = session_overrides(args) if args is not None else {}
+        return MCEngine(model, tokenizer, reuse_session=True, telemetry=telemetry, **overrides)
     except MCSessionError as e:
         die(str(e))
 

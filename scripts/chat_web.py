@@ -55,6 +55,7 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from mc.config import add_session_flags, given_session_flags, session_overrides
 from mc.infer.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat import web_guard as wg
@@ -442,14 +443,6 @@ def main(argv=None):
     parser.add_argument("--top_k", type=ck.top_k, default=50, help="default when a request sets none")
     parser.add_argument("--max_tokens", type=ck.positive_int, default=512, help="default when a request sets none")
     parser.add_argument("--mc", action="store_true", help="MegaContext session per request (an MC checkpoint)")
-    parser.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
-                        help="--mc: working-context cap W in entries")
-    parser.add_argument("--mc_infer_refocus_interval", type=ck.positive_int, default=None,
-                        help="--mc: tokens between refocuses")
-    parser.add_argument("--mc_infer_focus", choices=("lensnet", "keymatch"), default=None,
-                        help="--mc: who picks the blocks to expand (keymatch: the GPT's own layer-0 keys)")
-    parser.add_argument("--mc_infer_max_lod", type=ck.nonneg_int, default=None,
-                        help="--mc: the highest level of detail the tree may grow to (0 = never grow)")
     parser.add_argument("--max_queue", type=ck.nonneg_int, default=MAX_QUEUE,
                         help="requests that may wait for a busy worker; more get 503 + Retry-After")
     parser.add_argument("--request_timeout", type=ck.nonneg_float, default=REQUEST_TIMEOUT,
@@ -460,11 +453,10 @@ def main(argv=None):
     parser.add_argument("--allowed_hosts", default="",
                         help="comma-separated extra Host names/addresses to answer besides localhost and --host "
                              "(e.g. the machine's LAN name under --host 0.0.0.0); '*' = any")
+    add_session_flags(parser)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod
     args = parser.parse_args(argv)
-    mc_only = (args.mc_infer_wc_length, args.mc_infer_refocus_interval, args.mc_infer_focus, args.mc_infer_max_lod)
-    if not args.mc and any(v is not None for v in mc_only):
-        die("--mc_infer_wc_length / --mc_infer_refocus_interval / --mc_infer_focus / --mc_infer_max_lod only apply "
-            "with --mc")
+    if not args.mc and given_session_flags(args):
+        die(f"{' / '.join(given_session_flags(args))} only apply with --mc")
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
@@ -479,10 +471,7 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     try:
         workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
-                                         mc=args.mc, mc_kwargs={"W": args.mc_infer_wc_length,
-                                                                "refocus_interval": args.mc_infer_refocus_interval,
-                                                                "focus": args.mc_infer_focus,
-                                                                "max_lod": args.mc_infer_max_lod})
+                                         mc=args.mc, mc_kwargs=session_overrides(args))
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}

@@ -82,12 +82,12 @@ def build_parser():
     a("--rounds", type=ck.positive_int, default=8,
       help="interleaved timing rounds (default: one refocus interval each)")
     a("--max_full_tokens", type=ck.nonneg_int, default=16384, help="skip full attention above this history")
-    a("--mc_infer_wc_length", type=ck.positive_int, default=None, help="W (default: the session's default)")
     a("--random_lensnet", type=str2bool, default=False,
   help="random-model LensNet with random output weights (default: fresh, scores 0: forced collapses only)")
     a("--threads", type=ck.nonneg_int, default=1, help="torch CPU threads (0 = torch's default); 1 suits tiny models")
     a("--out", default="", help="write the numbers as JSON here")
     add_mc_flags(p)
+    add_mc_flags(p, names=("infer_wc_length",), title="MegaContext session")  # W (default: the session's)
     # a random model's MC defaults: room for 64K-token histories in a 512-token context
     p.set_defaults(mc_train_wc_length=0.75, allocator_recent_tokens=64, gistnet_layers=1)
     return p

@@ -10,7 +10,7 @@ Long-context quality of one checkpoint, MegaContext conditions side by side.
 What it measures (mc/eval/conditions.py has the definitions and the math):
 - conditions FULL, RECENCY, RECENCY-EQ, RECENCY-EQ-FOCUS, MEANPOOL, MC, MC-fixed, MC-KEYMATCH,
   MC-LensNet, SHUFFLED, ORACLE: the same history seen through different working-context plans; all
-  keep at least the last W tokens raw (W = --wc_length, default sequence_len / 4), are scored on those
+  keep at least the last W tokens raw (W = --mc_eval_wc_length, default sequence_len / 4), are scored on those
   W targets, and differ only in what stands for the tokens before that cut. RECENCY-EQ is RECENCY at
   equal entries: the last n raw tokens, n = the entries MC reads (covering + W); RECENCY-EQ-FOCUS the
   same at MC-fixed's entries. MC-fixed, MC-KEYMATCH, MC-LensNet and ORACLE get the same focus budget:
@@ -56,6 +56,7 @@ import time
 
 import torch
 
+from mc.config import add_mc_flags
 from mc.eval.conditions import BOUNDARY_TOKENS
 from mc.eval.data import doc_item, probe_items, read_tasks, task_item, text_item
 from mc.eval.plot import plot_exact_match
@@ -78,8 +79,6 @@ def build_parser():
                    help="<source>_checkpoints/<tag> (default: most recently written)")
     p.add_argument("--step", type=ck.nonneg_int, default=None, help="checkpoint step (default: latest)")
     p.add_argument("--device_type", default="", help="cuda|cpu|mps (empty = autodetect)")
-    p.add_argument("--wc_length", type=ck.nonneg_int, default=0,
-                   help="W: raw window / RECENCY length (0 = sequence_len / 4)")
     p.add_argument("--horizon", type=ck.nonneg_int, default=0, help="H: scored tail of the window (0 = W)")
     p.add_argument("--doc_tokens", type=ck.nonneg_int, default=0,
                    help="history length T of each document (0 = sequence_len)")
@@ -97,18 +96,15 @@ def build_parser():
                    help="associative-recall history length in multiples of W")
     p.add_argument("--focus_budget", type=ck.nonneg_int, default=0,
                    help="E: entries beyond the covering for MC-fixed, MC-LensNet, ORACLE (0 = 4 x (block_size - 1))")
-    p.add_argument("--allocator_iterations", type=ck.nonneg_int, default=0,
-                   help="allocator iterations of MC-LensNet's refocus (0 = max(checkpoint's, max_lod): enough "
-                        "for LOD2 -> LOD1 -> raw in one refocus)")
     p.add_argument("--batch_size", type=ck.positive_int, default=8, help="items per forward")
     p.add_argument("--gists", default="auto", choices=["auto", "learned", "mean"],
                    help="gists of the MC conditions: the checkpoint's GistNet (learned) or mean pooling")
-    p.add_argument("--block_size", type=ck.nonneg_int, default=0,
-                   help="tokens per gist (0 = the checkpoint's, else 32)")
-    p.add_argument("--max_lod", type=ck.nonneg_int, default=0,
-                   help="coarsest gist level (0 = the checkpoint's, else 2)")
-    p.add_argument("--positional_type", default="", choices=["", "simple", "gaussian"],
-                   help="RoPE of gists (empty = the checkpoint's, else gaussian)")
+    # the MC knobs an evaluation may override (default: the checkpoint's; a vanilla checkpoint gets MCConfig's):
+    # W (--mc_eval_wc_length, 0 = sequence_len / 4 in whole blocks), the tree shape, the RoPE of gists, and
+    # MC-LensNet's allocator iterations (default max(the checkpoint's, max_lod)). Old spellings warn for a release.
+    add_mc_flags(p, names=("eval_wc_length", "block_size", "max_lod", "positional_type", "allocator_iterations"),
+                 overrides=True, renamed={"eval_wc_length": ("--wc_length",), "block_size": ("--block_size",),
+                                          "max_lod": ("--max_lod",)}, title="MegaContext overrides")
     p.add_argument("--diagnostic", type=ck.nonneg_int, default=1, help="run the GistNet diagnostic (0/1)")
     p.add_argument("--n_boot", type=ck.nonneg_int, default=1000, help="bootstrap replicates")
     p.add_argument("--seed", type=int, default=0, help="seed for data and bootstrap")
@@ -126,10 +122,10 @@ def _checkpoint_settings(args, model, meta):
             "MC modules (model.mc_modules is None); update nanochat/checkpoint_manager.py")
     learned = getattr(modules, "gistnet", None) if modules is not None else None
     get = lambda flag, field, default: flag or (getattr(mc_config, field) if mc_config is not None else default)
-    bs, max_lod, pos = get(args.block_size, "block_size", 32), get(args.max_lod, "max_lod", 2), \
+    bs, max_lod, pos = get(args.mc_block_size, "block_size", 32), get(args.mc_max_lod, "max_lod", 2), \
         get(args.positional_type, "positional_type", "gaussian")
     if mc_config is not None and (bs, max_lod) != (mc_config.block_size, mc_config.max_lod):
-        die(f"--block_size/--max_lod ({bs}/{max_lod}) differ from the checkpoint's ({mc_config.block_size}/"
+        die(f"--mc_block_size/--mc_max_lod ({bs}/{max_lod}) differ from the checkpoint's ({mc_config.block_size}/"
             f"{mc_config.max_lod}); its GistNet was trained with those: drop the flags")
     if args.gists == "learned" and learned is None:
         die("--gists=learned but the checkpoint has no GistNet (a vanilla checkpoint); use --gists=auto or mean")
@@ -146,7 +142,7 @@ def _focus_settings(args, model, max_lod):
     mc_config = getattr(model, "mc_config", None)
     modules = getattr(model, "mc_modules", None)
     lensnet = getattr(modules, "lensnet", None) if modules is not None else None
-    if args.allocator_iterations < 0:
+    if args.allocator_iterations is not None and args.allocator_iterations < 0:
         die(f"--allocator_iterations={args.allocator_iterations} must be >= 0 (0 = max(checkpoint's, max_lod))")
     reason = None
     if mc_config is None:
@@ -199,11 +195,11 @@ def main(argv=None):
     step = meta.get("_checkpoint", {}).get("step", args.step)
     learned, bs, max_lod, pos_type = _checkpoint_settings(args, model, meta)
     T_seq = model.config.sequence_len
-    W = args.wc_length or (T_seq // 4) // bs * bs
+    W = args.mc_eval_wc_length or (T_seq // 4) // bs * bs
     H = args.horizon or W
     T_doc = args.doc_tokens or T_seq
     if W < 1 or W % bs or W > T_seq:
-        die(f"--wc_length={W} must be a positive multiple of the block size {bs}, at most sequence_len={T_seq}")
+        die(f"--mc_eval_wc_length={W} must be a positive multiple of the block size {bs}, at most sequence_len={T_seq}")
     if not 1 <= H <= W:
         die(f"--horizon={H} must be in [1, W={W}]: scored tokens must be raw in every condition")
     if T_doc % bs or T_doc < W:

@@ -30,6 +30,7 @@ import time
 import numpy as np
 import torch
 
+from mc.config import add_mc_flags
 from mc.eval.data import probe_item
 from mc.infer.checkpoint import load_model
 from mc.infer.session import MCSession, MCSessionError
@@ -49,11 +50,11 @@ def build_parser():
     p.add_argument("--probes", type=ck.positive_int, default=8, help="passkeys per history length")
     p.add_argument("--needle_at", type=float, default=0.02, help="where the passkey is stated, as a fraction of H")
     p.add_argument("--turn_tokens", type=ck.positive_int, default=4096, help="tokens per user turn (one refocus each)")
-    p.add_argument("--mc_infer_wc_length", type=ck.positive_int, default=None,
-                   help="W, the session's entry cap (default 3/4 of the GPT's sequence_len: 384 at T = 512, which "
-                        "holds ~300K tokens at max LOD 2; the checkpoint's own W is sized for training)")
     p.add_argument("--conditions", default=",".join(CONDITIONS), help="comma list of " + ", ".join(CONDITIONS))
     p.add_argument("--seed", type=int, default=0, help="probe set (mc_eval reports seed 0)")
+    # W, the session's entry cap (default 3/4 of sequence_len: 384 at T = 512 holds ~300K tokens at max LOD 2;
+    # the checkpoint's own W is sized for training)
+    add_mc_flags(p, names=("infer_wc_length",), title="MegaContext session")
     p.add_argument("--device_type", default="", choices=["", "cuda", "cpu", "mps"])
     p.add_argument("--out", default="", help="write the numbers as JSON here")
     return p

@@ -125,3 +125,78 @@ def test_from_flags_without_add_mc_flags():
 def test_soft_max_length_against_sequence():
     with pytest.raises(ValueError, match="--allocator_soft_max_length=4096 exceeds --max_seq_len=2048"):
         MCConfig(allocator_soft_max_length=4096).validate_against(2048)
+
+
+# ------------------------------------------------------------------ one source per knob
+def _mc_options(parser) -> dict:
+    """option string -> argparse action, for every MC flag a command's parser has."""
+    from mc.config import FLAG_OF, STAGE_FLAGS
+
+    mc_flags = set(FLAG_OF.values()) | {flag for flag, _, _ in STAGE_FLAGS.values()}
+    return {o: a for a in parser._actions for o in a.option_strings if o in mc_flags}
+
+
+def test_every_command_takes_its_mc_flags_from_the_config():
+    """chat_cli, chat_web, mc_eval, mc_recall, the benches and base_train declare no MC flag by hand: each
+    comes from mc/config.py with the knob's type, help and choices (so a new range or help shows everywhere)."""
+    import importlib
+
+    from mc.config import FLAGS, STAGE_FLAGS
+
+    declared = {flag: (typ, help_text) for _, flag, typ, help_text in FLAGS}
+    declared.update({flag: (typ, help_text) for flag, typ, help_text in STAGE_FLAGS.values()})
+    seen = set()
+    for module in ("scripts.chat_cli", "scripts.chat_web", "scripts.mc_eval", "scripts.mc_recall", "scripts.mc_bench",
+                   "scripts.mc_bench_train", "scripts.base_train"):
+        mod = importlib.import_module(module)
+        parser = _capture_parser(mod)
+        for flag, action in _mc_options(parser).items():
+            typ, help_text = declared[flag]
+            assert action.type is typ and action.help.startswith(help_text), (module, flag)
+            seen.add(flag)
+    assert {"--mc_infer_wc_length", "--mc_infer_focus", "--mc_eval_wc_length", "--mc_block_size"} <= seen
+
+
+def _capture_parser(mod):
+    """The argparse parser a script builds (build_parser(), or the one its parse_args() makes)."""
+    if hasattr(mod, "build_parser"):
+        return mod.build_parser()
+    captured = {}
+    real = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured["parser"] = self
+        raise SystemExit(0)
+
+    argparse.ArgumentParser.parse_args = grab
+    try:
+        try:
+            (mod.parse_args if hasattr(mod, "parse_args") else mod.main)([])
+        except SystemExit:
+            pass
+    finally:
+        argparse.ArgumentParser.parse_args = real
+    return captured["parser"]
+
+
+def test_old_spellings_still_work_with_a_warning(capsys):
+    p = add_mc_flags(argparse.ArgumentParser(allow_abbrev=False), names=("eval_wc_length", "block_size"),
+                     overrides=True, renamed={"eval_wc_length": ("--wc_length",), "block_size": ("--block_size",)})
+    args = p.parse_args(["--wc_length=64", "--block_size", "16"])
+    assert args.mc_eval_wc_length == 64 and args.mc_block_size == 16
+    err = capsys.readouterr().err
+    assert "--wc_length is deprecated" in err and "use --mc_eval_wc_length" in err and "--block_size is deprecated" in err
+    args = p.parse_args(["--mc_eval_wc_length=64"])
+    assert args.mc_eval_wc_length == 64 and args.mc_block_size is None and capsys.readouterr().err == ""
+
+
+def test_overrides_default_to_the_checkpoint():
+    from mc.config import add_session_flags, given_session_flags, session_overrides
+
+    args = add_session_flags(argparse.ArgumentParser(allow_abbrev=False)).parse_args([])
+    assert session_overrides(args) == {"W": None, "refocus_interval": None, "focus": None, "max_lod": None}
+    assert given_session_flags(args) == []
+    args = add_session_flags(argparse.ArgumentParser(allow_abbrev=False)).parse_args(
+        ["--mc_infer_wc_length=300", "--mc_infer_focus=keymatch"])
+    assert session_overrides(args)["W"] == 300 and session_overrides(args)["focus"] == "keymatch"
+    assert given_session_flags(args) == ["--mc_infer_wc_length", "--mc_infer_focus"]

@@ -345,7 +345,7 @@ def test_end_to_end_untrained_model_is_not_valid(base_dir, tmp_path, capsys):
 
 
 def test_bad_flags_stop_with_a_clear_error(base_dir, capsys):
-    for flags, msg in ((["--wc_length=40"], "multiple of the block size"), (["--horizon=64"], "--horizon"),
+    for flags, msg in ((["--mc_eval_wc_length=40"], "multiple of the block size"), (["--horizon=64"], "--horizon"),
                        (["--doc_tokens=100"], "--doc_tokens"), (["--gists=learned"], "no GistNet"),
                        (["--probe_multipliers=x"], "--probe_multipliers"), (["--focus_budget=-1"], "--focus_budget"),
                        (["--assoc_multiplier=1"], "--assoc_multiplier"), (["--assoc_queries=9"], "--assoc_queries")):
@@ -406,7 +406,7 @@ def test_mc_checkpoint_uses_its_learned_gistnet(base_dir, tmp_path):
     d = data["gistnet_diagnostic"]["nll"]
     assert d["gist"]["value"] != d["meanpool"]["value"]
     with pytest.raises(SystemExit):  # its GistNet was trained on 32-token blocks
-        mc_eval.main(["--device_type=cpu", "--model_tag=mc", "--num_docs=1", "--num_probes=0", "--block_size=16"])
+        mc_eval.main(["--device_type=cpu", "--model_tag=mc", "--num_docs=1", "--num_probes=0", "--mc_block_size=16"])
     # trained with --lensnet_type=none: MC-LensNet is "not available: <reason>", never silently dropped
     cfg_none = MCConfig(gistnet_layers=1, lensnet_type="none")
     save_checkpoint(str(base_dir / "base_checkpoints" / "fixed"), 3,
