@@ -7,7 +7,7 @@ Pieces shared by the chat training scripts (scripts/mid_train.py, chat_sft.py, c
   puts them into the GPT's two optimizers, trainable_params() lists GPT + MC parameters (for gradient
   averaging and clipping), model_state_for_save() / mc_meta() write them back in the checkpoint
   convention ("mc."-prefixed weights + meta["mc_config"]), so the next stage loads them again.
-The MC training step with the trainer's error policy is mc.train.train_step.process_or_die; the midtraining
+The MC training step is mc.train.train_step.MCTrainStep (the same one pretraining runs); the midtraining
 and SFT mixtures live in tasks/mixtures.py. Nothing here imports mc or tasks: the MC modules are
 reached through the model's attributes and the checkpoint's "mc." prefix only.
 """

@@ -269,10 +269,12 @@ def main(argv=None):
         if src_step is None:
             die(f"no complete checkpoint in {src_dir}; train the {args.source} stage first")
         try:
-            model, tokenizer, _ = build_model(src_dir, src_step, device, phase="train")
+            model, tokenizer, src_meta = build_model(src_dir, src_step, device, phase="train")
         except (CheckpointError, FileNotFoundError, ValueError) as e:
             die(str(e))
         print0(f"starting from {src_dir} step {src_step}")
+    # the checkpoint convention: the MC step's state (LensNet's EMAs) passes through RL untouched, like the weights
+    mc_train_state = (meta if meta is not None else src_meta).get("mc_train_state")
     mc_modules, _ = mc_parts(model)
     mc_matrix, mc_adam = mc_optimizer_params(mc_modules)
     f = args.init_lr_frac
@@ -308,7 +310,7 @@ def main(argv=None):
     def save(step, directory=checkpoint_dir, extra_meta=None):
         m = {"step": step, "model_config": vars(model.config), "user_config": user_config, "world_size": world_size,
              "tokens": tokens, "source": args.source, "source_tag": src_tag, "pass_at_k": last_pass, **mc_meta(model),
-             **(extra_meta or {})}
+             **({"mc_train_state": mc_train_state} if mc_train_state is not None else {}), **(extra_meta or {})}
         save_checkpoint(directory, step, model_state_for_save(model), [o.state_dict() for o in optimizers], m,
                         rank=rank, world_size=world_size, extra_rank_state=rng_state(device),
                         keep_last_n=args.keep_last if directory == checkpoint_dir else None)

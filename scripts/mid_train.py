@@ -36,19 +36,18 @@ device_batch_size × max_seq_len × world × grad_accum; steps become token inte
 The horizon is --num_iterations steps, or (-1) --num_epochs passes over the train mixture, measured by
 the loader's conversation cursor (the same on every rank).
 
-MegaContext. A checkpoint loaded with MC modules (model.mc_modules, see dev/INTERFACES.md) keeps them:
-they join the optimizers and are saved as `mc.`-prefixed weights with meta["mc_config"]. When
-mc/train/controller.py exists, rows are packed (--pack defaults to 1, --pack 0 is refused: the controller
-needs a contiguous T-token history) and micro-batches whose rows are longer than the working context
-W train through MCController.process_batch at the target W (no second anneal). Its full-sequence LM
-term uses our targets, so it is masked to assistant tokens; its variant term (gists -> next token) is
-over every token, as in MC pretraining. Without the controller the MC weights are carried through
-unchanged (logged).
+MegaContext. A checkpoint loaded with MC modules (model.mc_modules, mc/infer/checkpoint.py) keeps them:
+they join the optimizers and are saved as `mc.`-prefixed weights with meta["mc_config"] and LensNet's EMAs
+in meta["mc_train_state"], as in pretraining. Rows are packed (--pack defaults to 1, --pack 0 is refused:
+the MC step needs a contiguous T-token history) and micro-batches whose rows are longer than the working
+context W train through the same MC step as pretraining (mc.train.train_step.MCTrainStep: row ids from
+the loader's row counter, the EMA commit once per optimizer step, the `mc |` log line) at the target W
+(no second anneal). Its full-sequence LM term uses our targets, so it is masked to assistant tokens;
+its variant term (gists -> next token) is over every token, as in MC pretraining.
 """
 
 import argparse
 import dataclasses
-import importlib.util
 import math
 import os
 import sys
@@ -58,7 +57,8 @@ import torch
 from tqdm import tqdm
 
 from mc.infer.checkpoint import build_model
-from mc.train.train_step import process_or_die
+from mc.train.controller import MCController
+from mc.train.train_step import MCTrainStep
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
 from nanochat.cadence import parse_cadence, to_token_intervals
@@ -269,9 +269,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     mc_modules, mc_config = mc_parts(model)
     if mc_modules is not None:
         mc_modules.train()
-    use_controller = mc_modules is not None and importlib.util.find_spec("mc.train.controller") is not None
-    pack = args.pack if args.pack is not None else (use_controller or d["pack"])
-    if use_controller and not pack:
+    pack = args.pack if args.pack is not None else (mc_modules is not None or d["pack"])
+    if mc_modules is not None and not pack:
         die("--pack=0 with a MegaContext checkpoint: MC rows train through the MC controller, which needs full "
             "packed rows of max_seq_len tokens (a contiguous history); drop --pack=0")
 
@@ -331,11 +330,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
     all_params = trainable_params(orig_model)
     use_compile = args.compile if args.compile is not None else (device_type == "cuda" and pack)
     model = torch.compile(orig_model, dynamic=False) if use_compile else orig_model
-    controller, mc_status, wc_len = None, "none (vanilla checkpoint)", None
-    if mc_modules is not None and not use_controller:
-        mc_status = "carried through unchanged (mc/train/controller.py not available; MC weights get no gradient)"
-    elif use_controller:
-        from mc.train.controller import MCController
+    mc_step, mc_status, wc_len = None, "none (vanilla checkpoint)", None
+    if mc_modules is not None:
         # The checkpoint was annealed to its working context in pretraining: train at the target W, no re-anneal.
         controller = MCController(orig_model, mc_modules, dataclasses.replace(mc_config, wc_anneal_steps=0),
                                   forward_model=model, total_steps=0, seed=args.seed)
@@ -343,8 +339,10 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             wc_len = controller.target_wc_length(T)
         except ValueError as e:
             die(f"the checkpoint's MegaContext config does not fit --max_seq_len={T}: {e}")
+        mc_step = MCTrainStep(controller, rows_per_step=total_batch_size // T, B=B, rank=rank, world_size=world_size,
+                              report_dir=os.path.join(base_dir, "report"), fail=die)
         if resumed_meta is not None:  # LensNet's EMAs (mc/train/controller.py), same on every rank
-            controller.load_lens_state((resumed_meta.get("mc_train_state") or {}).get("lens"))
+            mc_step.load_state_dict(resumed_meta.get("mc_train_state"))
         mc_status = (f"trained through MCController: micro-batches with rows longer than the working context "
                      f"W={wc_len} (packed rows of {T} tokens)")
     if mc_modules is not None:
@@ -364,8 +362,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                 "world_size": world_size, "device_batch_size": B, "max_seq_len": T, "stage": stage,
                 "val_bpb": last_val_bpb, "source": args.source, "source_tag": src_tag, **mc_meta(orig_model),
                 **(extra_meta or {})}
-        if controller is not None:
-            meta["mc_train_state"] = {"lens": controller.lens_state_dict()}
+        if mc_step is not None:
+            meta["mc_train_state"] = mc_step.state_dict()
         rank_state = {"loader": loader_state_now, **rng_state(device)}
         save_checkpoint(directory, step, model_state_for_save(orig_model), [o.state_dict() for o in optimizers],
                         meta, rank=rank, world_size=world_size, extra_rank_state=rank_state,
@@ -430,15 +428,14 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
         else:
             step_loss, parts = torch.zeros((), device=device, dtype=torch.float64), None
             for k, (x, y) in enumerate(batches):
-                if controller is not None and x.size(1) > wc_len:
-                    # the controller's loss is a mean (full-sequence LM loss over y's targets + variant loss):
+                if mc_step is not None and x.size(1) > wc_len:
+                    # the MC step's loss is a mean (full-sequence LM loss over y's targets + variant loss):
                     # weight it by this micro-batch's share of the step's supervised tokens
                     n_k = int((y >= 0).sum())
-                    row0 = state_before_step["rows"] + (k * world_size + rank) * B
-                    result = process_or_die(controller, x, y, step, torch.arange(row0, row0 + B, device=x.device))
-                    loss = result.loss * (n_k * world_size / n_global)
-                    token_loss_sum = result.lm_loss * n_k
-                    mc_rows, parts = mc_rows + x.size(0), loss_parts(result.metrics)
+                    mc_loss, lm_loss = mc_step(x, y, step, k, step_first_row=state_before_step["rows"])
+                    loss = mc_loss * (n_k * world_size / n_global)
+                    token_loss_sum = lm_loss * n_k
+                    mc_rows, parts = mc_rows + x.size(0), loss_parts(mc_step.last_result.metrics)
                 else:
                     with autocast_ctx(device_type):
                         loss, token_loss_sum = micro_batch_loss(model, x, y, n_global, world_size)
@@ -446,8 +443,6 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                 guard.watch(k, loss, parts)
                 step_loss += token_loss_sum.double()
                 loss.backward()
-            if controller is not None:
-                controller.commit_step(all_reduce_sum)  # LensNet's EMAs advance once per optimizer step
             if ddp:
                 # Average gradients across processes before clipping: the clip sees the global gradient.
                 average_gradients(all_params)
@@ -482,11 +477,16 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                 tok_per_sec = interval_tokens / max(interval_time, 1e-9)
                 line = (f"step {step:05d}{'/' + str(num_iterations) if num_iterations else ''} | loss {train_loss:.4f} | "
                         f"epoch {train_loader.cursor / n_train:.3f} | dt {dt * 1000:.0f}ms | tok/s {tok_per_sec:,.0f}")
+                metrics = {"step": step, "train/loss": train_loss, "train/tokens": tokens_after,
+                           "train/tok_per_sec": tok_per_sec, "train/epoch": train_loader.cursor / n_train,
+                           "train/supervised_tokens": supervised_total, "train/tokens_per_step": total_batch_size}
+                if mc_step is not None:  # + the "mc |" line, as in MC pretraining
+                    mc_metrics, mc_line = mc_step.log(step, dt * 1000, grad_accum_steps)
+                    metrics.update(mc_metrics)
+                    line += "\n" + mc_line
                 if master:
                     tqdm.write(line)
-                wandb_run.log({"step": step, "train/loss": train_loss, "train/tokens": tokens_after,
-                               "train/tok_per_sec": tok_per_sec, "train/epoch": train_loader.cursor / n_train,
-                               "train/supervised_tokens": supervised_total, "train/tokens_per_step": total_batch_size})
+                wandb_run.log(metrics)
                 log_curve({"step": step, "tokens": tokens_after, "train_loss": train_loss})
             loss_sum.zero_()
             target_sum.zero_()

@@ -218,7 +218,7 @@ def test_sft_resume_continues_exactly(env, capsys):
     assert "chat_sft: already complete at step 6" in capsys.readouterr().out and curve(env, "chat_sft") == resumed
 
 
-def test_mc_modules_carried_through_midtraining(env, tmp_path, monkeypatch):
+def test_mc_modules_carried_through_midtraining(env, tmp_path, monkeypatch, capsys):
     from mc.config import MCConfig
     from mc.modules import split_mc_state
 
@@ -235,6 +235,22 @@ def test_mc_modules_carried_through_midtraining(env, tmp_path, monkeypatch):
     assert any(not torch.equal(mc_before[k], mc_after[k]) for k in mc_after)  # trained through the controller
     with open(os.path.join(base, "report", "midtraining.md")) as f:
         assert "MCController" in f.read()
+    # the same MC step as pretraining (MCTrainStep): its log line, and its state in the checkpoint
+    assert "  mc | tok " in capsys.readouterr().out
+    assert "adv_scale" in meta["mc_train_state"]["lens"]
+    # RL does not train MC: weights and state pass through to its checkpoint unchanged (the convention)
+    import scripts.chat_rl as chat_rl
+    from tasks.synthetic_chat import SyntheticRecallChat
+
+    monkeypatch.setattr(chat_rl, "build_tasks", lambda args: (SyntheticRecallChat("train", 2, 300),
+                                                              SyntheticRecallChat("val", 2, 300)))
+    chat_rl.main(["--device_type=cpu", "--source=mid", "--num_iterations=1", "--examples_per_step=2",
+                  "--num_samples=2", "--device_batch_size=2", "--max_new_tokens=4", "--eval_examples=2",
+                  "--eval_samples=1", "--eval_every=-1"])
+    rl, _, rl_meta, _ = load_checkpoint(os.path.join(base, "chatrl_checkpoints", "tiny"), None, "cpu")
+    assert rl_meta["mc_train_state"] == meta["mc_train_state"] and rl_meta["mc_config"] == meta["mc_config"]
+    rl_mc = split_mc_state(rl)[1]
+    assert set(rl_mc) == set(mc_after) and all(torch.equal(rl_mc[k], mc_after[k]) for k in mc_after)
 
 
 @pytest.mark.parametrize("flags, message", [

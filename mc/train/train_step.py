@@ -8,8 +8,11 @@ MCTrainStep: the trainer's side of an MC micro-step (scripts/base_train.py), aro
   all-reduced over ranks), see MCController.commit_step;
 - metric/timing accumulation between log lines (MetricMeter) and the log-time summary (W&B dict,
   telemetry, band alerts, one compact stdout line); MC_MEMORY_DEBUG snapshots at log steps.
-Plus describe() (the start-up lines), raise_recompile_limit() (torch.compile and the packed shapes) and
-process_or_die() (the chat stages' MC step: process_batch under autocast, a failure stops training).
+Plus describe() (the start-up lines) and raise_recompile_limit() (torch.compile and the packed shapes).
+Pretraining (scripts/base_train.py) and the chat stages (scripts/mid_train.py: midtraining and SFT) run
+their MC micro-steps through this one class, and every stage writes its state_dict() as meta["mc_train_state"]
+(a resumed stage reloads it; a new chat stage starts LensNet's EMAs afresh, its data having another ΔNLL
+scale; chat_rl, which does not train MC, carries weights and state through unchanged).
 """
 
 import math
@@ -21,7 +24,7 @@ import torch
 from mc.config import MCConfig
 from mc.train.controller import MCController, MCControllerError
 from mc.train.timing import MetricMeter
-from nanochat.common import autocast_ctx, die
+from nanochat.common import autocast_ctx
 from nanochat.training import all_reduce_sum
 
 
@@ -63,8 +66,12 @@ class MCTrainStep:
         traceback.print_exc()
         self.fail(f"{e}\n{what}")
 
-    def __call__(self, x, y, step: int, micro: int, log_step: bool):
-        row0 = step * self.rows_per_step + (micro * self.world_size + self.rank) * self.B
+    def __call__(self, x, y, step: int, micro: int, log_step: bool = False, step_first_row: int | None = None):
+        """(loss, lm_loss) of micro-batch `micro` of optimizer step `step`. step_first_row: the global index of
+        the step's first row when the loader counts rows itself (the chat stages' ChatLoader); default
+        step * rows_per_step (the pretraining loader's contract)."""
+        first = step * self.rows_per_step if step_first_row is None else step_first_row
+        row0 = first + (micro * self.world_size + self.rank) * self.B
         row_ids = torch.arange(row0, row0 + x.size(0), device=x.device)
         memory_log = None
         if self.memory_debug and log_step and micro == 0:
@@ -139,12 +146,3 @@ def raise_recompile_limit(limit: int = 64):
         if hasattr(dynamo.config, name):
             setattr(dynamo.config, name, max(getattr(dynamo.config, name), limit))
 
-
-def process_or_die(controller: MCController, x, y, step: int, row_ids):
-    """MCController.process_batch under autocast (mid_train / chat_sft); a controller failure stops training
-    with one clear error (never a silent fallback to the plain loss)."""
-    try:
-        with autocast_ctx(x.device.type):
-            return controller.process_batch(x, y, step, row_ids=row_ids)
-    except MCControllerError as e:
-        die(f"{e}\ntraining stopped: the MegaContext step failed (no fallback to the vanilla loss)")
