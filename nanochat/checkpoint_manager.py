@@ -50,7 +50,9 @@ import time
 import torch
 import torch.distributed as dist
 
+from nanochat import tokenizer as tokenizer_module
 from nanochat.common import get_base_dir, print0
+from nanochat.gpt import GPT, GPTConfig
 
 STEP_RE = re.compile(r"^step_(\d+)$")
 EXTRA_PREFIX = "mc."  # model-state entries of modules above this floor (build_model hands them back as they are)
@@ -351,8 +353,6 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     meta["extra_state"] ({} when there are none) with the device the model is on; mc.infer.checkpoint builds
     its modules from them and meta["mc_config"]. This loader never imports mc: an MC checkpoint loads
     here as the plain GPT it contains."""
-    from nanochat import tokenizer as tokenizer_module
-    from nanochat.gpt import GPT, GPTConfig
 
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")

@@ -133,6 +133,7 @@ def init_wandb(run_name: str, project: str, config: dict, master_process: bool):
     With no network, set WANDB_MODE=offline: wandb writes locally and `wandb sync` uploads later."""
     if run_name == "dummy" or not master_process:
         return DummyWandb()
+    # wandb is optional: a --run dummy run never imports it
     import wandb
 
     return wandb.init(project=project, name=run_name, config=config)

@@ -129,6 +129,7 @@ def _read_yaml(path: str) -> dict:
     with open(path, encoding="utf-8") as f:
         text = f.read()
     try:
+        # PyYAML only for the official bundle's core.yaml (the synthetic bundle is JSON)
         import yaml
     except ImportError:
         return parse_simple_yaml(text)

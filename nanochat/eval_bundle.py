@@ -33,6 +33,7 @@ import zipfile
 
 import torch.distributed as dist
 
+from nanochat import synthetic
 from nanochat.common import get_base_dir, get_dist_info
 
 OFFICIAL_BUNDLE_URL = "https://karpathy-public.s3.us-west-2.amazonaws.com/eval_bundle.zip"
@@ -123,7 +124,6 @@ def _category(answer: str, kind: str) -> tuple:
     if answer.isdigit():
         return ("digits", len(answer))
     try:
-        from nanochat import synthetic
         for name, val in vars(synthetic).items():
             if name.isupper() and isinstance(val, list) and answer in val:
                 return ("list", name)
@@ -136,7 +136,6 @@ def _distractors(answer, category, pool, n, rng):
     """n values of the answer's category other than the answer (None if there are not enough)."""
     values = set(pool.get(category, set()))
     if category[0] == "list":
-        from nanochat import synthetic
         values |= set(getattr(synthetic, category[1]))
     cands = sorted(values - {answer})
     if len(cands) < n and category[0] == "digits":
@@ -173,7 +172,7 @@ def build_synthetic_bundle(dest: str, n_per_task: int = 500, seed: int = 0, max_
     """Write the synthetic CORE bundle (see module docstring) to `dest` atomically; returns dest.
     With tokenizer + max_tokens, only excerpts of at most max_tokens tokens (<|bos|> included) are kept."""
     if document_fn is None:
-        from nanochat.synthetic import synthetic_document as document_fn
+        document_fn = synthetic.synthetic_document
     fits = (lambda s: len(tokenizer.encode(s)) + 1 <= max_tokens) if tokenizer is not None and max_tokens else (lambda s: True)
     items = _collect_items(document_fn, n_per_task, seed, max_chars, fits, max_docs or 50 * n_per_task + 100)
     if not items:

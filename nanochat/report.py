@@ -31,6 +31,9 @@ import re
 import subprocess
 import sys
 
+import psutil
+import torch
+
 from nanochat.common import get_base_dir, get_dist_info
 
 SECTION_ORDER = ["tokenizer-training", "tokenizer-evaluation", "base-model-training", "base-model-loss",
@@ -88,8 +91,6 @@ def _git(*args) -> str:
 
 def system_info() -> dict:
     """What ran this: code version, software, hardware."""
-    import psutil
-    import torch
 
     commit = _git("rev-parse", "--short", "HEAD") or "unknown (no commit yet or not a git checkout)"
     dirty = " (uncommitted changes)" if _git("status", "--porcelain") else ""
@@ -175,6 +176,7 @@ def plot_curves(curve_paths: list[str], out_path: str) -> str | None:
 
 def _pyplot():
     """matplotlib.pyplot on the Agg backend; ImportError (the caller reports it) when not installed."""
+    # matplotlib is slow to import and only needed to draw the loss curve
     import matplotlib
 
     matplotlib.use("Agg")

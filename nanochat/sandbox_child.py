@@ -75,6 +75,7 @@ class Libc:
     """The few libc calls Python 3.11's os module lacks (unshare, mount, prctl, capset), raising OSError."""
 
     def __init__(self):
+        # ctypes only where these kernel calls are made (Linux); the child otherwise never loads it
         import ctypes
         self.ct = ctypes
         self.lib = ctypes.CDLL(None, use_errno=True)
@@ -123,6 +124,7 @@ class Libc:
 
 def _unescape(field):
     """Mount points in /proc/self/mountinfo escape space, tab, newline and backslash as octal."""
+    # the child imports as little as it can before the sandbox is set up
     import re
     return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
 
@@ -373,6 +375,7 @@ def drop_privileges(cfg, report, libc, have, drop):
 def _load_guard():
     """nanochat/sandbox_guard.py, loaded by path (`python -I` puts no project directory on sys.path), now,
     while the files are still readable."""
+    # the child imports as little as it can before the sandbox is set up
     import importlib.util
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_guard.py")
     spec = importlib.util.spec_from_file_location("sandbox_guard", path)

@@ -102,6 +102,7 @@ def _hook(event, args, denied, prefixes, blocked, frozen_attrs, root, write_flag
 
 def make_hook(sandbox):
     """A copy of _hook with its state, itself included, bound as defaults and an empty globals dict."""
+    # bound locally, not as module globals: the hook must look up no globals (see the module docstring)
     import posix
     import types
     state = (DENIED, DENIED_PREFIXES, BLOCKED_MODULES, FROZEN_ATTRS, os.path.realpath(sandbox), WRITE_FLAGS,
@@ -112,6 +113,7 @@ def make_hook(sandbox):
 
 
 def install_guard(sandbox):
+    # imported only when the guard is installed, inside the child, right before the program runs
     import posix
     import shutil
     import signal
@@ -142,6 +144,7 @@ def install_guard(sandbox):
 
 def run_program(source, memory_exit):
     """Run `source` as __main__ of a fresh module; never returns."""
+    # imported only when the program is about to run, inside the child
     import types
     main = types.ModuleType("__main__")
     sys.modules["__main__"] = main

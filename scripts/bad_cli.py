@@ -21,6 +21,7 @@ traceback or no error. tests/test_cli_checks.py runs the parse cases in-process 
 
 import argparse
 import dataclasses
+import itertools
 import json
 import os
 import subprocess
@@ -29,7 +30,13 @@ import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
+
 from nanochat import cli_checks as ck
+from nanochat.checkpoint_manager import save_checkpoint, step_dir
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.synthetic import synthetic_texts
+from nanochat.tokenizer import RustBPETokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRACEBACK = "Traceback (most recent call last)"
@@ -171,14 +178,8 @@ CASES = [
 # --------------------------------------------------------------------------------------------------
 # The fixture: a tokenizer and tiny checkpoints, some of them broken on purpose.
 def build_fixture(base: str):
-    import itertools
 
-    import torch
 
-    from nanochat.checkpoint_manager import save_checkpoint, step_dir
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.synthetic import synthetic_texts
-    from nanochat.tokenizer import RustBPETokenizer
 
     tok = RustBPETokenizer.train_from_iterator(itertools.islice(synthetic_texts(), 20), 300, pad_vocab=True)
     tok.save(os.path.join(base, "tokenizer"))

@@ -45,6 +45,7 @@ from tqdm import tqdm
 from mc.config import MCConfig, add_mc_flags, overridden_flags
 from mc.ops.alerts import BandMonitor  # plain-Python band checks (no MC compute); the MFU band, on CUDA
 from mc.ops.report_curves import log_curves_section
+from mc.ops.telemetry import training_provider
 from mc.train.auto_batch import mc_batch_plan
 from nanochat import cli_checks as ck
 from nanochat.adamw import average_gradients
@@ -71,6 +72,7 @@ from nanochat.common import (
     str2bool,
     synchronize,
 )
+from nanochat.core_eval import evaluate_core_bundle
 from nanochat.dataloader import DistributedTokenLoader
 from nanochat.dataset import SOURCES, resolve_source, sized_for
 from nanochat.gpt import GPT, GPTConfig
@@ -392,7 +394,6 @@ def main(argv=None):
     # The training forward of one micro-batch: (loss to backpropagate, detached LM loss for train/loss).
     telemetry = None
     if mc_enabled:  # controller errors and non-finite MC losses stop training via die() (no fallback)
-        from mc.ops.telemetry import training_provider
         try:
             telemetry = training_provider(master)  # OTLP when MC_OTEL_ENDPOINT is set, else a no-op
         except (ValueError, RuntimeError) as e:
@@ -444,7 +445,6 @@ def main(argv=None):
             model.train()
 
         if args.core_metric_every > 0 and (last_step or crossed(tokens_prev, tokens_now, args.core_metric_every)) and step > 0:
-            from nanochat.core_eval import evaluate_core_bundle
             model.eval()
             with autocast_ctx(device_type):
                 core = evaluate_core_bundle(orig_model, tokenizer, device, bundle="synthetic",

@@ -23,11 +23,15 @@ session's telemetry (inference_update, focus_allocator, ...) like training does.
 """
 
 import argparse
+import os
 import sys
 
 from mc.config import add_session_flags, given_session_flags, session_overrides
 from mc.infer.checkpoint import load_model
 from mc.infer.engine import MCEngine
+from mc.infer.session import MCSessionError
+from mc.infer.store import SessionStore, SessionStoreError, checkpoint_identity
+from mc.ops.telemetry import provider_from_env
 from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import CheckpointError
 from nanochat.common import autocast_ctx, compute_init, die
@@ -50,12 +54,17 @@ def parse_args(argv=None):
                    help="cuda | cpu | mps (empty = autodetect)")
     p.add_argument("--mc", action="store_true", help="use the MegaContext inference session (unbounded chats)")
     p.add_argument("--mc_stats", action="store_true", help="--mc: print the session's numbers after each reply")
+    p.add_argument("--session_dir", default="", help="--mc: save the conversation under this folder after every "
+                   "message (a kill -9 loses at most the reply being written); reopen it with --session ID")
+    p.add_argument("--session", default="", help="--mc --session_dir: reopen this saved conversation")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
     add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod
     args = p.parse_args(argv)
-    for flag in given_session_flags(args) + (["--mc_stats"] if args.mc_stats else []):
+    for flag in given_session_flags(args) + [f"--{n}" for n in ("mc_stats", "session_dir", "session") if getattr(args, n)]:
         if not args.mc:
             p.error(f"{flag} only applies to MegaContext chats: add --mc")
+    if args.session and not args.session_dir:
+        p.error("--session reopens a conversation saved under --session_dir: add --session_dir DIR")
     return args
 
 
@@ -72,7 +81,6 @@ def make_generator(model, tokenizer, use_mc: bool, args=None, telemetry=None):
             "this checkpoint has no MC modules. Drop --mc to chat within the model's context of "
             f"{model.config.sequence_len} tokens, or train one with `python -m scripts.base_train --mc_enabled=1` "
             "(`bash run10.sh --profile mc`) and load it (-i/-g/-s).")
-    from mc.infer.session import MCSessionError
 
     try:
         overrides = session_overrides(args) if args is not None else {}
@@ -102,10 +110,39 @@ class Chat:
         self.stop_tokens = {self.assistant_end, tokenizer.get_bos_token_id()}
         self.turn = 0
         self.fix_hint = "Type 'clear' to start a new chat"  # what the user can do when the context is full
+        self.store, self.checkpoint = None, None  # --session_dir: mc.infer.store.SessionStore, checkpoint identity
         self.clear()
 
     def clear(self):
         self.tokens = [self.tokenizer.get_bos_token_id()]
+
+    def save_to(self, store, checkpoint, session_id: str = "") -> str:
+        """--session_dir: save this conversation (reopen `session_id`, else start saving the current one); returns
+        its id. A reopened conversation continues where its last commit ended; a reply that was being written
+        then is lost, and its turn is closed."""
+        self.store, self.checkpoint = store, checkpoint
+        if not session_id:
+            return store.create(self.generator.session, checkpoint)
+        s = self.generator.session = store.open(session_id, self.generator.model, checkpoint,
+                                                telemetry=self.generator.session_kwargs.get("telemetry"))
+        history = s.token_ids().tolist()
+        if history and history[-1] not in (self.assistant_end, self.tokenizer.get_bos_token_id()):
+            print("[the reply being written when this conversation stopped was lost; its turn is closed]", flush=True)
+            s.ingest([self.assistant_end])
+            store.commit(s)
+            history.append(self.assistant_end)
+        self.tokens, self.turn = history, history.count(self.assistant_end)
+        return session_id
+
+    def _commit(self):
+        """Make the session durable (--session_dir); a conversation started by 'clear' gets saved as a new one."""
+        if self.store is None:
+            return
+        s = self.generator.session
+        if self.store.knows(s.session_id):
+            self.store.commit(s)
+        else:
+            print(f"[new conversation saved as session {self.store.create(s, self.checkpoint)}]", flush=True)
 
     def _budget(self, prompt):
         """Max reply tokens for this prompt; ContextFull if nothing fits."""
@@ -130,10 +167,11 @@ class Chat:
         reply, printed, stopped = [], "", False
         try:
             with autocast_ctx(self.device_type):
-                for column, masks in self.generator.generate(prompt, num_samples=1, max_tokens=max_tokens,
-                                                             temperature=a.temperature,
-                                                             top_k=a.top_k if a.top_k > 0 else None,
-                                                             seed=a.seed + self.turn):
+                stream = self.generator.generate(prompt, num_samples=1, max_tokens=max_tokens,
+                                                 temperature=a.temperature, top_k=a.top_k if a.top_k > 0 else None,
+                                                 seed=a.seed + self.turn)
+                self._commit()  # the message is in the history now (MCEngine ingests it in generate())
+                for column, masks in stream:
                     tok = column[0]
                     if masks[0] == 1 and tok in self.stop_tokens:
                         stopped = True
@@ -156,6 +194,7 @@ class Chat:
         out.flush()
         self.tokens = prompt + reply + [self.assistant_end]
         self.turn += 1
+        self._commit()
         return final
 
 
@@ -194,7 +233,6 @@ def main(argv=None) -> int:
         die(str(e))
     telemetry = None
     if args.mc:
-        from mc.ops.telemetry import provider_from_env
 
         try:
             telemetry = provider_from_env("megacontext-chat")
@@ -202,6 +240,13 @@ def main(argv=None) -> int:
             die(str(e))
     generator = make_generator(model, tokenizer, args.mc, args, telemetry)
     chat = Chat(generator, tokenizer, model.config.sequence_len, args, device.type, unbounded=args.mc)
+    if args.session_dir:
+        try:
+            sid = chat.save_to(SessionStore(args.session_dir), checkpoint_identity(meta), args.session)
+        except (SessionStoreError, OSError) as e:
+            die(str(e))
+        print(f"[session {sid}, saved under {os.path.abspath(args.session_dir)} after every message; reopen with "
+              f"--session {sid}]", flush=True)
     try:
         if args.prompt:
             chat.fix_hint = "Shorten the prompt"

@@ -41,8 +41,12 @@ import torch.distributed as dist
 from nanochat import cli_checks as ck
 from nanochat.checkpoint_manager import CheckpointError, load_model
 from nanochat.common import autocast_ctx, compute_cleanup, compute_init, die, print0
+from nanochat.engine import Engine
 from nanochat.report import get_report
+from tasks import arc, gsm8k, humaneval, mmlu
 from tasks.common import hub_kw
+from tasks.spellingbee import SpellingBee
+from tasks.synthetic_chat import SyntheticRecallChat, SyntheticRecallMC
 
 OFFLINE_TASKS = ["SyntheticRecallChat", "SyntheticRecallMC", "SpellingBee"]
 ONLINE_TASKS = ["ARC-Easy", "ARC-Challenge", "MMLU", "GSM8K", "HumanEval", "SpellingBee"]
@@ -52,25 +56,18 @@ def build_task(name: str, recall_context_chars: int = 2000, data_dir: str = ""):
     """The evaluation split of one task by its report name. Online tasks load from the Hugging Face hub,
     or from local snapshots under data_dir (<data_dir>/<hub id>/..., see nanochat.chat_train.hub_kw)."""
     if name in ("ARC-Easy", "ARC-Challenge"):
-        from tasks import arc
         return arc.ARC(subset=name, split="test", **hub_kw(data_dir, arc.HUB_PATH))
     if name == "MMLU":
-        from tasks import mmlu
         return mmlu.MMLU(subset="all", split="test", **hub_kw(data_dir, mmlu.HUB_PATH))
     if name == "GSM8K":
-        from tasks import gsm8k
         return gsm8k.GSM8K(subset="main", split="test", **hub_kw(data_dir, gsm8k.HUB_PATH))
     if name == "HumanEval":
-        from tasks import humaneval
         return humaneval.HumanEval(**hub_kw(data_dir, humaneval.HUB_PATH))
     if name == "SpellingBee":
-        from tasks.spellingbee import SpellingBee
         return SpellingBee(split="test", num_examples=256)
     if name == "SyntheticRecallChat":
-        from tasks.synthetic_chat import SyntheticRecallChat
         return SyntheticRecallChat(split="test", context_chars=recall_context_chars)
     if name == "SyntheticRecallMC":
-        from tasks.synthetic_chat import SyntheticRecallMC
         return SyntheticRecallMC(split="test", context_chars=recall_context_chars)
     known = sorted(set(OFFLINE_TASKS + ONLINE_TASKS))
     raise ValueError(f"unknown task {name!r}; known tasks: {', '.join(known)}")
@@ -218,7 +215,6 @@ def main(argv=None):
             die(f"cannot load task {name}: {e}")
     engine = None
     if any(t.eval_type != "categorical" for t in tasks.values()):
-        from nanochat.engine import Engine
         engine = Engine(model, tokenizer)
 
     rows = []

@@ -70,6 +70,7 @@ from nanochat.common import (
     init_wandb,
     print0,
 )
+from nanochat.engine import Engine
 from nanochat.report import get_report
 from nanochat.training import (
     CurveLog,
@@ -80,7 +81,9 @@ from nanochat.training import (
     resume_step,
     rng_state,
 )
+from tasks import gsm8k
 from tasks.common import hub_kw
+from tasks.synthetic_chat import SyntheticRecallChat
 
 RESUME_MUST_MATCH = ("task", "examples_per_step", "num_samples", "seed", "init_lr_frac", "max_new_tokens",
                      "temperature", "top_k", "num_iterations")
@@ -133,10 +136,8 @@ def build_parser():
 def build_tasks(args):
     """(train task, held-out task) for --task."""
     if args.task == "gsm8k":
-        from tasks import gsm8k
         kw = hub_kw(args.data_dir, gsm8k.HUB_PATH)
         return gsm8k.GSM8K("main", "train", **kw), gsm8k.GSM8K("main", "test", **kw)
-    from tasks.synthetic_chat import SyntheticRecallChat
     return (SyntheticRecallChat("train", args.train_examples, args.recall_context_chars, seed=2),
             SyntheticRecallChat("val", max(args.eval_examples, 1), args.recall_context_chars, seed=2))
 
@@ -289,7 +290,6 @@ def main(argv=None):
     if mc_modules is not None:
         print0("MegaContext modules: carried through unchanged (RL samples with the plain GPT)")
 
-    from nanochat.engine import Engine
     engine = Engine(model, tokenizer)
     try:
         train_task, eval_task = build_tasks(args)

@@ -56,9 +56,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from mc.config import add_session_flags, given_session_flags, session_overrides
+from mc.infer.checkpoint import load_model
 from mc.infer.engine import MCEngine
 from nanochat import cli_checks as ck
 from nanochat import web_guard as wg
+from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, tag_dir
 from nanochat.common import autodetect_device_type, die, get_base_dir
 from nanochat.engine import Engine, Utf8StreamDecoder  # noqa: F401 (tests import the decoder from here)
 from nanochat.web_pool import Generation, QueueFull, QueueTimeout, Worker, WorkerPool
@@ -405,8 +407,6 @@ def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUE
 def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
     (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
-    from mc.infer.checkpoint import load_model
-    from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, tag_dir
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
         die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")
@@ -477,6 +477,7 @@ def main(argv=None):
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}
     app = create_app(workers, model_id=model_id, defaults=defaults, max_queue=args.max_queue,
                      request_timeout=args.request_timeout, api_key=args.api_key, allowed_hosts=hosts)
+    # uvicorn only to serve: the tests build and drive the app without it
     import uvicorn
 
     print(f"serving {model_id} on {len(workers)} worker(s): http://{args.host}:{args.port}/ "

@@ -54,10 +54,12 @@ import time
 import torch
 
 from mc.config import MCConfig, add_mc_flags
+from mc.infer.checkpoint import load_model
 from mc.infer.session import MCSession
 from mc.modules import MCModules, attach
 from mc.positions import rope_cos_sin
 from nanochat import cli_checks as ck
+from nanochat.checkpoint_manager import CheckpointError
 from nanochat.common import autocast_ctx, compute_init, die, str2bool, synchronize
 from nanochat.gpt import GPT, GPTConfig
 from nanochat.kv_cache import KVCache
@@ -123,8 +125,6 @@ def random_model(args, device):
 
 
 def load(args, device):
-    from mc.infer.checkpoint import load_model
-    from nanochat.checkpoint_manager import CheckpointError
 
     try:
         model, _, _ = load_model(args.source or "base", device, "eval", model_tag=args.model_tag, step=args.step)
@@ -419,6 +419,7 @@ def main(argv=None):
 
 def plot_rows(rows: list, path: str) -> str:
     """The figure of --out (module docstring): two panels, log-log, one line per decoder."""
+    # matplotlib is slow to import and only needed for the --plot figure
     import matplotlib
 
     matplotlib.use("Agg")

@@ -30,6 +30,7 @@ from mc.ops.telemetry import (
 def check_imports() -> str:
     """Version string of the installed OpenTelemetry packages; OTelUnavailableError when missing."""
     require_otel()
+    # the packages this command checks may be missing: nothing optional is imported before the check
     from importlib.metadata import PackageNotFoundError, version
     found = []
     for pkg in ("opentelemetry-sdk", "opentelemetry-exporter-otlp-proto-http"):
@@ -42,6 +43,7 @@ def check_imports() -> str:
 
 def explain_failure(stats: dict, url: str, timeout: float, flushed: bool) -> str:
     """One sentence naming what went wrong and what to try (+ the proxy in use, if any)."""
+    # an optional extra's dependency: imported only once the check says it is installed
     import requests
     proxy = requests.utils.get_environ_proxies(url).get(url.split(":", 1)[0])
     note = (f" [note: requests sent this through the proxy {proxy} from the *_PROXY environment; "
@@ -50,6 +52,7 @@ def explain_failure(stats: dict, url: str, timeout: float, flushed: bool) -> str
 
 
 def _diagnosis(stats: dict, url: str, timeout: float, flushed: bool) -> str:
+    # an optional extra's dependency: imported only once the check says it is installed
     import requests
     err, status = stats["last_error"], stats["last_status"]
     if isinstance(err, requests.exceptions.SSLError):

@@ -93,6 +93,7 @@ def build_workspace(dash: dict, entity: str, project: str, ws, wr):
 def import_workspaces():
     """(ws, wr) from wandb_workspaces, or ImportError with the install hint."""
     try:
+        # wandb-workspaces is an optional extra, imported only when the workspace is built
         import wandb_workspaces.reports.v2 as wr
         import wandb_workspaces.workspaces as ws
     except ImportError as e:

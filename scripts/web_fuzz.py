@@ -41,6 +41,10 @@ import psutil
 import torch
 
 from nanochat import cli_checks as ck
+from nanochat.checkpoint_manager import save_checkpoint
+from nanochat.gpt import GPT, GPTConfig
+from nanochat.synthetic import synthetic_texts
+from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TAG = "fuzz"
@@ -56,10 +60,6 @@ WORDS = "the blue vault Marta Quill lives near river north of seven gardens and 
 def build_checkpoint(base_dir):
     """A 512-id tokenizer and an untrained 4-layer GPT whose head only writes printable tokens, so replies
     run to max_tokens instead of stopping at once (slow enough to abandon, fast enough to flood)."""
-    from nanochat.checkpoint_manager import save_checkpoint
-    from nanochat.gpt import GPT, GPTConfig
-    from nanochat.synthetic import synthetic_texts
-    from nanochat.tokenizer import SPECIAL_TOKENS, RustBPETokenizer
 
     tok = RustBPETokenizer.train_from_iterator(itertools.islice(synthetic_texts(), 10), 512, pad_vocab=True)
     tok.save(os.path.join(base_dir, "tokenizer"))

@@ -128,6 +128,7 @@ class TaskSequence(Task):
 def _read_local(path: str) -> list[dict]:
     """Rows of one .jsonl/.json (one JSON object per line) or .parquet file, as dicts."""
     if path.endswith(".parquet"):
+        # heavy, and only for local parquet snapshots
         import pyarrow.parquet as pq
         return pq.read_table(path).to_pylist()
     if path.endswith((".jsonl", ".json")):
@@ -174,6 +175,7 @@ def load_rows(hub_path: str, subset: str | None, split: str, data_files=None, da
             rows.extend(_read_local(p))
         return rows
     try:
+        # Hugging Face datasets is heavy and only needed for the online tasks
         import datasets
         return datasets.load_dataset(hub_path, subset, split=split)
     except Exception as e:

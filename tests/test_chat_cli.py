@@ -192,6 +192,29 @@ def test_mc_conversation_longer_than_context(mc_base_dir, capsys, monkeypatch):
     assert "Traceback" not in captured.err and captured.out.strip()
 
 
+def test_mc_conversation_saved_and_reopened(mc_base_dir, tmp_path, capsys, monkeypatch):
+    """--session_dir: the conversation is saved after every message; --session ID reopens it with the same
+    history (so the same next reply at temperature 0 as a chat that never stopped)."""
+    monkeypatch.setenv("NANOCHAT_BASE_DIR", mc_base_dir)
+    store = str(tmp_path / "sessions")
+    flags = ["--mc", "-m", "12", "-t", "0", "--device_type", "cpu", "--session_dir", store]
+    assert run_main(flags, "the river\nthe old mill\nquit\n", monkeypatch) == 0
+    out = capsys.readouterr().out
+    sid = re.search(r"\[session (\w+), saved under", out).group(1)
+    # reopened: one more turn; the same as three turns in one sitting
+    assert run_main([*flags, "--session", sid], "and the bridge\nquit\n", monkeypatch) == 0
+    reopened = capsys.readouterr().out.split("Assistant: ")[-1]
+    assert run_main(flags, "the river\nthe old mill\nand the bridge\nquit\n", monkeypatch) == 0
+    straight = capsys.readouterr().out.split("Assistant: ")[-1]
+    assert reopened.strip() == straight.strip() and len(straight.strip()) > 3
+    with pytest.raises(SystemExit):
+        run_main([*flags, "--session", "nope"])
+    assert "no saved session 'nope'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # --session needs --session_dir
+        chat_cli.parse_args(["--mc", "--session", sid])
+    assert "add --session_dir" in capsys.readouterr().err
+
+
 def test_bad_flags_and_missing_checkpoint(env, tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         chat_cli.parse_args(["--temperature", "-1"])

@@ -43,6 +43,7 @@ def r_points(result: dict) -> list:
 
 def _pyplot():
     """matplotlib.pyplot on the Agg backend (no display needed); ImportError when it is not installed."""
+    # matplotlib is slow to import and only needed to draw: a run without --plot never pays for it
     import matplotlib
 
     matplotlib.use("Agg")

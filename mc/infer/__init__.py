@@ -3,6 +3,7 @@ Inference: a chat or document of any length, decoded at a bounded cost (chat_cli
 
     session      MCSession: ingest -> refocus (LensNet + the allocator) -> decode over a working context of <= W entries
     engine       MCEngine: nanochat.engine.Engine's generate() contract over a session
+    store        saved conversations: commit a session to disk (kill -9 safe), reopen it by id
     checkpoint   loading an MC checkpoint: the GPT from nanochat.checkpoint_manager, GistNet/LensNet attached
     buffer       AppendBuffer: per-token arrays that grow in amortised O(1)
 

@@ -143,6 +143,7 @@ def normalize_endpoint(endpoint: str) -> str:
 
 def require_otel():
     try:
+        # the OpenTelemetry SDK is an optional extra (./mc_setup --otel): imported only when an endpoint is set
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
         from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
@@ -156,6 +157,7 @@ def require_otel():
 def _recording_session(insecure: bool, stats: dict):
     """A requests.Session that records the last HTTP status / error in `stats` and, when insecure,
     skips TLS certificate verification (https endpoints only; http is plaintext anyway)."""
+    # an optional extra's dependency, needed only by the OTLP exporter
     import requests
 
     class _Session(requests.Session):
@@ -172,6 +174,7 @@ def _recording_session(insecure: bool, stats: dict):
             return response
 
     if insecure:
+        # an optional extra's dependency, needed only by the OTLP exporter
         import urllib3
         urllib3.disable_warnings(urllib3.exceptions.InsecureRequestWarning)
     return _Session()

@@ -76,6 +76,7 @@ def mc_batch_plan(cfg, total_batch_size: int, device_batch_size: int, T: int, wo
     """The trainer's plan for an MCConfig: L_max = the padded working context at the start of the W anneal
     (the longest of the run). With cfg.auto_batch off the split stays the baseline's (divisor 1), and
     `fits` says whether that is within the vanilla memory envelope. Raises ValueError on bad flags."""
+    # imported here: base_train imports this module for every run, and a vanilla run never loads the MC step
     from mc.train.controller import default_pad_quantum, padded_length
     from mc.train.variants import annealed_wc_length
 

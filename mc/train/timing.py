@@ -119,6 +119,7 @@ def memory_snapshot(device) -> str:
     device = torch.device(device)
     if device.type == "cuda":
         return torch.cuda.memory_summary(device, abbreviated=True)
+    # psutil only for the opt-in memory snapshots (MC_MEMORY_DEBUG)
     import psutil
 
     mem = psutil.Process(os.getpid()).memory_info()

@@ -22,6 +22,7 @@ import traceback
 import torch
 
 from mc.config import MCConfig
+from mc.ops.telemetry import emit_training_metrics
 from mc.train.controller import MCController, MCControllerError
 from mc.train.timing import MetricMeter
 from nanochat.common import autocast_ctx
@@ -106,7 +107,6 @@ class MCTrainStep:
         m["mc/controller_share"] = m.get("mc/time_controller_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
         m["mc/build_share"] = m.get("mc/time_build_ms", 0.0) * grad_accum_steps / max(step_ms, 1e-9)
         if self.telemetry is not None:
-            from mc.ops.telemetry import emit_training_metrics
             emit_training_metrics(self.telemetry, step, m)
         nan = float("nan")
         lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
@@ -140,6 +140,7 @@ def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
 def raise_recompile_limit(limit: int = 64):
     """torch.compile: the packed forward sees a new padded length each time W crosses a pad quantum (at
     most ~16 over a run); keep dynamo from falling back to eager after its default 8 recompiles."""
+    # torch._dynamo is heavy to import and only a compiled run needs it
     import torch._dynamo as dynamo
 
     for name in ("recompile_limit", "cache_size_limit"):
