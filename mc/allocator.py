@@ -107,7 +107,7 @@ def _candidates(plan, score_map, block, bs, max_lod, limit, thresholds):
     """All expand/collapse candidates of every row as lists of (kind, score, start, span, new_level).
     limit: tokens [limit, T) are untouchable (the raw tail). thresholds: (expand_t, collapse_t) or None
     (forced fit: every collapse group, no expands). block: int8 hysteresis map or None."""
-    lvl = plan.long()
+    lvl = plan  # int8: one byte per token read, the unit views below run over the whole history
     rows, dev = plan.size(0), plan.device
     kinds, scores, starts, spans, new_levels, valid = [], [], [], [], [], []
     for level in range(1, max_lod + 1):
@@ -251,9 +251,9 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
     collapses = torch.zeros(R, dtype=torch.long)
     forced = torch.zeros(R, dtype=torch.long)
 
-    # 0. hard fit to W
+    # 0. hard fit to W. Entry counts are read once and then tracked: every edit moves a row by c entries.
+    n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
     while True:
-        n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
         over = [r for r in range(R) if n[r] > W]
         if not over:
             break
@@ -264,6 +264,7 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
             pick = sorted(cands[r], key=lambda x: x[1])[:need]  # disjoint: one round's groups never overlap
             _apply(plan, new_state, r, pick)
             forced[r] += len(pick)
+            n[r] -= c * len(pick)
             progress |= bool(pick)
         if not progress:
             r = over[0]
@@ -276,7 +277,6 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
     rounds = cfg.allocator_iterations * (cfg.allocator_max_replacements if best_first else 1)
     for _ in range(rounds):
         block = torch.where(new_state != 0, new_state, prev)
-        n = entry_starts(plan, bs, max_level=max_lod).sum(1).tolist()
         cands = _candidates(plan, score_map, block, bs, max_lod, limit, thresholds)
         made = False
         for r in range(R):
@@ -288,11 +288,11 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
             _apply(plan, new_state, r, edits)
             expands[r] += sum(1 for e in edits if e[0] > 0)
             collapses[r] += sum(1 for e in edits if e[0] < 0)
+            n[r] += c * sum(1 if e[0] > 0 else -1 for e in edits)
             made |= bool(edits)
         if not made:
             break
         iterations += 1
-    counts = entry_starts(plan, bs, max_level=max_lod).sum(1)
     stats = {"expands": expands, "collapses": collapses, "forced": forced, "iterations": iterations,
-             "budget_used": counts.float() / W}
+             "budget_used": torch.tensor(n, dtype=torch.float) / W}
     return plan, new_state, stats

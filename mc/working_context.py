@@ -49,14 +49,18 @@ def _spans(block_size: int, max_level: int, device) -> torch.Tensor:
 
 
 def entry_starts(plan: torch.Tensor, block_size: int, max_level: int | None = None) -> torch.Tensor:
-    """bool [R, T]: True where an entry begins. max_level: the highest level the plan may hold (saves a
-    host sync on plan.max(); default: read it from the plan)."""
-    lvl = plan.long()
+    """bool [R, T]: True where an entry begins: every raw token, and a LOD-l token at a multiple of bs**l.
+    max_level: the highest level the plan may hold (saves a host sync on plan.max(); default: read it from
+    the plan). A level-l start can only sit at a multiple of bs**l, so each level reads the strided view
+    of those positions: one byte compare per token plus T / bs**l per level (the inference session runs
+    this at every refocus over the whole history)."""
     if max_level is None:
-        max_level = max(int(lvl.max()), 0) if lvl.numel() else 0
-    spans = _spans(block_size, max_level, plan.device)
-    t = torch.arange(plan.size(1), device=plan.device)
-    return (lvl >= 0) & (t % spans[lvl.clamp(min=0)] == 0)
+        max_level = max(int(plan.max()), 0) if plan.numel() else 0
+    starts = plan == 0
+    for level in range(1, max_level + 1):
+        span = block_size ** level
+        starts[:, ::span] |= plan[:, ::span] == level
+    return starts
 
 
 def entry_counts(plan: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -69,7 +73,7 @@ def check_plan(plan: torch.Tensor, block_size: int, max_lod: int | None = None):
     if plan.ndim != 2:
         raise ValueError(f"a plan must be [rows, T], got shape {tuple(plan.shape)}")
     R, T = plan.shape
-    lvl = plan.long()
+    lvl = plan  # compared in its own dtype (int8 in the session: 1 byte per history token read)
     top = max_lod if max_lod is not None else (int(lvl.max()) if lvl.numel() else 0)
     if lvl.numel() and (int(lvl.min()) < -1 or int(lvl.max()) > top):
         raise ValueError(f"plan levels must lie in [-1, {top}], found [{int(lvl.min())}, {int(lvl.max())}]")

@@ -313,8 +313,10 @@ def _log_uniform(rng: random.Random, lo: float, hi: float) -> float:
 
 
 def synthetic_document(index: int, split: str = "train", seed: int = 0, target_chars: int = 12000,
-                       density: str = "story") -> SyntheticDoc:
-    """Document `index` of `split`: deterministic in (seed, split, index, density); about `target_chars` long."""
+                       density: str = "story", reserved_vaults=()) -> SyntheticDoc:
+    """Document `index` of `split`: deterministic in (seed, split, index, density); about `target_chars` long.
+    reserved_vaults: vault names the document must not use (an evaluation probe's cue stays unique in a
+    haystack long enough to name every other vault)."""
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; use one of {SPLITS}")
     if density not in DENSITIES:
@@ -325,7 +327,7 @@ def synthetic_document(index: int, split: str = "train", seed: int = 0, target_c
     rng = random.Random(_stable_seed("synthetic-v1", seed, split, index, *(("dense",) if dense else ())))
     # Each person gets a distinct first name; vault names and ledger keys are never reused in a document.
     pools = {"names": [f"{f} {rng.choice(LAST_NAMES)}" for f in rng.sample(FIRST_NAMES, 24)],
-             "vaults": [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS],
+             "vaults": [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS if f"{a} {n}" not in reserved_vaults],
              "keys": list(LEDGER_KEYS), "ledgers": list(LEDGER_NAMES), "people": [],
              "templates": DENSE_TEMPLATES if dense else STORY_TEMPLATES}
     for pool in ("vaults", "keys", "ledgers"):

@@ -160,6 +160,27 @@ def test_probe_item_places_the_needle(tok, kind, straddle):
     assert cue in query and query.count(value) == 0
 
 
+def test_a_haystack_that_names_every_vault_is_regrown_without_the_cue(tok, monkeypatch):
+    """Past ~250K tokens a synthetic haystack names all 200 vaults; the probe then regrows it without its cue,
+    so the question's vault is stated once in the whole history (here: "every vault" = the few a short
+    haystack names, to keep the test small)."""
+    import re
+
+    import mc.eval.data as data
+    from nanochat.synthetic import synthetic_document
+
+    T, W, bs = 512, 128, 32
+    plain = probe_item(tok, 5, T, W, bs, "passkey", False)
+    text = tok.decode(plain.ids)
+    named = sorted({v for v in data.ALL_VAULTS if v in text})
+    monkeypatch.setattr(data, "ALL_VAULTS", named)  # every vault there is is in the haystack
+    item = probe_item(tok, 5, T, W, bs, "passkey", False)
+    history = tok.decode(item.ids[:item.needles[0][1]])
+    (cue,) = re.findall(r"What is the passkey for the (.+?)\?", tok.decode(item.ids))
+    assert cue in named and history.count(cue) == 1  # stated once: in the needle
+    assert cue not in synthetic_document(3, "val", 0, target_chars=20000, reserved_vaults=(cue,)).text
+
+
 def test_task_item_aligns_the_cut(tok, piece_bytes):
     ctx = "Some words here. " * 20 + "The passkey for the red door is 7351. " + "More filler text. " * 30
     item = task_item(tok, piece_bytes, {"context": ctx, "question": "What is the passkey for the red door?",

@@ -8,6 +8,7 @@ from mc.working_context import (
     check_invariants,
     check_plan,
     entry_counts,
+    entry_starts,
     plan_from_wc,
     targets_for,
 )
@@ -155,3 +156,19 @@ def test_gradients_and_dtype():
     wc.embeddings.sum().backward()
     assert lod0.grad[0, 8:].abs().sum() > 0 and lod0.grad[0, :8].abs().sum() == 0
     assert lod1.grad[0, :2].abs().sum() > 0 and lod1.grad[0, 2:].abs().sum() == 0
+
+
+def test_entry_starts_equals_the_modulo_definition():
+    """entry_starts reads strided views per level; it must equal the definition (level >= 0 and the token
+    at a multiple of bs**level) on legal plans of every shape, with a -1 prefix and an explicit max_level."""
+    from mc.train.variants import sample_compressed_plans
+
+    g = torch.Generator().manual_seed(0)
+    for T, bs, L in ((2048, 32, 2), (1000, 8, 3), (777, 4, 2), (64, 2, 5)):
+        plans = sample_compressed_plans(16, T, max(T // 3, 60), bs, L, 8, generator=g)
+        plans[:4, :bs ** L] = -1  # not in the WC (a prefix of whole top-level spans)
+        lvl = plans.long()
+        t = torch.arange(T)
+        want = (lvl >= 0) & (t % (bs ** lvl.clamp(min=0)) == 0)
+        for max_level in (None, L):
+            assert torch.equal(entry_starts(plans, bs, max_level), want), (T, bs, L)

@@ -85,12 +85,13 @@ def _seed(*parts) -> int:
     return int.from_bytes(hashlib.blake2b("|".join(map(str, parts)).encode(), digest_size=8).digest(), "little")
 
 
-def long_document(tokenizer, index: int, split: str, seed: int, min_tokens: int):
+def long_document(tokenizer, index: int, split: str, seed: int, min_tokens: int, reserved_vaults=()):
     """(SyntheticDoc, its tokens) of at least min_tokens tokens: start at ~2 chars per token and regrow
-    target_chars by the shortfall until the document is long enough (deterministic)."""
+    target_chars by the shortfall until the document is long enough (deterministic). reserved_vaults: vault
+    names it must not use (nanochat.synthetic.synthetic_document)."""
     chars = int(min_tokens * 2.0) + 200
     for _ in range(30):
-        doc = synthetic_document(index, split, seed, target_chars=chars)
+        doc = synthetic_document(index, split, seed, target_chars=chars, reserved_vaults=reserved_vaults)
         tokens = tokenizer.encode(doc.text)
         if len(tokens) >= min_tokens:
             return doc, tokens
@@ -135,13 +136,15 @@ def text_item(tokenizer, text: str, T: int) -> EvalItem | None:
 
 
 # ------------------------------------------------------------------ needle-in-a-haystack probes
+ALL_VAULTS = [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS]
+
+
 def _needle(rng: random.Random, kind: str, haystack: str):
     """(needle text ending with the value's prefix, value, query) with a cue absent from the haystack."""
     if kind == "passkey":
-        objs = [f"{a} {n}" for a in VAULT_ADJS for n in VAULT_NOUNS if f"{a} {n}" not in haystack]
-        while not objs:  # a haystack of ~1M tokens names every vault: number one (the cue stays unique)
-            obj = f"{rng.choice(VAULT_ADJS)} {rng.choice(VAULT_NOUNS)} {rng.randint(10, 99)}"
-            objs = [obj] if obj not in haystack else []
+        objs = [v for v in ALL_VAULTS if v not in haystack]
+        if not objs:
+            raise RuntimeError("every vault occurs in the haystack; probe_item regrows it without the cue")
         obj = rng.choice(objs)
         value = str(rng.randint(10_000, 999_999))
         return f" The passkey for the {obj} is ", value, f" What is the passkey for the {obj}? "
@@ -164,6 +167,13 @@ def probe_item(tokenizer, index: int, T: int, W: int, block_size: int, kind: str
     for attempt in range(8):
         hay_doc, hay = long_document(tokenizer, PROBE_INDEX_OFFSET + 97 * index + attempt, "val", seed, T)
         hay_text = hay_doc.text
+        if kind == "passkey" and all(v in hay_text for v in ALL_VAULTS):
+            # a haystack long enough (~250K tokens) names every vault: regrow it without one, the needle's cue,
+            # so the question asks about a vault stated once in the whole history
+            cue = ALL_VAULTS[rng.randrange(len(ALL_VAULTS))]
+            hay_doc, hay = long_document(tokenizer, PROBE_INDEX_OFFSET + 97 * index + attempt, "val", seed, T,
+                                         reserved_vaults=(cue,))
+            hay_text = hay_doc.text
         pre_text, value, query_text = _needle(rng, kind, hay_text)
         pre, val, dot = tokenizer.encode(pre_text), tokenizer.encode(value), tokenizer.encode(".")
         needle, query, answer = pre + val + dot, tokenizer.encode(query_text), val + dot
