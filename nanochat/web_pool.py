@@ -10,6 +10,8 @@ passed) has to end in the same place: the worker is handed back within one token
     Generation(pool, worker, prompt, params, deadline)
                                        a thread running engine.generate; events on an asyncio queue;
                                        stops between tokens on .cancel or at the deadline
+    pool.busy                          the saved conversations (params.session_id) a request is generating
+                                       in: a conversation serves one request at a time (the server says 409)
 """
 
 import asyncio
@@ -54,6 +56,7 @@ class WorkerPool:
         self.workers, self.max_waiting = list(workers), max_waiting
         self.free = collections.deque(self.workers)
         self._waiters = collections.deque()
+        self.busy = set()  # session ids with a request in flight (the event loop's thread adds and removes them)
 
     async def acquire(self, timeout=None) -> Worker:
         if self.free:  # a worker is only ever free while nobody waits (release serves waiters first)
@@ -120,10 +123,12 @@ class Generation:
         w, p, tok = self.worker, self.params, self.worker.tokenizer
         stops = {tok.encode_special("<|assistant_end|>"), tok.get_bos_token_id()}
         decoder, n, stopped, started, timed_out = Utf8StreamDecoder(tok), 0, False, False, False
+        saved = {"session_id": p.session_id} if getattr(p, "session_id", None) else {}  # an MC engine's saved chat
         try:
             with autocast_ctx(torch.device(w.device).type):
                 for column, _masks in w.engine.generate(self.prompt, num_samples=1, max_tokens=p.max_tokens,
-                                                        temperature=p.temperature, top_k=p.top_k, seed=p.seed):
+                                                        temperature=p.temperature, top_k=p.top_k, seed=p.seed,
+                                                        **saved):
                     if not started:
                         started = True
                         self._put("started")
@@ -157,5 +162,7 @@ class Generation:
         finally:
             try:
                 self.loop.call_soon_threadsafe(self.pool.release, w)
+                if saved:
+                    self.loop.call_soon_threadsafe(self.pool.busy.discard, saved["session_id"])
             except RuntimeError:  # the loop is gone, so no request can be waiting on it
                 self.pool.free.append(w)

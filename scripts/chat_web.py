@@ -38,6 +38,13 @@ back until the next token completes it (nanochat.engine.Utf8StreamDecoder).
 whole conversation), so each builds a fresh MegaContext session from its full message list (ingest all,
 refocus, generate): same request + seed, same reply; no per-conversation server state. No context cut
 applies then (the request limits bound the work); only a history too long for W is a 400.
+--mc --session_dir DIR: a request may also name a saved conversation, "session_id": "ID" in the body (an
+OpenAI client: extra_body={"session_id": ...}). Its messages are still the whole conversation; when they
+continue what is saved under ID token for token, only the new part is ingested (this worker's copy, or the
+saved one reopened, mc/infer/store.py); otherwise the conversation is rebuilt from the messages, as a
+stateless request would, and replaces the saved one. Either way the reply is the stateless reply, and the
+conversation is saved once the prompt is in and again when the reply ends, so it survives a restart. One
+request per conversation at a time (409 while another is generating in it).
 """
 
 import argparse
@@ -58,6 +65,7 @@ from starlette.requests import ClientDisconnect
 from mc.config import add_session_flags, given_session_flags, session_overrides
 from mc.infer.checkpoint import load_model
 from mc.infer.engine import MCEngine
+from mc.infer.store import SESSION_ID, SessionStore, checkpoint_identity
 from nanochat import cli_checks as ck
 from nanochat import web_guard as wg
 from nanochat.checkpoint_manager import SOURCE_DIRS, find_last_model_tag, latest_step, tag_dir
@@ -95,6 +103,7 @@ class ChatParams:
     temperature: float
     top_k: int
     seed: int
+    session_id: str | None = None  # --session_dir: the saved conversation this request continues
 
 
 def _number(body, name, lo, hi, default, integer):
@@ -171,8 +180,13 @@ def parse_chat_request(body, defaults, openai=False) -> ChatParams:
     if 0 < temperature < MIN_TEMPERATURE:
         raise RequestError(400, f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE}, got {temperature!r}",
                            param="temperature")
+    session_id = body.get("session_id")
+    if session_id is not None and (not isinstance(session_id, str) or not SESSION_ID.match(session_id)):
+        raise RequestError(400, f"session_id must be 1-64 letters, digits, '_' or '-', got {session_id!r}",
+                           param="session_id")
     return ChatParams(clean, _number(body, "max_tokens", *MAX_TOKENS_RANGE, defaults["max_tokens"], integer=True),
-                      temperature, _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed)
+                      temperature, _number(body, "top_k", *TOP_K_RANGE, defaults["top_k"], integer=True), seed,
+                      session_id)
 
 
 def too_long(detail):
@@ -204,12 +218,24 @@ async def start_generation(pool, params, deadline=None) -> tuple:
         if len(prompt) >= limit:
             raise too_long(f"{len(prompt)} prompt tokens, the context holds {limit} tokens including the reply")
         params = replace(params, max_tokens=min(params.max_tokens, limit - len(prompt)))
+    sid = params.session_id
+    if sid is not None:
+        if not getattr(engine, "store", None):
+            raise RequestError(400, "session_id needs a server that saves conversations: start it with --mc "
+                                    "--session_dir DIR", param="session_id")
+        if sid in pool.busy:
+            raise RequestError(409, f"session {sid} is answering another request; send this one when that reply "
+                                    f"has ended", param="session_id")
+        pool.busy.add(sid)  # released by the generation thread when it ends
     try:
         worker = await pool.acquire(None if deadline is None else deadline - time.monotonic())
-    except QueueFull as e:
-        raise overloaded(f"the server is busy: {e}", "queue_full") from None
-    except QueueTimeout:
-        raise overloaded("no worker became free before the request timeout (--request_timeout)", "timeout") from None
+    except (QueueFull, QueueTimeout, asyncio.CancelledError) as e:
+        pool.busy.discard(sid)
+        if isinstance(e, QueueFull):
+            raise overloaded(f"the server is busy: {e}", "queue_full") from None
+        if isinstance(e, QueueTimeout):
+            raise overloaded("no worker became free before the request timeout (--request_timeout)", "timeout") from None
+        raise
     gen = Generation(pool, worker, prompt, params, deadline)
     try:
         first = await gen.events.get()
@@ -282,6 +308,7 @@ def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUE
             wg.check_content_type(request.headers.get("content-type"))
 
     app = FastAPI(title="nanochat", docs_url=None, redoc_url=None, openapi_url=None, dependencies=[Depends(guard)])
+    app.state.pool = pool  # the tests look at its busy conversations
 
     def error_response(request, status, message, param=None, code=None, kind="invalid_request_error", headers=None):
         openai_shape = request.url.path.startswith("/v1/")
@@ -404,9 +431,10 @@ def create_app(workers, model_id="nanochat", defaults=None, *, max_queue=MAX_QUE
 
 
 # ----------------------------------------------------------------------------- command line
-def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None):
+def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kwargs=None, session_dir=""):
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
-    (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval)."""
+    (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval);
+    session_dir: requests with a session_id continue and save that conversation there (mc/infer/store.py)."""
 
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
         die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")
@@ -421,9 +449,10 @@ def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kw
             die(f"no complete checkpoint in {os.path.join(root, model_tag)}; train one first or pick another -g/-s")
     workers = []
     for device in devices:
-        model, tokenizer, _meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
+        model, tokenizer, meta = load_model(source, device, "eval", model_tag=model_tag, step=step)
+        saved = dict(store=SessionStore(session_dir), checkpoint=checkpoint_identity(meta)) if session_dir else {}
         # MCEngine refuses a vanilla checkpoint with the fix (MCSessionError, a ValueError: main() dies with it)
-        engine = MCEngine(model, tokenizer, reuse_session=False, **(mc_kwargs or {})) if mc else \
+        engine = MCEngine(model, tokenizer, reuse_session=False, **saved, **(mc_kwargs or {})) if mc else \
             Engine(model, tokenizer)
         workers.append(Worker(engine, tokenizer, device, name=device))
     return workers, f"nanochat-{source}-{model_tag}-step{step}"
@@ -453,10 +482,13 @@ def main(argv=None):
     parser.add_argument("--allowed_hosts", default="",
                         help="comma-separated extra Host names/addresses to answer besides localhost and --host "
                              "(e.g. the machine's LAN name under --host 0.0.0.0); '*' = any")
+    parser.add_argument("--session_dir", default="", help="--mc: save conversations under this folder; requests "
+                        "with a session_id continue and save theirs (kill -9 safe)")
     add_session_flags(parser)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod
     args = parser.parse_args(argv)
-    if not args.mc and given_session_flags(args):
-        die(f"{' / '.join(given_session_flags(args))} only apply with --mc")
+    if not args.mc and (given_session_flags(args) or args.session_dir):
+        die(f"{' / '.join(given_session_flags(args) + (['--session_dir'] if args.session_dir else []))} only apply "
+            f"with --mc")
     for name, (lo, hi) in (("temperature", TEMPERATURE_RANGE), ("top_k", TOP_K_RANGE), ("max_tokens", MAX_TOKENS_RANGE)):
         if not lo <= getattr(args, name) <= hi:
             die(f"--{name}={getattr(args, name)} is outside the allowed range [{lo}, {hi}]")
@@ -471,7 +503,7 @@ def main(argv=None):
     device_type = args.device_type or autodetect_device_type()
     try:
         workers, model_id = load_workers(args.source, args.model_tag, args.step, device_type, args.num_gpus,
-                                         mc=args.mc, mc_kwargs=session_overrides(args))
+                                         mc=args.mc, mc_kwargs=session_overrides(args), session_dir=args.session_dir)
     except (RuntimeError, ValueError, OSError) as e:  # CheckpointError / TokenizerError say the fix
         die(str(e))
     defaults = {"temperature": args.temperature, "top_k": args.top_k, "max_tokens": args.max_tokens}

@@ -13,6 +13,7 @@ scripts/chat_web.py against a tiny real GPT + tokenizer (CPU, seconds):
 import contextlib
 import itertools
 import json
+import os
 import socket
 import threading
 import time
@@ -495,3 +496,55 @@ def test_mc_worker_serves_conversations_longer_than_the_context(tokenizer, model
         MCEngine(model, tokenizer)
     with pytest.raises(SystemExit):
         chat_web.main(["--mc_infer_refocus_interval", "8"])  # without --mc
+
+
+def test_mc_saved_conversations_continue_across_a_restart(tokenizer, model, tmp_path, monkeypatch):
+    """--session_dir: a request with a session_id gets the stateless reply, and its conversation is saved;
+    after a restart (new workers, new store) the next turn reopens it and ingests only the new part."""
+    from mc.infer.store import SessionStore
+    from tests.test_mc_session import tiny_mc_model
+
+    mc_model, _, _ = tiny_mc_model(vocab=tokenizer.get_vocab_size(), random_lens=False)
+    with torch.no_grad():
+        mc_model.lm_head.weight.copy_(model.lm_head.weight)
+    ckpt = {"model": "tiny"}
+
+    def app():
+        engine = MCEngine(mc_model, tokenizer, reuse_session=False, store=SessionStore(str(tmp_path)), checkpoint=ckpt)
+        return engine, create_app([Worker(engine, tokenizer, "cpu")])
+
+    first = [{"role": "user", "content": " ".join(f"word{i}" for i in range(200))}]
+    body = {"messages": first, "max_tokens": 8, "temperature": 0.0, "seed": 1}
+    engine, a = app()
+    with TestClient(a, base_url=LOCAL) as c:
+        stateless = c.post("/v1/chat/completions", json=body).json()
+        saved = c.post("/v1/chat/completions", json={**body, "session_id": "conv1"}).json()
+        assert saved["choices"] == stateless["choices"]
+        assert c.post("/v1/chat/completions", json={**body, "session_id": "../x"}).status_code == 400
+        a.state.pool.busy.add("conv2")  # another request is generating in conv2
+        r = c.post("/v1/chat/completions", json={**body, "session_id": "conv2"})
+        assert r.status_code == 409 and "another request" in r.json()["error"]["message"]
+    reply = saved["choices"][0]["message"]["content"]
+    assert SessionStore(str(tmp_path)).committed_tokens("conv1") == \
+        saved["usage"]["prompt_tokens"] + saved["usage"]["completion_tokens"]
+
+    second = first + [{"role": "assistant", "content": reply}, {"role": "user", "content": "and what came first?"}]
+    body2 = {"messages": second, "max_tokens": 8, "temperature": 0.0, "seed": 2}
+    opened = []
+    real_open = SessionStore.open
+    monkeypatch.setattr(SessionStore, "open", lambda self, *a, **k: opened.append(a[0]) or real_open(self, *a, **k))
+    engine, a = app()  # a restart
+    with TestClient(a, base_url=LOCAL) as c:
+        out = c.post("/v1/chat/completions", json={**body2, "session_id": "conv1"}).json()
+        assert opened == ["conv1"]  # reopened from disk, continued (the ids file kept, not replaced)...
+        assert sorted(os.listdir(tmp_path / "conv1")) == ["state.bin", "tokens.bin"]
+        history = engine.session.token_ids().tolist()
+        assert len(history) == out["usage"]["prompt_tokens"] + out["usage"]["completion_tokens"]
+        assert out["choices"] == c.post("/v1/chat/completions", json=body2).json()["choices"]  # ...same reply
+    engine, a = app()
+    with TestClient(a, base_url=LOCAL) as c:  # messages that do not continue it: rebuilt, and replaced
+        c.post("/v1/chat/completions", json={**body, "session_id": "conv1"})
+    assert SessionStore(str(tmp_path)).committed_tokens("conv1") == \
+        saved["usage"]["prompt_tokens"] + saved["usage"]["completion_tokens"]
+    files = sorted(os.listdir(tmp_path / "conv1"))  # the replacement's ids in a new file, the old one gone
+    assert len(files) == 2 and files[0] == "state.bin" and files[1].startswith("tokens.") and files[1] != "tokens.bin"

@@ -9,7 +9,8 @@ kill -9 at any moment (chat_cli --mc --session_dir DIR [--session ID]).
     session = store.open(sid, model, checkpoint)  # later, in another process: the same history and focus
 
 On disk, <DIR>/<id>/:
-    tokens.bin   the history's token ids, int32, append-only
+    tokens.bin   the history's token ids, int32, append-only (a replaced conversation: tokens.<random>.bin,
+                 the file the state names)
     state.bin    the last commit: 8 bytes of header length, a JSON header (committed token count, the
                  session's W / refocus interval / focus / tree levels / refocus counter / allocator RNG state,
                  the checkpoint it runs on), then the plan and the allocator's hysteresis, one int8 per token
@@ -70,6 +71,7 @@ class SessionStore:
         self.root = os.path.abspath(os.path.expanduser(root))
         self._committed = {}  # session id -> token count of its last commit (this process)
         self._checkpoint = {}  # session id -> the checkpoint it runs on
+        self._tokens_file = {}  # session id -> the file holding its ids (tokens.bin, or a replacement's)
 
     def path(self, session_id: str) -> str:
         if not isinstance(session_id, str) or not SESSION_ID.match(session_id):
@@ -89,20 +91,37 @@ class SessionStore:
         return sorted(found, key=lambda d: os.path.getmtime(os.path.join(self.root, d, "state.bin")))
 
     # ------------------------------------------------------------------ saving
-    def create(self, session: MCSession, checkpoint: dict, session_id: str | None = None) -> str:
-        """Start saving `session` (any history it already holds included) under a new id; returns the id."""
+    def create(self, session: MCSession, checkpoint: dict, session_id: str | None = None,
+               replace: bool = False) -> str:
+        """Start saving `session` (any history it already holds included) under a new id; returns the id.
+        replace=True: the id may exist; its saved conversation is replaced by this one (chat_web, when a
+        request's messages no longer continue what was saved). The ids go to a new file that the new state
+        names, so a crash leaves either the old conversation or the new one, whole."""
         sid = session_id or uuid.uuid4().hex[:12]
         folder = self.path(sid)
+        old = None
         if os.path.exists(folder):
-            raise SessionStoreError(f"session {sid} already exists under {self.root}; reopen it (--session {sid}) "
-                                    f"or pick another id")
-        os.makedirs(folder)
-        open(os.path.join(folder, "tokens.bin"), "wb").close()
-        self._committed[sid], self._checkpoint[sid] = 0, checkpoint
+            if not replace:
+                raise SessionStoreError(f"session {sid} already exists under {self.root}; reopen it "
+                                        f"(--session {sid}) or pick another id")
+            old = self._read_state(folder)[0].get("tokens_file", "tokens.bin")
+        os.makedirs(folder, exist_ok=True)
+        name = "tokens.bin" if old is None else f"tokens.{uuid.uuid4().hex[:8]}.bin"
+        open(os.path.join(folder, name), "wb").close()
+        self._committed[sid], self._checkpoint[sid], self._tokens_file[sid] = 0, checkpoint, name
         session.session_id = sid
         self.commit(session)
+        if old is not None and old != name:
+            os.remove(os.path.join(folder, old))
         _fsync_dir(self.root)
         return sid
+
+    def committed_tokens(self, session_id: str) -> int | None:
+        """The token count of the session's last commit on disk (None: no such session)."""
+        folder = self.path(session_id)
+        if not os.path.isfile(os.path.join(folder, "state.bin")):
+            return None
+        return self._read_state(folder)[0]["tokens"]
 
     def commit(self, session: MCSession):
         """Make everything the session holds durable (the commit protocol in the module docstring)."""
@@ -112,13 +131,14 @@ class SessionStore:
             raise SessionStoreError(f"session {sid} was not created or opened through this store")
         done = self._committed[sid]
         ids = session.token_ids()
-        with open(os.path.join(folder, "tokens.bin"), "r+b") as f:
+        with open(os.path.join(folder, self._tokens_file[sid]), "r+b") as f:
             f.truncate(4 * done)  # a crash may have left ids past the last commit: they are not history
             f.seek(4 * done)
             f.write(ids[done:].numpy().astype("<i4").tobytes())
             f.flush()
             os.fsync(f.fileno())
-        header = {"version": 1, "tokens": session.num_tokens, "checkpoint": self._checkpoint[sid], "W": session.W,
+        header = {"version": 1, "tokens": session.num_tokens, "tokens_file": self._tokens_file[sid],
+                  "checkpoint": self._checkpoint[sid], "W": session.W,
                   "refocus_interval": session.refocus_interval, "focus": session.cfg.infer_focus,
                   "max_lod": session.max_lod, "infer_max_lod": session.cfg.infer_max_lod,
                   "since_refocus": session._since_refocus, "totals": session.totals,
@@ -167,10 +187,11 @@ class SessionStore:
             raise SessionStoreError(f"session {session_id} runs on checkpoint {header['checkpoint']}, not {checkpoint}; "
                                     f"load that one (-i/-g/-s) to reopen it")
         T = header["tokens"]
-        with open(os.path.join(folder, "tokens.bin"), "rb") as f:
+        tokens_file = header.get("tokens_file", "tokens.bin")
+        with open(os.path.join(folder, tokens_file), "rb") as f:
             raw = f.read(4 * T)
         if len(raw) < 4 * T:
-            raise SessionStoreError(f"{folder}/tokens.bin holds {len(raw) // 4} ids, the last commit {T}: the "
+            raise SessionStoreError(f"{folder}/{tokens_file} holds {len(raw) // 4} ids, the last commit {T}: the "
                                     f"history was truncated outside this program")
         ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int32))
         s = MCSession(model, W=header["W"], refocus_interval=header["refocus_interval"], telemetry=telemetry,
@@ -189,4 +210,5 @@ class SessionStore:
         s.totals.update(header["totals"])
         s.generator.set_state(torch.tensor(header["generator"], dtype=torch.uint8))
         self._committed[session_id], self._checkpoint[session_id] = T, checkpoint
+        self._tokens_file[session_id] = tokens_file
         return s
