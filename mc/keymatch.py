@@ -256,7 +256,10 @@ def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_to
     them at. Room is made before the blocks open, so a fit can never close them again (opening first and
     fitting after did: with few collapse candidates the hard fit took the chosen block too, measured on a
     50K-token session). A history that fits W is never compressed. If even the fully collapsed covering
-    leaves no room for a chosen block, fewer blocks are opened."""
+    leaves no room for a chosen block, fewer blocks are opened; and a block the question asks about that is
+    already raw is never collapsed to make room for the next-best one (measured at 1M tokens, where the
+    coarsest covering leaves room for one raw block: each repeated refocus for the same question closed the
+    needle's block, opened by the previous one, to open the runner-up)."""
     bs, max_lod = cfg.block_size, cfg.max_lod
     T = plan.size(1)
     n_blocks = max(T - recent_tokens, 0) // bs
@@ -278,6 +281,8 @@ def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_to
             if n == 0:
                 raise
             continue
+        if n and any(int(new_plan[0, b * bs]) != 0 for b in asked if b not in chosen):
+            continue  # the room for n more blocks would close one the question already holds open: open fewer
         for b in chosen[:n]:
             new_plan = expand_blocks_to_raw(new_plan, torch.tensor([b]), bs, max_lod)
             new_state[:, b * bs:(b + 1) * bs] = 1  # just expanded: hysteresis, as an allocator expand

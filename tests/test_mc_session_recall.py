@@ -293,3 +293,27 @@ def test_given_block_scores_open_those_blocks_whatever_the_policy():
     assert info["expands"] == 1 and lod_of(s, [FACT_AT, FACT_AT + 1]) == [0, 0]
     assert next(s.generate(1, temperature=0.0)) == VALUE
     assert max(rec.sizes) <= W
+
+
+def test_keymatch_keeps_an_open_block_rather_than_swap_it_for_the_runner_up():
+    """At 1M tokens the coarsest covering leaves room for one raw block; a repeated refocus for the same question
+    must keep the block it opened (the needle's) instead of closing it to open the second-best block."""
+    from mc.config import MCConfig
+    from mc.keymatch import keymatch_refocus
+    from mc.working_context import entry_counts
+
+    bs, T, R = 4, 136, 8
+    plan = torch.full((1, T), 2, dtype=torch.int8)  # 8 LOD2 gists, then the raw tail
+    plan[0, 128:] = 0
+    plan[0, 0:16] = 1  # unit 0 opened to LOD1 ...
+    plan[0, 8:12] = 0  # ... and its block 2 to raw: the block the question asks about, opened last time
+    W = int(entry_counts(plan, bs)[0])  # exactly the room for one raw block (16 + 2 x 3)
+    z = torch.zeros(1, T // bs)
+    z[0, 2], z[0, 20] = 5.0, 4.9  # block 2 best, block 20 (inside LOD2 unit 5) a close runner-up
+    cfg = MCConfig(block_size=bs, max_lod=2, recent_tokens=R)
+    new_plan, _, stats = keymatch_refocus(plan, z, W, cfg, R)
+    assert int(new_plan[0, 8]) == 0 and int(new_plan[0, 80]) == 2  # block 2 stays raw, block 20 stays closed
+    assert int(stats["expands"][0]) == 0 and int(entry_counts(new_plan, bs)[0]) <= W
+    # with room for two, the runner-up opens too
+    new_plan, _, stats = keymatch_refocus(plan, z, W + 6, cfg, R)
+    assert int(new_plan[0, 8]) == 0 and int(new_plan[0, 80]) == 0 and int(stats["expands"][0]) == 1
