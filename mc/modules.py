@@ -115,7 +115,6 @@ def attach(model: nn.Module, modules: MCModules | None, config: MCConfig | None)
 def resume_mismatch(saved: dict | None, cfg: MCConfig | None) -> str | None:
     """Why a checkpoint with meta["mc_config"] = saved cannot be resumed with cfg (None = it can): MC
     switched on or off, or any MC knob changed (named by its command-line flag)."""
-
     if saved is None and cfg is None:
         return None
     if saved is None:

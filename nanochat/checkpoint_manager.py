@@ -353,7 +353,6 @@ def build_model(checkpoint_dir, step, device, phase="eval"):
     meta["extra_state"] ({} when there are none) with the device the model is on; mc.infer.checkpoint builds
     its modules from them and meta["mc_config"]. This loader never imports mc: an MC checkpoint loads
     here as the plain GPT it contains."""
-
     if phase not in ("eval", "train"):
         raise ValueError(f"phase must be 'eval' or 'train', got {phase!r}")
     device = torch.device(device)

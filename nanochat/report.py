@@ -91,7 +91,6 @@ def _git(*args) -> str:
 
 def system_info() -> dict:
     """What ran this: code version, software, hardware."""
-
     commit = _git("rev-parse", "--short", "HEAD") or "unknown (no commit yet or not a git checkout)"
     dirty = " (uncommitted changes)" if _git("status", "--porcelain") else ""
     gpus = "none"

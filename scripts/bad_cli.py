@@ -178,9 +178,6 @@ CASES = [
 # --------------------------------------------------------------------------------------------------
 # The fixture: a tokenizer and tiny checkpoints, some of them broken on purpose.
 def build_fixture(base: str):
-
-
-
     tok = RustBPETokenizer.train_from_iterator(itertools.islice(synthetic_texts(), 20), 300, pad_vocab=True)
     tok.save(os.path.join(base, "tokenizer"))
     cfg = GPTConfig(sequence_len=64, vocab_size=tok.get_vocab_size(), n_layer=1, n_head=2, n_kv_head=2, n_embd=32)

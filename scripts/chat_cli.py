@@ -233,7 +233,6 @@ def main(argv=None) -> int:
         die(str(e))
     telemetry = None
     if args.mc:
-
         try:
             telemetry = provider_from_env("megacontext-chat")
         except (ValueError, RuntimeError) as e:

@@ -435,7 +435,6 @@ def load_workers(source, model_tag, step, device_type, num_gpus, mc=False, mc_kw
     """One Worker per device with the checkpoint loaded; -> (workers, model_id). mc: MCEngine workers
     (a fresh MegaContext session per request); mc_kwargs: MCSession settings (W, refocus_interval);
     session_dir: requests with a session_id continue and save that conversation there (mc/infer/store.py)."""
-
     if device_type == "cuda" and num_gpus > torch.cuda.device_count():
         die(f"--num_gpus={num_gpus} but only {torch.cuda.device_count()} CUDA device(s) are visible; lower --num_gpus")
     if device_type != "cuda" and num_gpus != 1:

@@ -125,7 +125,6 @@ def random_model(args, device):
 
 
 def load(args, device):
-
     try:
         model, _, _ = load_model(args.source or "base", device, "eval", model_tag=args.model_tag, step=args.step)
     except (CheckpointError, ValueError, RuntimeError) as e:

@@ -60,7 +60,6 @@ WORDS = "the blue vault Marta Quill lives near river north of seven gardens and 
 def build_checkpoint(base_dir):
     """A 512-id tokenizer and an untrained 4-layer GPT whose head only writes printable tokens, so replies
     run to max_tokens instead of stopping at once (slow enough to abandon, fast enough to flood)."""
-
     tok = RustBPETokenizer.train_from_iterator(itertools.islice(synthetic_texts(), 10), 512, pad_vocab=True)
     tok.save(os.path.join(base_dir, "tokenizer"))
     torch.manual_seed(0)
