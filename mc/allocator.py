@@ -53,6 +53,8 @@ One call:
 
 Selection is a short Python loop per row over at most max_replacements edits (candidate extraction,
 scores and the state are tensor ops over all rows); the allocator runs at refocus time, not per token.
+Every call reads the whole plan (O(T)); mc/entry_allocator.py makes the same edits from the entry list
+(O(W)), which the inference session's refocus uses.
 """
 
 import torch
@@ -170,7 +172,7 @@ def _make_room(room, touched, span, n, target, c, k_max):
     return picks if len(picks) == need else None
 
 
-def _select_row(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator, max_expands=None):
+def select_edits(cands, n, target, max_edits, c, stochastic, top_k, temperature, generator, max_expands=None):
     """Greedy (or sampled) choice of edits for one row; returns the chosen candidates in order. Only
     expands are ranked; collapses are applied only as the room an expand needs (module docstring).
     max_expands: stop after that many expands (None: only max_edits bounds them)."""
@@ -282,7 +284,7 @@ def allocate(plan: torch.Tensor, scores: torch.Tensor, W: int, cfg, block_size: 
         for r in range(R):
             if not cands[r]:
                 continue
-            edits = _select_row(cands[r], n[r], target, cfg.allocator_max_replacements, c, stochastic,
+            edits = select_edits(cands[r], n[r], target, cfg.allocator_max_replacements, c, stochastic,
                                 cfg.allocator_sample_top_k, cfg.allocator_sample_temperature, generator,
                                 max_expands=1 if best_first else None)
             _apply(plan, new_state, r, edits)

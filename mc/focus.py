@@ -2,10 +2,13 @@
 One refocus: LensNet scores the current working context, the allocator edits the plan.
 
     plan, state, info = refocus(lensnet, plan, levels, cfg, W)
+    start, lod, marks, edits, info = refocus_entries(lensnet, wc, cfg, W, limit, marks)   # one row, O(W)
 
 This is the step the inference session (mc/infer/session.py) runs at every user turn and every
 --mc_infer_refocus_interval tokens, and the step mc_eval's MC-LensNet condition runs once per probe.
 Training never calls it: there LensNet only learns (mc/train/lens_loss.py) from the random variants.
+refocus_entries is the same step on one row's entry list (mc/entry_allocator.py): the session's refocus with a
+LensNet without the content match, or fixed focus, at a cost that does not grow with the history.
 
 Inputs
   lensnet   mc.lensnet.LensNet, or None for fixed focus (--lensnet_type=none): every score is 0, so
@@ -57,6 +60,7 @@ import dataclasses
 import torch
 
 from mc.allocator import PlanDoesNotFitError, allocate, entry_scores_to_token_map
+from mc.entry_allocator import SpanScores, allocate_entries
 from mc.keymatch import entry_match, token_match
 from mc.working_context import build_working_context
 
@@ -86,6 +90,31 @@ def make_room(plan: torch.Tensor, token_scores: torch.Tensor, W: int, room: int,
     return plan, torch.zeros(plan.shape, dtype=torch.int8), torch.zeros(plan.size(0), dtype=torch.long)
 
 
+def lens_scores(lensnet, wc, cfg, match_z: torch.Tensor | None = None):
+    """(scores, reference, logits, match): LensNet's scores of the working context wc, centred on the row's
+    gists (module docstring), [R, L] float; reference [R]; logits and match only for a content-matching
+    LensNet (else None). lensnet None: every score 0."""
+    logits = match = None
+    if lensnet is None:
+        scores = torch.zeros(wc.valid.shape, dtype=torch.float32, device=wc.valid.device)
+    else:
+        ref = next(lensnet.parameters())
+        inputs = dict(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
+                      span_len=wc.span_len, valid=wc.valid)
+        if getattr(lensnet, "match", False):
+            if match_z is None:
+                raise ValueError("this LensNet reads the content match (--lensnet_match=1): refocus needs match_z, "
+                                 "the history's block scores (mc.keymatch.tail_block_scores)")
+            match = entry_match(match_z, wc.span_start, wc.lod, wc.valid, cfg.block_size, cfg.max_lod)
+            logits = lensnet.logits(**inputs, match=match).float()
+            scores = torch.tanh(logits) * wc.valid
+        else:
+            scores = lensnet(**inputs).float()
+    gist = (wc.valid & (wc.lod >= 1)).float()
+    reference = (scores * gist).sum(1) / gist.sum(1).clamp(min=1.0)  # rows without gists: 0
+    return (scores - reference[:, None]).clamp(-1.0, 1.0) * wc.valid, reference, logits, match
+
+
 @torch.no_grad()
 def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tensor | None = None,
             generator: torch.Generator | None = None, recent_tokens: int | None = None, wc=None,
@@ -103,32 +132,14 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
     recent = cfg.recent_tokens if recent_tokens is None else recent_tokens
     if wc is None:
         wc = build_working_context(plan, levels, cfg.block_size, align="right")
-    token_map, match = False, None
-    if lensnet is None:
-        scores = torch.zeros(wc.valid.shape, dtype=torch.float32, device=plan.device)
-    else:
-        ref = next(lensnet.parameters())
-        inputs = dict(embeddings=wc.embeddings.to(ref.dtype), lod=wc.lod, span_start=wc.span_start,
-                      span_len=wc.span_len, valid=wc.valid)
-        if getattr(lensnet, "match", False):
-            if match_z is None:
-                raise ValueError("this LensNet reads the content match (--lensnet_match=1): refocus needs match_z, "
-                                 "the history's block scores (mc.keymatch.tail_block_scores)")
-            match = entry_match(match_z, wc.span_start, wc.lod, wc.valid, cfg.block_size, cfg.max_lod)
-            logits = lensnet.logits(**inputs, match=match).float()
-            scores = torch.tanh(logits) * wc.valid
-        else:
-            scores = lensnet(**inputs).float()
-    gist = (wc.valid & (wc.lod >= 1)).float()
-    reference = (scores * gist).sum(1) / gist.sum(1).clamp(min=1.0)  # rows without gists: 0
-    alloc_scores = scores = (scores - reference[:, None]).clamp(-1.0, 1.0) * wc.valid
+    scores, reference, logits, match = lens_scores(lensnet, wc, cfg, match_z)
     if match is not None:  # each token: its entry's network score + its own block's match
         g = float(lensnet.match_gain)
         net = entry_scores_to_token_map(plan, (logits - g * match) * wc.valid, cfg.block_size, cfg.max_lod)
         own = token_match(match_z, plan.size(1), cfg.block_size).to(net.device)
-        alloc_scores, token_map = (torch.tanh(net + g * own) - reference[:, None]).clamp(-1.0, 1.0), True
-    if not token_map:  # one score per token, so the map still holds after the room-making collapses
-        alloc_scores = entry_scores_to_token_map(plan, alloc_scores, cfg.block_size, cfg.max_lod)
+        alloc_scores = (torch.tanh(net + g * own) - reference[:, None]).clamp(-1.0, 1.0)
+    else:  # one score per token, so the map still holds after the room-making collapses
+        alloc_scores = entry_scores_to_token_map(plan, scores, cfg.block_size, cfg.max_lod)
     alloc_scores = alloc_scores.cpu()
     fitted, freed, forced = make_room(plan.cpu(), alloc_scores, W, room, cfg, recent)
     # best first (module docstring); the allocator's selection runs on the CPU (a short loop over the edits).
@@ -145,3 +156,22 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
     info["gist_reference"] = reference.detach()
     info["changed"] = (new_plan != plan).any(1)
     return new_plan, new_state, info
+
+
+@torch.no_grad()
+def refocus_entries(lensnet, wc, cfg, W: int, limit: int, marks: torch.Tensor | None = None,
+                    generator: torch.Generator | None = None):
+    """refocus for one row given as its working context (unpadded, [1, L]) instead of a per-token plan, at a
+    cost set by W, not by the history (mc/entry_allocator.py): the same edits as refocus(..., room=0) for a
+    LensNet without the content match (whose block scores span the whole history) or fixed focus (None).
+    limit: the first token of the raw tail; marks: the previous call's hysteresis (entry_allocator).
+    Returns (start', lod', marks', edits, info), info as refocus's."""
+    if getattr(lensnet, "match", False):
+        raise ValueError("refocus_entries takes no content-matching LensNet (--lensnet_match=1): use refocus")
+    scores, reference, _, _ = lens_scores(lensnet, wc, cfg)
+    start, lod = wc.span_start[0].cpu(), wc.lod[0].cpu()
+    spans = SpanScores.of_entries(start, lod, scores[0].cpu(), cfg.block_size)
+    start2, lod2, marks2, edits, stats = allocate_entries(start, lod, spans, W, cfg, cfg.block_size, cfg.max_lod,
+                                                          limit, marks, generator, best_first=True)
+    info = dict(stats, scores=scores.detach(), gist_reference=reference.detach(), changed=torch.tensor([bool(edits)]))
+    return start2, lod2, marks2, edits, info

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from mc.config import MCConfig
+from mc.focus import refocus as focus_refocus
 from mc.infer.session import HistoryTooLongError, MCSession, MCSessionError
 from mc.modules import MCModules, attach
 from mc.ops.telemetry import SCHEMAS
@@ -115,6 +116,29 @@ def test_long_history_bounded_and_exact():
     assert st["lod_histogram"][2] > 0  # LOD2 gists in use
     assert 0 < st["bytes_per_token"] < 200  # no C floats per token (LOD0 is not stored)
     torch.testing.assert_close(s.next_logits(), scratch_logits(s), atol=2e-5, rtol=1e-4)
+
+
+def test_the_sessions_entry_list_refocus_makes_the_per_token_refocus_edits():
+    """The session refocuses on its entry list (mc/entry_allocator.py, O(W)); mc.focus.refocus on the whole
+    per-token plan, given the same scores, hysteresis and random draws, makes the same plan and state."""
+    model, modules, cfg = tiny_mc_model(seed=3, allocator_type="stochastic_greedy")
+    s = MCSession(model, modules, cfg)
+    g = torch.Generator().manual_seed(3)
+    s.ingest(torch.randint(0, 256, (500,), generator=g).tolist())
+    edits = 0
+    for _ in range(12):
+        s.ingest(torch.randint(0, 256, (5,), generator=g).tolist())  # under the interval: no refocus yet
+        plan, state, L = s.plan.clone(), s.state, s.num_entries
+        twin = RandomLens(seed=3)
+        twin.calls = s.lensnet.calls  # the same scores as the session's next call
+        draws = torch.Generator()
+        draws.set_state(s.generator.get_state())
+        want, want_state, _ = focus_refocus(twin, plan, None, s.cfg, s.fit_budget, state=state, generator=draws,
+                                            wc=s.working_context())
+        s.refocus()
+        edits += s.last["expands"] + s.last["collapses"]
+        assert L <= s.W and torch.equal(s.plan, want) and torch.equal(s.state, want_state)
+    assert edits >= 4  # the focus really moved (8 edits on this seed)
 
 
 def test_reprefill_from_first_changed_entry():

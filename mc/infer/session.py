@@ -39,7 +39,7 @@ to open two blocks from the coarsest level (mc.focus.make_room: the lowest-score
 the keymatch focus does, since a WC at budget could otherwise open nothing. A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
 question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
-Re-prefill. Let t* = mc.focus.first_changed_token(old plan, new plan). Every entry whose span starts
+Re-prefill. Let t* = the first token whose level changed (first_changed_start on the entry lists). Every entry whose span starts
 before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
 with k = #{new entries with span_start < t*} the first min(k, cached) cache slots stay valid:
 KVCache.set_pos truncates to that, and next_logits() re-runs every entry from there in ONE forward.
@@ -57,8 +57,10 @@ after at most refocus_interval tokens, or at once when an ingest would pass W, s
 times and refocuses stay amortised. Default W = min(mc_config.wc_length(sequence_len) + refocus_interval,
 sequence_len): a refocus then leaves at most the training W entries, the most the checkpoint's variants
 held. W - refocus_interval must exceed recent_tokens (the raw tail). A decode step costs the same at
-any history length. The per-refocus work over the plan (allocator, entry list) is O(T) vectorised tensor
-ops on 1-byte-per-token maps, amortised over refocus_interval tokens. Largest history: its most
+any history length, and so does a refocus with LensNet or fixed focus: the allocator works on the entry list
+(mc/entry_allocator.py, O(W)) and the per-token plan is only written where an edit lands. The keymatch focus
+and a LensNet with the content match score every block of the history (O(T / bs) keys per refocus), so
+they refocus on the per-token plan (mc.focus.refocus). Largest history: its most
 compressed covering must fit the refocus budget (about (W - refocus_interval - recent_tokens -
 max_lod * (bs - 1)) * bs**max_lod tokens). A longer history grows the tree a level (LOD3, LOD4, ...: the
 same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to --mc_infer_max_lod
@@ -80,8 +82,9 @@ import uuid
 
 import torch
 
-from mc.allocator import PlanDoesNotFitError, allocate
-from mc.focus import first_changed_token
+from mc.allocator import PlanDoesNotFitError
+from mc.entry_allocator import SpanScores, allocate_entries, marks_from_state, state_from_marks
+from mc.focus import first_changed_token, refocus_entries
 from mc.focus import refocus as focus_refocus
 from mc.infer.buffer import AppendBuffer
 from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, block_scores, keymatch_refocus
@@ -96,6 +99,16 @@ from nanochat.kv_cache import KVCache
 VANILLA_FIX = ("train with MegaContext: `python -m scripts.base_train --mc_enabled=1` "
                "(or `bash run10.sh --profile mc`), "
                "then continue mid/SFT from that checkpoint; or chat without --mc within the model's context")
+
+
+def first_changed_start(old_start, old_lod, new_start, new_lod, T: int) -> int:
+    """The first token whose level differs between two entry lists of one history (T if none): the start of
+    the first entry that differs (both lists cover [0, T), so the entries before it are the same tokens)."""
+    n = min(old_start.numel(), new_start.numel())
+    diff = (old_start[:n] != new_start[:n]) | (old_lod[:n] != new_lod[:n])
+    if bool(diff.any()):
+        return int(new_start[int(diff.int().argmax())])
+    return T if old_start.numel() == new_start.numel() else int(torch.cat([old_start, new_start])[n:].min())
 
 
 class MCSessionError(ValueError):
@@ -167,7 +180,7 @@ class MCSession:
         self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False)
         self._ids, self._plan = AppendBuffer(torch.int32), AppendBuffer(torch.int8)
         self._starts, self._lods = AppendBuffer(torch.long), AppendBuffer(torch.long)
-        self.state = None  # allocator hysteresis, int8 [1, <= T]
+        self.marks = None  # allocator hysteresis: the last refocus's edits, long [M, 3] (mc/entry_allocator.py)
         self.kv = KVCache(1, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device=self.device)
         self._logits = None  # [V] after the last cached entry
         self._rope = None  # (first position, cos, sin) table for decode steps (_cos_sin)
@@ -192,6 +205,16 @@ class MCSession:
         """int8 [1, T] (CPU): the level of detail of every history token."""
         return self._plan.view()[None]
 
+    @property
+    def state(self) -> torch.Tensor | None:
+        """The allocator's hysteresis as mc/allocator.py's per-token state, int8 [1, T] (CPU; None before the
+        first refocus). O(T): the paths that read the whole history and the saved session use it."""
+        return state_from_marks(self.marks, self.num_tokens)
+
+    @state.setter
+    def state(self, state: torch.Tensor | None):
+        self.marks = marks_from_state(state)
+
     def token_ids(self) -> torch.Tensor:
         """int32 [T] (CPU): the whole history."""
         return self._ids.view()
@@ -205,7 +228,7 @@ class MCSession:
         t = self.tree
         tree = sum(b.numel() * b.element_size() for b in t._buf if b is not None)
         tree += 0 if t.tail is None else t.tail.numel() * t.tail.element_size()
-        hist = self._ids.nbytes() + self._plan.nbytes() + (0 if self.state is None else self.state.numel())
+        hist = self._ids.nbytes() + self._plan.nbytes() + (0 if self.marks is None else 8 * self.marks.numel())
         hist += 0 if self.keys is None else self.keys.nbytes()
         kv = 0 if self.kv.k is None else 2 * self.kv.k.numel() * self.kv.k.element_size()
         wc = self._starts.nbytes() + self._lods.nbytes()
@@ -273,6 +296,15 @@ class MCSession:
         self._starts.n, self._lods.n = keep, keep
         self._starts.extend(starts + t0)
         self._lods.extend(tail[0, starts].long())
+
+    def _set_entries(self, start: torch.Tensor, lod: torch.Tensor, edits):
+        """Install the entry list the entry allocator returned; the per-token plan follows edit by edit, so the
+        work is the edited spans, not the history."""
+        plan = self._plan.view()
+        for _, _, s, span, level in edits:
+            plan[s: s + span] = level
+        self._starts.set(start)
+        self._lods.set(lod)
 
     # ------------------------------------------------------------------ the working context
     def _embed(self, a: int, b: int, raw_only: bool = False) -> torch.Tensor:
@@ -385,16 +417,20 @@ class MCSession:
             self.cfg = dataclasses.replace(self.cfg, max_lod=self.max_lod,
                                            allocator_iterations=max(self.cfg.allocator_iterations, self.max_lod))
 
+    def _limit(self) -> int:
+        """The first token of the raw tail (--allocator_recent_tokens)."""
+        return max(self.num_tokens - self.cfg.recent_tokens, 0)
+
     def _hard_fit(self):
         """Forced collapses only (all scores 0, thresholds out of reach): entries -> <= W. Returns stats.
         Run before LensNet when a long ingest left more than W entries, so it never reads more than the
         model does; LensNet's scores then choose what goes to reach the refocus budget."""
         cfg = dataclasses.replace(self.cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
-        old = self.plan.clone()
-        plan, self.state, stats = self._allocate(allocate, old, torch.zeros(old.shape), self.W, cfg,
-                                                 self.bs, self.max_lod, self.cfg.recent_tokens, state=self.state,
-                                                 scores_are_token_map=True)
-        self._set_plan(plan, int(first_changed_token(old, plan)[0]))
+        start, lod = self.entries()
+        zero = SpanScores.of_entries(start, lod, torch.zeros(start.numel()), self.bs)
+        start, lod, self.marks, edits, stats = self._allocate(allocate_entries, start, lod, zero, self.W, cfg,
+                                                              self.bs, self.max_lod, self._limit(), self.marks)
+        self._set_entries(start, lod, edits)
         return stats
 
     @torch.inference_mode()
@@ -406,33 +442,33 @@ class MCSession:
         if self.num_tokens == 0:
             return {}
         t0 = time.perf_counter()
-        old_plan = self.plan.clone()
         old_starts, old_lods = (x.clone() for x in self.entries())
         cached = self.kv.get_pos()
         self._grow_to_fit()
-        fitted = self.num_entries > self.W
-        forced = int(self._hard_fit()["forced"][0]) if fitted else 0  # a long ingest: fit before LensNet reads
+        forced = int(self._hard_fit()["forced"][0]) if self.num_entries > self.W else 0  # fit before LensNet reads
         # a history that fits W keeps every token (the plain model); a longer one is fitted with headroom
         budget = self.W if self.num_tokens <= self.W else self.fit_budget
         if block_scores is not None or (self.keys is not None and not self.match):
             z = self._keymatch_scores() if block_scores is None else block_scores
             new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, budget, self.cfg,
                                                         self.cfg.recent_tokens, state=self.state)
-        else:
-            z, room = None, 0
-            if self.match:
-                z = self.keys.tail_scores(self.token_ids(), max(self.num_tokens - self.cfg.recent_tokens, 0), self.bs)
-                # a question that singles out a block gets room to open it (and its neighbour) from the coarsest level
-                room = KEYMATCH_MAX_BLOCKS * self.max_lod * (self.bs - 1) if bool((z >= KEYMATCH_MIN_Z).any()) else 0
+            self._set_plan(new_plan, int(first_changed_token(self.plan, new_plan)[0]))
+        elif self.match:  # the block scores read the whole history: the per-token refocus
+            z = self.keys.tail_scores(self.token_ids(), self._limit(), self.bs)
+            # a question that singles out a block gets room to open it (and its neighbour) from the coarsest level
+            room = KEYMATCH_MAX_BLOCKS * self.max_lod * (self.bs - 1) if bool((z >= KEYMATCH_MIN_Z).any()) else 0
             new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, budget,
                                                         state=self.state, generator=self.generator,
-                                                        wc=self.working_context() if self.lensnet is not None else
-                                                        self._score_free_wc(), match_z=z, room=room)
+                                                        wc=self.working_context(), match_z=z, room=room)
+            self._set_plan(new_plan, int(first_changed_token(self.plan, new_plan)[0]))
+        else:  # on the entry list: O(W), whatever the history's length (mc/entry_allocator.py)
+            wc = self.working_context() if self.lensnet is not None else self._score_free_wc()
+            start, lod, self.marks, edits, info = self._allocate(refocus_entries, self.lensnet, wc, self.cfg, budget,
+                                                                 self._limit(), self.marks, self.generator)
+            self._set_entries(start, lod, edits)
         # KV: entries starting before the first changed token are unchanged (module docstring)
-        t_star = int(first_changed_token(old_plan, new_plan)[0])
-        t_fit = int(first_changed_token(old_plan, self.plan)[0]) if fitted else t_star  # the hard fit's edits
-        self._set_plan(new_plan, min(t_star, t_fit))
         starts, lods = self.entries()
+        t_star = first_changed_start(old_starts, old_lods, starts, lods, self.num_tokens)
         k = int((starts < t_star).sum())
         keep = min(k, cached)
         self.kv.set_pos(keep)
@@ -470,11 +506,12 @@ class MCSession:
         return block_scores(self.keys.view()[None], self.keys.query(ids, self.num_tokens - 1), self.bs)
 
     def _score_free_wc(self) -> WorkingContext:
-        """Fixed focus: the scores are all 0, so only the entry count matters (no embeddings needed)."""
-        L = self.num_entries
-        z = torch.zeros(1, L, dtype=torch.long)
-        return WorkingContext(torch.zeros(1, L, 0), z.float(), z, z, z, torch.ones(1, L, dtype=torch.bool),
-                              torch.zeros(1, dtype=torch.long))
+        """Fixed focus: the scores are all 0, so the entries' spans are all it needs (no embeddings)."""
+        starts, lods = (x[None] for x in self.entries())
+        span = self.bs ** lods
+        L = starts.size(1)
+        return WorkingContext(torch.zeros(1, L, 0), (starts + span - 1).float(), lods, starts, span,
+                              torch.ones(1, L, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
 
     # ------------------------------------------------------------------ metrics
     def stats(self) -> dict:
