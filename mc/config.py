@@ -45,7 +45,9 @@ class MCConfig:
     # --- tree / GistNet
     block_size: int = knob(32, "--mc_block_size", "tokens per LOD1 gist (and LOD1 gists per LOD2 gist)", lo=2)
     max_lod: int = knob(2, "--mc_max_lod", "coarsest level of detail (2 = gists of block_size**2 tokens)", lo=1, hi=8)
-    tree: str = knob("ram", "--mc_tree", "MegaContext tree storage (only 'ram')", choices=("ram",))
+    tree: str = knob("ram", "--mc_tree", "inference sessions: ram | disk (history ids, plan and gists in memory-mapped "
+                     "files under $NANOCHAT_BASE_DIR/mc_tree; training always builds its trees in memory)",
+                     choices=("ram", "disk"))
     cache_lod0: bool = knob(True, "--mc_cache_lod0", "keep token embeddings in the tree (0 = drop after gisting)")
     gistnet_type: str = knob("transformer", "--gistnet_type", "transformer | mean (parameter-free mean pooling)",
                              choices=("transformer", "mean"))
@@ -60,6 +62,11 @@ class MCConfig:
     wc_anneal_steps: int = knob(0, "--mc_wc_anneal_steps", "steps to anneal W to its target (0 = whole run)", lo=0)
     num_random_variants: int = knob(4, "--mc_num_random_variants", "compressed WC variants per sequence (plus the "
                                     "recency baseline)", lo=1)
+    priority_variants: int = knob(0, "--mc_priority_variants", "of those variants, how many LensNet proposes (its scores "
+                                  "of the coarsest covering weight the expansions, mc/train/variants.py); 0 = all "
+                                  "random", lo=0)
+    priority_temperature: float = knob(0.25, "--mc_priority_temperature", "LensNet-proposed variants: a unit's weight "
+                                       "is exp(score / temperature)", lo=0.0, lo_open=True)
     recent_tokens: int = knob(128, "--allocator_recent_tokens", "last R tokens always stay raw (variants and "
                               "allocator): the shared horizon of ΔNLL", lo=1)
     positional_type: str = knob("gaussian", "--positional_type", "simple | gaussian (RoPE for gists, mc/positions.py)",
@@ -117,6 +124,11 @@ class MCConfig:
         if self.allocator_collapse_threshold >= self.allocator_expand_threshold:
             raise ValueError(f"--allocator_collapse_threshold={self.allocator_collapse_threshold} must be below "
                              f"--allocator_expand_threshold={self.allocator_expand_threshold} (the gap is the hysteresis)")
+        if self.priority_variants > self.num_random_variants:
+            raise ValueError(f"--mc_priority_variants={self.priority_variants} exceeds --mc_num_random_variants="
+                             f"{self.num_random_variants}: the LensNet-proposed variants are some of those")
+        if self.priority_variants and self.lensnet_type == "none":
+            raise ValueError("--mc_priority_variants needs a LensNet to propose them (--lensnet_type=none has none)")
 
     # ------------------------------------------------------------------ derived quantities
     def wc_length(self, sequence_len: int) -> int:
@@ -273,8 +285,8 @@ def add_mc_flags(parser: argparse.ArgumentParser, names=None, overrides: bool = 
     return parser
 
 
-# What a chat session may override at start-up (chat_cli, chat_web): its W cap and three inference knobs.
-SESSION_FLAGS = ("infer_wc_length", "infer_refocus_interval", "infer_focus", "infer_max_lod")
+# What a chat session may override at start-up (chat_cli, chat_web): its W cap, three inference knobs, the tree.
+SESSION_FLAGS = ("infer_wc_length", "infer_refocus_interval", "infer_focus", "infer_max_lod", "tree")
 
 
 def add_session_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -284,7 +296,7 @@ def add_session_flags(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
 def session_overrides(args: argparse.Namespace) -> dict:
     """MCEngine / MCSession keyword arguments from add_session_flags' flags (None = the checkpoint's)."""
     return {"W": args.mc_infer_wc_length, "refocus_interval": args.mc_infer_refocus_interval,
-            "focus": args.mc_infer_focus, "max_lod": args.mc_infer_max_lod}
+            "focus": args.mc_infer_focus, "max_lod": args.mc_infer_max_lod, "tree": args.mc_tree}
 
 
 def given_session_flags(args: argparse.Namespace) -> list[str]:

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mc.allocator import PlanDoesNotFitError, allocate
+from mc.mapped import MappedRows
 from nanochat.gpt import norm
 
 
@@ -132,13 +133,15 @@ class LayerZeroKeys:
     reads only its own embedding and the k = prev_token_mix before it, so appending never changes the
     keys already cached. Stored in bfloat16: H_kv * D * 2 bytes per token (256 B at width 128)."""
 
-    def __init__(self, model):
+    def __init__(self, model, folder: str | None = None):
+        """folder: keep the keys in a memory-mapped file there (--mc_tree disk, mc/mapped.py)."""
         self.model = model
         self.context = int(getattr(model.config, "prev_token_mix", 0) or 0)  # tokens before a key that it reads
         attn = model.transformer.h[0].attn
         self.shape = (attn.n_kv_head, attn.head_dim)
         self.data = torch.empty(0, *self.shape, dtype=torch.bfloat16)
         self.n = 0
+        self.mapped = None if folder is None else MappedRows(folder, torch.bfloat16, self.shape)
 
     def _inputs(self, ids: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """[b - a, C]: layer-0 inputs of tokens a..b-1 of the history ids (1-D), reading k tokens before a."""
@@ -153,7 +156,9 @@ class LayerZeroKeys:
         if b <= a:
             return
         keys = layer0_keys(self.model, self._inputs(ids, a, b)[None])[0].to("cpu", torch.bfloat16)
-        if b > self.data.size(0):
+        if b > self.data.size(0) and self.mapped is not None:  # the file grows in place
+            self.data = self.mapped.reserve(b)
+        elif b > self.data.size(0):
             grown = torch.empty(max(2 * b, 1024), *self.shape, dtype=torch.bfloat16)
             grown[:a] = self.data[:a]
             self.data = grown
@@ -179,7 +184,15 @@ class LayerZeroKeys:
         return block_scores(keys, query, block_size, leave_one_out=True)
 
     def nbytes(self) -> int:
-        return self.data.numel() * self.data.element_size()
+        """Bytes in RAM (0 when the keys live in a mapped file)."""
+        return 0 if self.mapped is not None else self.data.numel() * self.data.element_size()
+
+    def mapped_bytes(self) -> int:
+        return 0 if self.mapped is None else self.mapped.nbytes()
+
+    def release(self):
+        if self.mapped is not None:
+            self.mapped.release()
 
 
 KEYMATCH_MIN_Z = 3.0  # a block is "asked about" when it stands >= 3 std above the others for some head

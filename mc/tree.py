@@ -18,6 +18,9 @@ each block that completes is gisted once, each group of bs new LOD1 gists makes 
 on. Old gists are never recomputed. Without autograd, levels live in buffers whose capacity doubles
 (amortised O(new rows) per append); with autograd they are concatenated so gradients flow.
 
+disk_dir (--mc_tree disk, inference: one history, no autograd): the levels live in memory-mapped files
+under that folder (mc/mapped.py) instead of RAM; release() drops their pages from resident memory.
+
 cache_lod0=False (seed 004 C): LOD0 is not stored (only the < bs tail rows needed to finish the next
 block). Raw tokens of a working context then come from re-embedding their ids with wte, which is
 cheaper than keeping C floats per token: pass them as levels[0] to build_working_context.
@@ -30,6 +33,8 @@ entries (min_variant_entries): every token inside the coarsest unit that contain
 """
 
 import torch
+
+from mc.mapped import MappedRows
 
 
 def unit_counts(T: int, block_size: int, max_lod: int, recent_tokens: int) -> list[int]:
@@ -49,7 +54,8 @@ def min_variant_entries(T: int, block_size: int, max_lod: int, recent_tokens: in
 
 
 class MegaContextTree:
-    def __init__(self, gistnet, block_size: int = 32, max_lod: int = 2, cache_lod0: bool = True):
+    def __init__(self, gistnet, block_size: int = 32, max_lod: int = 2, cache_lod0: bool = True,
+                 disk_dir: str | None = None):
         if block_size < 2:
             raise ValueError(f"--mc_block_size={block_size} must be >= 2")
         if max_lod < 1:
@@ -63,6 +69,8 @@ class MegaContextTree:
         self._buf = [None] * (max_lod + 1)  # level tensors, possibly with spare capacity
         self._len = [0] * (max_lod + 1)  # rows in use per level
         self.tail = None  # [B, num_tokens % bs, C] LOD0 of the incomplete last block
+        self.disk_dir = disk_dir
+        self._mapped = [None] * (max_lod + 1)  # disk_dir: each level's MappedRows
 
     @classmethod
     def build(cls, lod0: torch.Tensor, gistnet, block_size: int = 32, max_lod: int = 2,
@@ -109,6 +117,8 @@ class MegaContextTree:
             self.tail = embeddings[:, :0]
         elif B != self.batch_size:
             raise ValueError(f"this tree holds {self.batch_size} histories; got embeddings for {B}")
+        if self.disk_dir is not None and B != 1:
+            raise ValueError(f"a tree on disk (--mc_tree disk) holds one history (an inference session); got {B}")
         new = [0] * (self.max_lod + 1)
         if t == 0:
             return new
@@ -143,6 +153,7 @@ class MegaContextTree:
         self.max_lod += 1
         self._buf.append(None)
         self._len.append(0)
+        self._mapped.append(None)
         if self.batch_size is None:
             return 0
         level, bs = self.max_lod, self.block_size
@@ -156,17 +167,41 @@ class MegaContextTree:
     def _push(self, level: int, rows: torch.Tensor):
         """Append rows [B, k, C] to a level: concatenate under autograd, else write into spare capacity."""
         buf, n, k = self._buf[level], self._len[level], rows.size(1)
-        if buf is None:
+        if buf is None and self.disk_dir is None:
             self._buf[level], self._len[level] = rows, k
             return
-        rows = rows.to(buf.dtype)
-        if torch.is_grad_enabled() and (rows.requires_grad or buf.requires_grad):
+        if torch.is_grad_enabled() and (rows.requires_grad or (buf is not None and buf.requires_grad)):
+            if self.disk_dir is not None:
+                raise ValueError("a tree on disk (--mc_tree disk) is for inference: its gists carry no gradients")
             self._buf[level] = torch.cat([buf[:, :n], rows], 1)
         else:
-            if n + k > buf.size(1):  # grow to twice the need: amortised O(1) copies per row
-                grown = buf.new_empty(buf.size(0), max(2 * (n + k), 16), buf.size(2))
-                grown[:, :n] = buf[:, :n]
-                buf = grown
-            buf[:, n: n + k] = rows
+            if buf is None or n + k > buf.size(1):  # grow to twice the need: amortised O(1) copies per row
+                buf = self._grown(level, buf, n + k, rows)
+            buf[:, n: n + k] = rows.to(buf.dtype)
             self._buf[level] = buf
         self._len[level] = n + k
+
+    def _grown(self, level: int, buf: torch.Tensor | None, need: int, like: torch.Tensor) -> torch.Tensor:
+        """The level's buffer with room for `need` rows, the rows so far kept (on disk they stay in place)."""
+        if self.disk_dir is not None:
+            if self._mapped[level] is None:
+                self._mapped[level] = MappedRows(self.disk_dir, like.dtype, like.shape[2:])
+            return self._mapped[level].reserve(need)[None]
+        grown = buf.new_empty(buf.size(0), max(2 * need, 16), buf.size(2))
+        grown[:, : self._len[level]] = buf[:, : self._len[level]]
+        return grown
+
+    def release(self):
+        """Drop the pages of a tree on disk from resident memory (mc/mapped.py); nothing for a RAM tree."""
+        for mapped in self._mapped:
+            if mapped is not None:
+                mapped.release()
+
+    def nbytes(self) -> int:
+        """Bytes of the levels in RAM (spare capacity included) and of the tail; mapped levels not counted."""
+        ram = sum(b.numel() * b.element_size() for b, m in zip(self._buf, self._mapped) if b is not None and m is None)
+        return ram + (0 if self.tail is None else self.tail.numel() * self.tail.element_size())
+
+    def mapped_bytes(self) -> int:
+        """Bytes of the levels held in memory-mapped files (0 for a RAM tree)."""
+        return sum(m.nbytes() for m in self._mapped if m is not None)

@@ -58,7 +58,7 @@ def parse_args(argv=None):
                    "message (a kill -9 loses at most the reply being written); reopen it with --session ID")
     p.add_argument("--session", default="", help="--mc --session_dir: reopen this saved conversation")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
-    add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod
+    add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod, --mc_tree
     args = p.parse_args(argv)
     for flag in given_session_flags(args) + [f"--{n}" for n in ("mc_stats", "session_dir", "session") if getattr(args, n)]:
         if not args.mc:

@@ -23,14 +23,20 @@ one refocus and its re-prefill) on every decoder in turn, so all of them see the
 Reported per decoder: decode_ms (wall) and cpu_ms (process CPU time, CPU only: on a shared machine the
 wall clock includes waiting for cores) per generated token, the median over rounds (robust to load
 spikes; the means are in the JSON); re-prefilled entries per generated token; the largest KV cache;
-state_bytes (exact: KV cache, plus for mc the tree, token ids, plan and hysteresis state); and the peak
-memory of set-up + warm-up: CUDA torch.cuda.max_memory_allocated above the start; CPU the process's
-peak RSS (VmHWM, reset through /proc/self/clear_refs before each decoder) above its RSS at the start,
-coarse (allocator caching) and 0 when the decoder stayed below the reset point.
+state_bytes (exact: KV cache, plus for mc the tree, token ids, plan and hysteresis state, in RAM or, with
+--mc_tree disk, in memory-mapped files: mapped_bytes); the peak memory of set-up + warm-up: CUDA
+torch.cuda.max_memory_allocated above the start; CPU the process's peak RSS (VmHWM, reset through
+/proc/self/clear_refs before each decoder) above its RSS at the start, coarse (allocator caching) and 0 when
+the decoder stayed below the reset point; and resident_bytes, what set-up + warm-up left resident (CPU: VmRSS
+after minus before, file pages included, each read after glibc's malloc_trim so the allocator's cache of
+freed temporaries is not counted; CUDA: memory_allocated), per history token for mc
+and the summary's resident growth per history token between the shortest and the longest history (the
+fixed part, model and KV cache, cancels): the tree in RAM against --mc_tree disk, whose pages each refocus
+releases.
 
 For mc also the mean wall time of one refocus (LensNet + allocator + entry list; amortised over the
-interval, already inside decode_ms): LensNet and the KV work are O(W), the allocator's per-token plan
-maps are O(H) vectorised ops -- the one term that grows with the history.
+interval, already inside decode_ms): LensNet, the allocator (on the entry list, mc/entry_allocator.py) and
+the KV work are O(W); only the edited spans of the per-token plan are written.
 
 A random model (no --model_tag/--source) is --depth blocks of --width channels, --head_dim heads, a
 --vocab_size head and --max_seq_len context, with GistNet and LensNet built from the --mc_*/--allocator_*
@@ -44,6 +50,7 @@ decoder's state bytes (KV cache, plus the tree for mc) against the history lengt
 """
 
 import argparse
+import ctypes
 import dataclasses
 import json
 import os
@@ -146,6 +153,15 @@ def _rss_kib(field):
     return None
 
 
+def _trim_heap():
+    """Return the C heap's free pages to the system (glibc malloc_trim), so an RSS reading counts live memory,
+    not what a long ingest's temporaries left cached in the allocator. A no-op without glibc."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory above the start of a `with` block (module docstring says how, per device)."""
 
@@ -158,6 +174,7 @@ class PeakMemory:
             torch.cuda.reset_peak_memory_stats()
             self.start, self.method = torch.cuda.memory_allocated(), "cuda max_memory_allocated"
             return self
+        _trim_heap()
         try:
             with open("/proc/self/clear_refs", "w") as f:
                 f.write("5")  # resets VmHWM to the current RSS
@@ -171,10 +188,14 @@ class PeakMemory:
         if self.device_type == "cuda":
             torch.cuda.synchronize()
             self.peak = torch.cuda.max_memory_allocated() - self.start
+            self.resident = torch.cuda.memory_allocated() - self.start
         elif self.method.startswith("VmHWM"):
             self.peak = max(_rss_kib("VmHWM") * 1024 - self.start, 0)
+            _trim_heap()
+            self.resident = _rss_kib("VmRSS") * 1024 - self.start
         else:
             self.peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - self.start, 0)
+            self.resident = None  # no current-RSS reading on this system
 
 
 def kv_bytes(kv):
@@ -288,7 +309,8 @@ def setup_history(H, model, modules, cfg, args, device, log):
                 dec = make()
                 setup_s = time.perf_counter() - t0
                 timed(dec, interval, device.type)  # warm-up: one refocus period
-            row.update(setup_s=setup_s, peak_mem_bytes=mem.peak, memory_method=mem.method)
+            row.update(setup_s=setup_s, peak_mem_bytes=mem.peak, memory_method=mem.method,
+                       resident_bytes=mem.resident)
             decoders[name] = dec
         except torch.cuda.OutOfMemoryError as e:
             row["skipped"] = f"out of memory ({e})"
@@ -327,6 +349,7 @@ def run(histories, model, modules, cfg, args, device, log):
             k, ms = (a - b for a, b in zip(dec.refocus_totals(), base[id(dec)][1]))
             row.update(refocus_ms=ms / max(k, 1), timed_refocuses=k,
                        tree_bytes=st["tree_bytes"], bytes_per_token=st["bytes_per_token"],
+                       mapped_bytes=dec.s.memory_bytes()["mapped"],
                        refocuses=st["refocuses"], mean_swap_rate=st["mean_swap_rate"],
                        lod_histogram=st["lod_histogram"], expands=st["expands"],
                        collapses=st["collapses"], forced=st["forced"])
@@ -335,7 +358,7 @@ def run(histories, model, modules, cfg, args, device, log):
 
 def fmt_table(rows) -> str:
     head = f"{'history':>8} {'mode':>6} {'ms/tok':>8} {'cpu ms':>8} {'vs win':>7} {'reprefill':>9} {'max KV':>7} " \
-           f"{'state MiB':>9} {'peak MiB':>8} {'refocus ms':>10}"
+           f"{'state MiB':>9} {'peak MiB':>8} {'res MiB':>8} {'refocus ms':>10}"
     lines = [head, "-" * len(head)]
     win = {r["history"]: r.get("decode_ms") for r in rows if r["mode"] == "window"}
     for r in rows:
@@ -346,18 +369,25 @@ def fmt_table(rows) -> str:
         cpu = f"{r['cpu_ms']:8.3f}" if r["cpu_ms"] is not None else f"{'-':>8}"
         lines.append(f"{r['history']:>8} {r['mode']:>6} {r['decode_ms']:8.3f} {cpu} {ratio:7.2f} "
                      f"{r['reprefill_per_token']:9.2f} {r['max_kv_entries']:7d} {r['state_bytes'] / 2**20:9.2f} "
-                     f"{r['peak_mem_bytes'] / 2**20:8.1f} " + (f"{r['refocus_ms']:10.1f}" if "refocus_ms" in r else ""))
+                     f"{r['peak_mem_bytes'] / 2**20:8.1f} " +
+                     (f"{r['resident_bytes'] / 2**20:8.1f} " if r.get("resident_bytes") is not None else f"{'':8} ") +
+                     (f"{r['refocus_ms']:10.1f}" if "refocus_ms" in r else ""))
     return "\n".join(lines)
 
 
 def flatness(rows) -> dict:
-    """MC decode ms/token: spread over histories (max/min - 1) and its worst ratio to the window decoder."""
+    """MC decode ms/token: spread over histories (max/min - 1) and its worst ratio to the window decoder; MC's
+    resident memory growth per history token (shortest to longest history)."""
     mc = {r["history"]: r["decode_ms"] for r in rows if r["mode"] == "mc" and not r["skipped"]}
     win = {r["history"]: r["decode_ms"] for r in rows if r["mode"] == "window" and not r["skipped"]}
     if not mc:
         return {}
     out = {"mc_spread": max(mc.values()) / min(mc.values()) - 1,
            "mc_vs_window_max": max(mc[h] / win[h] for h in mc if h in win) if win else None}
+    res = sorted((r["history"], r["resident_bytes"]) for r in rows
+                 if r["mode"] == "mc" and not r["skipped"] and r.get("resident_bytes") is not None)
+    if len(res) > 1 and res[-1][0] > res[0][0]:
+        out["mc_resident_bytes_per_token"] = (res[-1][1] - res[0][1]) / (res[-1][0] - res[0][0])
     cpu = [r["cpu_ms"] for r in rows if r["mode"] == "mc" and not r["skipped"] and r["cpu_ms"] is not None]
     if cpu:
         out["mc_cpu_spread"] = max(cpu) / min(cpu) - 1
@@ -401,6 +431,9 @@ def main(argv=None):
         if "mc_cpu_spread" in summary:
             print("  (process CPU time: spread {:+.1%}, worst MC / window {:.2f})".format(
                 summary["mc_cpu_spread"], summary["mc_vs_window_cpu_max"]))
+        if "mc_resident_bytes_per_token" in summary:
+            print(f"MC resident memory growth: {summary['mc_resident_bytes_per_token']:.1f} bytes per history token "
+                  f"(--mc_tree {cfg.tree})")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
         with open(args.out, "w") as f:

@@ -19,7 +19,7 @@ def test_defaults_are_valid():
     (dict(max_lod=0), "--mc_max_lod"),
     (dict(max_lod=9), "--mc_max_lod"),
     (dict(infer_max_lod=9), "--mc_infer_max_lod"),
-    (dict(tree="disk"), "--mc_tree"),
+    (dict(tree="tape"), "--mc_tree"),
     (dict(gistnet_type="lstm"), "--gistnet_type"),
     (dict(gistnet_layers=0), "--gistnet_layers"),
     (dict(gistnet_pooling="max"), "--gistnet_pooling"),
@@ -194,9 +194,11 @@ def test_overrides_default_to_the_checkpoint():
     from mc.config import add_session_flags, given_session_flags, session_overrides
 
     args = add_session_flags(argparse.ArgumentParser(allow_abbrev=False)).parse_args([])
-    assert session_overrides(args) == {"W": None, "refocus_interval": None, "focus": None, "max_lod": None}
+    assert session_overrides(args) == {"W": None, "refocus_interval": None, "focus": None, "max_lod": None,
+                                       "tree": None}
     assert given_session_flags(args) == []
     args = add_session_flags(argparse.ArgumentParser(allow_abbrev=False)).parse_args(
-        ["--mc_infer_wc_length=300", "--mc_infer_focus=keymatch"])
+        ["--mc_infer_wc_length=300", "--mc_infer_focus=keymatch", "--mc_tree=disk"])
     assert session_overrides(args)["W"] == 300 and session_overrides(args)["focus"] == "keymatch"
-    assert given_session_flags(args) == ["--mc_infer_wc_length", "--mc_infer_focus"]
+    assert session_overrides(args)["tree"] == "disk"
+    assert given_session_flags(args) == ["--mc_infer_wc_length", "--mc_infer_focus", "--mc_tree"]

@@ -368,3 +368,29 @@ def test_modules_state_roundtrip_and_attach():
                 for g in o.param_groups)
     assert n_opt == len(list(model.parameters())) + len(list(fresh.parameters()))
 
+
+
+def test_lensnet_proposed_variants_follow_its_scores_without_host_syncs(monkeypatch):
+    """--mc_priority_variants: the first variant of each sample is LensNet's proposal. A LensNet that rates the
+    oldest entries highest gets them expanded in its proposals far more often than in the random variants."""
+    model, mods, cfg = make(num_variants=2, priority_variants=1, priority_temperature=0.1, lensnet_type="transformer")
+    ctl = MCController(model, mods, cfg, total_steps=10)
+
+    def oldest_first(wc, **kw):
+        return torch.where(wc.valid, 1.0 - 2.0 * wc.span_start.float() / T, 0.0)
+
+    monkeypatch.setattr(ctl.lensnet, "forward", oldest_first)
+    x, y = batch(B=8)
+    ctl.process_batch(x, y, step=2)  # warm up lazy tables first
+
+    def boom(*a, **k):
+        raise AssertionError("host sync inside process_batch")
+
+    with monkeypatch.context() as m:
+        for name in ("item", "tolist", "__bool__", "__int__", "__float__", "nonzero"):
+            m.setattr(torch.Tensor, name, boom)
+        r = ctl.process_batch(x, y, step=3)
+    assert torch.isfinite(r.loss) and r.float_metrics()["mc/priority_variants"] == 1
+    wc = r.extras["wc"]
+    old_detail = ((wc.lod == 0) & wc.valid & (wc.span_start < T // 2)).sum(1).view(8, 3).float()
+    assert old_detail[:, 1].mean() > 1.5 * old_detail[:, 2].mean()  # proposal (1) vs random variant (2)

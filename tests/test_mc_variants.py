@@ -5,7 +5,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mc.train.variants import annealed_wc_length, baseline_plan, sample_compressed_plans, sample_variants
+from mc.train.variants import (annealed_wc_length, baseline_plan, hashed_uniform, priority_keys,
+                               sample_compressed_plans, sample_variants, unit_starts)
 from mc.tree import min_variant_entries, unit_counts
 from mc.working_context import build_working_context, check_invariants, check_plan, entry_counts
 
@@ -119,3 +120,34 @@ def test_duplicate_weights_count_each_distinct_plan_once():
     w = duplicate_weights(plan, 3)
     assert w.tolist() == [1.0, 0.5, 0.5, 0.5, 0.5, 1.0]
     assert float(w.view(2, 3).sum(1)[0]) == 2.0  # two distinct plans in sample 0
+
+
+def test_unit_starts_follow_the_keys_layout():
+    # T = 100, bs 4, R 4: n1 = 24 blocks, n2 = 6 groups of 16 tokens; coarsest level first
+    starts = unit_starts(100, 4, 2, 4)
+    assert starts.tolist() == [16 * j for j in range(6)] + [4 * j for j in range(24)]
+
+
+def test_priority_keys_with_equal_scores_keep_the_random_order():
+    u = hashed_uniform(torch.arange(50), 3, 0, 1, 40)  # T = 130, bs 4, R 2: 32 blocks + 8 groups
+    for s in (0.0, 0.7):
+        k = priority_keys(u, torch.full((1, 40), s), 0.25)
+        assert torch.equal(k.argsort(1), u.argsort(1))  # monotone in u: the same plans as the random variants
+        assert torch.equal(sample_compressed_plans(50, 130, 60, 4, 2, 2, keys=k),
+                           sample_compressed_plans(50, 130, 60, 4, 2, 2, keys=u))
+
+
+def test_a_unit_lensnet_prefers_is_expanded_first_as_often_as_its_weight_says():
+    """Weighted sampling without replacement: unit 3 (score 1, the others 0, temperature 0.25) expands first
+    with probability e**4 / (e**4 + 13) = 0.81 among 14 units; a random variant picks it 1 time in 14."""
+    n_units, rows = 14, 2000
+    u = hashed_uniform(torch.arange(rows), 0, 7, 1, n_units)
+    scores = torch.zeros(1, n_units)
+    scores[0, 3] = 1.0
+    first = priority_keys(u, scores, 0.25).argmin(1)
+    assert 0.74 < float((first == 3).float().mean()) < 0.88
+    assert 0.03 < float((u.argmin(1) == 3).float().mean()) < 0.12
+    # and a child never expands before its parent (the keys stay a topological order)
+    plans = sample_compressed_plans(rows, 4 * 16 + 8, 30, 4, 2, 8, keys=priority_keys(
+        hashed_uniform(torch.arange(rows), 0, 7, 1, 20), torch.linspace(-1, 1, 20)[None], 0.25))
+    check_plan(plans, 4, max_lod=2)

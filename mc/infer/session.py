@@ -67,6 +67,14 @@ same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to
 (default 5: ~33M tokens at bs 32); beyond that HistoryTooLongError. GistNet was trained on the levels of
 max_lod only: what a grown level costs is measured in the lab notebook ("LOD growth").
 
+Memory. The session keeps per history token its id (int32), its plan level (int8) and, per block, the gists
+of every level (C floats per bs**l tokens); with the keymatch focus or a content-matching LensNet, also the
+layer-0 keys (H_kv x D bf16). --mc_tree ram (the default) holds them in RAM; --mc_tree disk in memory-mapped
+files under tree_dir ($NANOCHAT_BASE_DIR/mc_tree; mc/mapped.py: unlinked at once, so nothing is left behind),
+and each refocus ends by dropping their pages from resident memory (release), so what stays resident is the
+working context, the KV cache and the pages read since: bounded, whatever the history's length. The entry
+list, the allocator's marks and the KV cache are O(W) and stay in RAM.
+
 Metrics (stats(), and telemetry events through mc.ops.telemetry.emit_event, one set per refocus):
 - swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
 - residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
@@ -77,6 +85,7 @@ Events: focus_allocator, inference_update, mc_tree_snapshot, working_context_sna
 """
 
 import dataclasses
+import os
 import time
 import uuid
 
@@ -92,6 +101,7 @@ from mc.ops.telemetry import NoOpTelemetryProvider, emit_event
 from mc.positions import rope_cos_sin
 from mc.tree import MegaContextTree, min_variant_entries
 from mc.working_context import WorkingContext, entry_starts
+from nanochat.common import get_base_dir
 from nanochat.engine import ContextTooLongError
 from nanochat.gpt import sample_next_token
 from nanochat.kv_cache import KVCache
@@ -122,12 +132,15 @@ class HistoryTooLongError(ContextTooLongError):
 class MCSession:
     def __init__(self, model, mc_modules=None, mc_config=None, W: int | None = None,
                  refocus_interval: int | None = None, telemetry=None, device=None, session_id: str | None = None,
-                 seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None, max_lod: int | None = None):
+                 seed: int = 0, ingest_chunk: int = 8192, focus: str | None = None, max_lod: int | None = None,
+                 tree: str | None = None, tree_dir: str | None = None):
         """mc_modules / mc_config default to model.mc_modules / model.mc_config (mc.infer.checkpoint.build_model);
         W, refocus_interval default as in the module docstring; telemetry: a mc.ops.telemetry provider (NoOp);
         seed: the stochastic_greedy allocator's draws; ingest_chunk: tokens per GistNet batch on ingest;
         focus: "lensnet" | "keymatch" (default: the config's --mc_infer_focus); max_lod: the highest level the
-        tree may grow to (default: the config's --mc_infer_max_lod)."""
+        tree may grow to (default: the config's --mc_infer_max_lod); tree: "ram" | "disk" (default: the config's
+        --mc_tree; module docstring, Memory); tree_dir: the folder of a disk tree's files (default
+        $NANOCHAT_BASE_DIR/mc_tree)."""
         mc_modules = mc_modules if mc_modules is not None else getattr(model, "mc_modules", None)
         cfg = mc_config if mc_config is not None else getattr(model, "mc_config", None)
         seq_len = model.config.sequence_len
@@ -140,6 +153,8 @@ class MCSession:
                 cfg = dataclasses.replace(cfg, infer_focus=focus)  # validated there (one clear error)
             if max_lod is not None:
                 cfg = dataclasses.replace(cfg, infer_max_lod=max_lod)
+            if tree is not None:
+                cfg = dataclasses.replace(cfg, tree=tree)
         except ValueError as e:
             raise MCSessionError(str(e)) from None
         # a question must be able to open what it asks about before the answer: enough allocator iterations
@@ -164,7 +179,7 @@ class MCSession:
         self.lensnet = mc_modules.lensnet
         # the GPT's layer-0 keys of the history (mc/keymatch.py): the keymatch focus, or a LensNet that reads them
         self.match = getattr(self.lensnet, "match", False) and cfg.infer_focus == "lensnet"
-        self.keys = LayerZeroKeys(model) if cfg.infer_focus == "keymatch" or self.match else None
+        self.keys = LayerZeroKeys(model, folder) if cfg.infer_focus == "keymatch" or self.match else None
         self.W, self.refocus_interval = W, interval
         self.max_entries = W  # the hard cap on WC entries (and KV cache slots), decoded tokens included
         self.fit_budget = W - interval  # a refocus of a history longer than W fits it to this: headroom
@@ -177,8 +192,11 @@ class MCSession:
         c = model.config
         self.head_dim = c.n_embd // c.n_head
         self.rope_fraction = c.rope_fraction
-        self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False)
-        self._ids, self._plan = AppendBuffer(torch.int32), AppendBuffer(torch.int8)
+        folder = None
+        if cfg.tree == "disk":
+            folder = tree_dir if tree_dir is not None else os.path.join(get_base_dir(), "mc_tree")
+        self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False, disk_dir=folder)
+        self._ids, self._plan = AppendBuffer(torch.int32, folder), AppendBuffer(torch.int8, folder)
         self._starts, self._lods = AppendBuffer(torch.long), AppendBuffer(torch.long)
         self.marks = None  # allocator hysteresis: the last refocus's edits, long [M, 3] (mc/entry_allocator.py)
         self.kv = KVCache(1, c.n_kv_head, seq_len, self.head_dim, c.n_layer, device=self.device)
@@ -224,15 +242,23 @@ class MCSession:
         return self._starts.view(), self._lods.view()
 
     def memory_bytes(self) -> dict:
-        """Bytes held per part (allocations, spare capacity included)."""
-        t = self.tree
-        tree = sum(b.numel() * b.element_size() for b in t._buf if b is not None)
-        tree += 0 if t.tail is None else t.tail.numel() * t.tail.element_size()
+        """Bytes held per part in RAM (allocations, spare capacity included), and "mapped": the bytes of a disk
+        tree's files (ids, plan, gists, layer-0 keys), resident only while the pages are in use."""
+        tree = self.tree.nbytes()
         hist = self._ids.nbytes() + self._plan.nbytes() + (0 if self.marks is None else 8 * self.marks.numel())
         hist += 0 if self.keys is None else self.keys.nbytes()
         kv = 0 if self.kv.k is None else 2 * self.kv.k.numel() * self.kv.k.element_size()
         wc = self._starts.nbytes() + self._lods.nbytes()
-        return {"tree": tree, "history": hist, "working_context": wc, "kv_cache": kv}
+        mapped = self.tree.mapped_bytes() + self._ids.mapped_bytes() + self._plan.mapped_bytes()
+        mapped += 0 if self.keys is None else self.keys.mapped_bytes()
+        return {"tree": tree, "history": hist, "working_context": wc, "kv_cache": kv, "mapped": mapped}
+
+    def release(self):
+        """A disk tree: drop its files' pages from resident memory (mc/mapped.py); the next reads fault in what
+        they need. Each refocus ends with it. Nothing to do in RAM."""
+        for part in (self.tree, self._ids, self._plan, self.keys):
+            if part is not None:
+                part.release()
 
     # ------------------------------------------------------------------ history
     @torch.inference_mode()
@@ -497,6 +523,7 @@ class MCSession:
         self.last = last
         self._since_refocus = 0
         self._emit(last)
+        self.release()
         return dict(last)
 
     def _keymatch_scores(self) -> torch.Tensor:

@@ -139,7 +139,7 @@ class SessionStore:
             os.fsync(f.fileno())
         header = {"version": 1, "tokens": session.num_tokens, "tokens_file": self._tokens_file[sid],
                   "checkpoint": self._checkpoint[sid], "W": session.W,
-                  "refocus_interval": session.refocus_interval, "focus": session.cfg.infer_focus,
+                  "refocus_interval": session.refocus_interval, "focus": session.cfg.infer_focus, "tree": session.cfg.tree,
                   "max_lod": session.max_lod, "infer_max_lod": session.cfg.infer_max_lod,
                   "since_refocus": session._since_refocus, "totals": session.totals,
                   "state_tokens": 0 if session.state is None else session.state.size(1),
@@ -195,7 +195,8 @@ class SessionStore:
                                     f"history was truncated outside this program")
         ids = torch.from_numpy(np.frombuffer(raw, dtype="<i4").astype(np.int32))
         s = MCSession(model, W=header["W"], refocus_interval=header["refocus_interval"], telemetry=telemetry,
-                      session_id=session_id, focus=header["focus"], max_lod=header["infer_max_lod"])
+                      session_id=session_id, focus=header["focus"], max_lod=header["infer_max_lod"],
+                      tree=header.get("tree", "ram"))
         with torch.inference_mode():
             for part in ids.split(chunk):
                 s._add(part)  # no refocus: the plan comes from the commit

@@ -48,11 +48,13 @@ Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert the
   mc/adv_delta_mean|p95|std   statistics of ΔNLL over the B*N compressed variants
   train/loss_lod0   the recency baselines' mean loss;  mc/token_loss  variant_loss;  mc/lm_loss
   mc/gist_penalty, mc/total_loss, mc/wc_length (W_t), mc/variants_total (B*N compressed variants),
-  mc/variants_per_sample (1+N), mc/effective_batch_size (R rows in the packed forward),
+  mc/variants_per_sample (1+N), mc/priority_variants (of the N, LensNet's proposals),
+  mc/effective_batch_size (R rows in the packed forward),
   mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
   with LensNet: mc/lens_loss, mc/lens_pairs, mc/preference_corr_mean|max, mc/pref_span_corr,
   mc/policy_score_abs_mean, mc/policy_score_std_mean (definitions in mc/train/lens_loss.py)
-Timings (ms, mc/time_<phase>_ms): tree, sample, build (= tree + sample), base_forward, variant,
+Timings (ms, mc/time_<phase>_ms): tree, sample (with LensNet's proposals: its pass over the coarsest
+  coverings), build (= tree + sample), base_forward, variant,
   lens_forward, lens_loss, metrics, controller (the whole call; forward only, backward is the trainer's).
 
 Dtypes: every tensor that enters the GPT goes through _to_model_dtype (the dtype/device of the GPT's
@@ -77,8 +79,10 @@ from mc.keymatch import entry_match, tail_block_scores
 from mc.positions import wc_cos_sin
 from mc.train.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.train.timing import PhaseTimer, memory_snapshot
-from mc.train.variants import annealed_wc_length, duplicate_weights, hashed_uniform, sample_variants
-from mc.tree import MegaContextTree, unit_counts
+from mc.allocator import entry_scores_to_token_map
+from mc.train.variants import (annealed_wc_length, duplicate_weights, hashed_uniform, priority_keys,
+                               sample_compressed_plans, sample_variants, unit_starts)
+from mc.tree import MegaContextTree, min_variant_entries, unit_counts
 from mc.working_context import build_working_context, targets_for
 
 
@@ -156,6 +160,9 @@ class MCController:
         """model: the GPT (weights, wte, config); forward_model: what to call for forwards (e.g. the
         torch.compile'd model; default model). total_steps: run length, the W anneal spans
         --mc_wc_anneal_steps or, when that is 0, the whole run. seed: mixes into the variant keys."""
+        if mc_config.tree != "ram":
+            raise ValueError(f"--mc_tree={mc_config.tree} is for inference sessions (chat_cli / chat_web --mc, "
+                             f"mc_bench): training builds each batch's tree in memory; drop the flag")
         self.model = model
         self.forward_model = forward_model if forward_model is not None else model
         self.mc_modules = mc_modules
@@ -256,6 +263,8 @@ class MCController:
                         row_ids = step * B + torch.arange(B, device=x.device)
                     units = sum(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens))
                     keys = hashed_uniform(row_ids.to(x.device), step, self.seed, N, units)
+                    if cfg.priority_variants and units:
+                        keys = self._proposed_keys(keys, levels, E, T, N, aux_ctx)
                     vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens,
                                          device=x.device, dedup=False, keys=keys)
                     wc = build_working_context(vp.plan, levels, cfg.block_size, vp.sample_idx, length=L,
@@ -312,6 +321,26 @@ class MCController:
                         extras={"wc": wc, "targets": targets})
 
     @torch.no_grad()
+    def _proposed_keys(self, keys: torch.Tensor, levels, E: torch.Tensor, T: int, N: int, aux_ctx) -> torch.Tensor:
+        """keys [B * N, units] with the first --mc_priority_variants variants of each sample LensNet's proposals
+        (mc/train/variants.py): LensNet scores each sample's coarsest covering (no gradient), and every unit takes
+        the score of the entry that holds it."""
+        cfg, B, units = self.cfg, E.size(0), keys.size(1)
+        e_min = min_variant_entries(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens)
+        coarse = sample_compressed_plans(B, T, e_min, cfg.block_size, cfg.max_lod, cfg.recent_tokens, device=E.device,
+                                         keys=torch.zeros(B, units, device=E.device))  # no expansion fits: k = 0
+        wc = build_working_context(coarse, levels, cfg.block_size, torch.arange(B, device=E.device), length=e_min,
+                                   align="right", check=False)  # every row holds exactly e_min entries
+        with torch.no_grad(), aux_ctx:
+            match = self._lens_match(E, wc, T, 1) if getattr(self.lensnet, "match", False) else None
+            scores = self.lensnet(wc, **({"match": match} if match is not None else {})).float()
+        token_map = entry_scores_to_token_map(coarse, scores, cfg.block_size, cfg.max_lod, check=False)
+        unit_scores = token_map[:, unit_starts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens, E.device)]
+        keys = keys.view(B, N, units).clone()
+        keys[:, : cfg.priority_variants] = priority_keys(keys[:, : cfg.priority_variants], unit_scores[:, None],
+                                                        cfg.priority_temperature)
+        return keys.view(B * N, units)
+
     def _lens_match(self, E: torch.Tensor, wc, T: int, V: int) -> torch.Tensor:
         """[R, L] LensNet's content-match input (mc/keymatch.py): each sample's compressible blocks scored
         against the raw tail whose NLL the variants are compared on, then read per entry of every row."""
@@ -348,6 +377,7 @@ class MCController:
         m["mc/wc_length"] = W
         m["mc/variants_total"] = B * (V - 1)
         m["mc/variants_per_sample"] = V
+        m["mc/priority_variants"] = cfg.priority_variants
         m["mc/effective_batch_size"] = B * V
         m["mc/horizon_tokens"] = B * V * H
         return m

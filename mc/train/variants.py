@@ -30,6 +30,15 @@ listed coarse-to-fine breaks ties in the parent's favour. One sort for all rows 
 Identical plans of one sample (e.g. two variants that happen to coincide, or a variant equal to the
 baseline when W >= T) are dropped, keeping the first.
 
+LensNet-proposed variants (--mc_priority_variants, phase 3 of the training plan). A variant whose keys are
+    key_j = -log(1 - u_j) / w_j,    w_j = exp(s_j / temperature)
+is an exponential race: the first unit to expand is unit j with probability w_j / sum w, the next one is drawn
+the same way among the rest (weighted sampling without replacement, Efraimidis & Spirakis), still in a
+topological order (a child's key is at least its parent's). s_j is LensNet's score of the entry of the
+coarsest covering that holds unit j (priority_keys; the controller scores that covering). With every score
+equal the order is uniform again, so these variants are LensNet's likely choices plus exploration: its
+preference data then covers the decisions it would make at inference, not only random ones.
+
 annealed_wc_length() is the W curriculum: linear from start_frac * T (little compression) down to the
 target W over the anneal steps, then constant.
 
@@ -102,6 +111,19 @@ def hashed_uniform(row_ids: torch.Tensor, step: int, seed: int, num_variants: in
     u = torch.arange(num_units, device=device)
     h = _fmix32(h[:, None] ^ _fmix32(u[None, :] * 0x61C88647 + 0x2545F491))  # [B * V, U]
     return (h >> 8).to(torch.float32) * (1.0 / 2**24)
+
+
+def unit_starts(T: int, block_size: int, max_lod: int, recent_tokens: int, device=None) -> torch.Tensor:
+    """long [units]: the first token of every unit, in the keys' layout (coarsest level first)."""
+    counts = unit_counts(T, block_size, max_lod, recent_tokens)
+    return torch.cat([torch.arange(counts[level - 1], device=device) * block_size ** level
+                      for level in range(max_lod, 0, -1)])
+
+
+def priority_keys(uniform: torch.Tensor, unit_scores: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Keys of LensNet-proposed variants (module docstring): -log(1 - u) / exp(s / temperature), [rows, units].
+    uniform in [0, 1) (hashed_uniform); unit_scores broadcastable to it."""
+    return -torch.log1p(-uniform) * torch.exp(-unit_scores.float() / temperature)
 
 
 def sample_compressed_plans(rows: int, T: int, W: int, block_size: int = 32, max_lod: int = 2,
