@@ -392,5 +392,8 @@ def test_lensnet_proposed_variants_follow_its_scores_without_host_syncs(monkeypa
         r = ctl.process_batch(x, y, step=3)
     assert torch.isfinite(r.loss) and r.float_metrics()["mc/priority_variants"] == 1
     wc = r.extras["wc"]
+    assert int(wc.valid.sum(1).max()) <= ctl.wc_length(3, T)  # the proposals spend the same budget W
+    again = ctl.process_batch(x, y, step=3).extras["wc"]
+    assert torch.equal(again.span_start, wc.span_start) and torch.equal(again.lod, wc.lod)  # deterministic
     old_detail = ((wc.lod == 0) & wc.valid & (wc.span_start < T // 2)).sum(1).view(8, 3).float()
     assert old_detail[:, 1].mean() > 1.5 * old_detail[:, 2].mean()  # proposal (1) vs random variant (2)
