@@ -189,7 +189,9 @@ if [ "$RECALL" = 1 ]; then
   # learning rates: at the defaults the lookup circuit never formed while the LR was at its peak.
   # The tokenizer stays the story corpus's (the recall corpus is a subset of its vocabulary).
   # MC on top (a second command): --profile mc --recall warm-starts GistNet + LensNet on d2_recall; LensNet
-  # reads the content match (--lensnet_match=1, mc/lensnet.py: without it 0.00 at 16W, with it 0.97).
+  # reads the content match (--lensnet_match=1, mc/lensnet.py: without it 0.00 at 16W, with it 0.97). One of
+  # the two variants is LensNet's proposal (--mc_priority_variants=1; lab notebook 2026-12-07 session 4:
+  # passkeys at 16W 1.00 on four evaluation seeds against 0.91-0.94 with random variants, equal compute).
   SOURCE=recall
   TOK_SOURCE=synthetic
   TRAIN_ARGS=(--depth=2 --aspect_ratio=64 --head_dim=32 --max_seq_len=512 --prev_token_mix=4 --query_gain=4
@@ -200,7 +202,8 @@ if [ "$RECALL" = 1 ]; then
   [ "$GPU" = cpu ] && TRAIN_ARGS+=(--device_type=cpu)
   MC_ARGS=(--init_from=d2_recall --num_iterations=400 --warmdown_ratio=0.99
            --mc_num_random_variants=2 --mc_train_wc_length=0.25 --mc_wc_anneal_start_frac=0.5
-           --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0 --lensnet_match=1)
+           --allocator_recent_tokens=64 --gistnet_layers=1 --mc_auto_batch=0 --lensnet_match=1
+           --mc_priority_variants=1)
   MC_TAG=d2_recall_mc
   MC_EVAL_ARGS+=(--num_docs=16 --num_probes=32 --num_assoc=8 --probe_multipliers=4,16 --n_boot=500)
   QUALITY=1  # evaluation only: the chat half needs a model that talks, this one only recalls

@@ -44,6 +44,11 @@ class AppendBuffer:
         self.n += 1
 
     def set(self, values: torch.Tensor):
+        """Replace the contents. In RAM, a buffer left 4x too large gives the memory back: the entry list
+        holds every token of a long ingest until the hard fit, then at most W entries."""
+        k = values.numel()
+        if self.mapped is None and 4 * max(k, 16) < self.data.numel():
+            self.data = torch.empty(max(2 * k, 64), dtype=self.data.dtype)
         self.n = 0
         self.extend(values)
 
