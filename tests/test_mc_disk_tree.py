@@ -75,6 +75,19 @@ def test_a_disk_session_is_the_ram_session(tmp_path):
     assert mem["tree"] + mem["history"] < ram.memory_bytes()["tree"] + ram.memory_bytes()["history"]
 
 
+def test_the_keymatch_focus_on_disk_keeps_its_keys_there(tmp_path):
+    model, modules, cfg = tiny_mc_model(seed=4)
+    ram = MCSession(model, modules, cfg, focus="keymatch")
+    disk = MCSession(model, modules, cfg, focus="keymatch", tree="disk", tree_dir=str(tmp_path))
+    ids = torch.randint(0, 256, (700,), generator=torch.Generator().manual_seed(4)).tolist()
+    for s in (ram, disk):
+        s.ingest(ids)
+        s.refocus()
+    assert torch.equal(ram.plan, disk.plan) and disk.keys.nbytes() == 0 < disk.keys.mapped_bytes()
+    assert torch.equal(ram.keys.view(), disk.keys.view())
+    torch.testing.assert_close(ram.next_logits(), disk.next_logits())
+
+
 def test_disk_is_for_inference_and_the_flag_is_checked():
     with pytest.raises(ValueError, match="--mc_tree"):
         MCConfig(tree="tape")

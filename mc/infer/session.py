@@ -179,6 +179,9 @@ class MCSession:
         self.lensnet = mc_modules.lensnet
         # the GPT's layer-0 keys of the history (mc/keymatch.py): the keymatch focus, or a LensNet that reads them
         self.match = getattr(self.lensnet, "match", False) and cfg.infer_focus == "lensnet"
+        folder = None  # --mc_tree disk: the history's files go there (module docstring, Memory)
+        if cfg.tree == "disk":
+            folder = tree_dir if tree_dir is not None else os.path.join(get_base_dir(), "mc_tree")
         self.keys = LayerZeroKeys(model, folder) if cfg.infer_focus == "keymatch" or self.match else None
         self.W, self.refocus_interval = W, interval
         self.max_entries = W  # the hard cap on WC entries (and KV cache slots), decoded tokens included
@@ -192,9 +195,6 @@ class MCSession:
         c = model.config
         self.head_dim = c.n_embd // c.n_head
         self.rope_fraction = c.rope_fraction
-        folder = None
-        if cfg.tree == "disk":
-            folder = tree_dir if tree_dir is not None else os.path.join(get_base_dir(), "mc_tree")
         self.tree = MegaContextTree(mc_modules.gistnet, cfg.block_size, cfg.max_lod, cache_lod0=False, disk_dir=folder)
         self._ids, self._plan = AppendBuffer(torch.int32, folder), AppendBuffer(torch.int8, folder)
         self._starts, self._lods = AppendBuffer(torch.long), AppendBuffer(torch.long)
