@@ -58,7 +58,8 @@ def parse_args(argv=None):
                    "message (a kill -9 loses at most the reply being written); reopen it with --session ID")
     p.add_argument("--session", default="", help="--mc --session_dir: reopen this saved conversation")
     p.add_argument("--seed", type=int, default=42, help="sampling seed (each turn uses seed + turn number)")
-    add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod, --mc_tree
+    add_session_flags(p)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod,
+    #                       --mc_tree
     args = p.parse_args(argv)
     for flag in given_session_flags(args) + [f"--{n}" for n in ("mc_stats", "session_dir", "session") if getattr(args, n)]:
         if not args.mc:
@@ -95,7 +96,8 @@ def mc_stats_line(session) -> str:
     return (f"[mc: history {st['history_tokens']} tokens, WC {st['wc_entries']}/{st['W']} entries "
             f"(lod {st['lod_histogram']}), {st['refocuses']} refocuses, mean swap rate {st['mean_swap_rate']:.3f}, "
             f"re-prefill {st['reprefill_per_token']:.2f} entries/token, KV <= {st['max_kv_entries']} entries, "
-            f"tree {st['tree_bytes'] / 1024:.1f} KiB]")
+            f"tree {st['tree_bytes'] / 1024:.1f} KiB" +
+            (f" + {st['mapped_bytes'] / 1024:.1f} KiB on disk]" if st["mapped_bytes"] else "]"))
 
 
 class Chat:

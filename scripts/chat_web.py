@@ -483,7 +483,8 @@ def main(argv=None):
                              "(e.g. the machine's LAN name under --host 0.0.0.0); '*' = any")
     parser.add_argument("--session_dir", default="", help="--mc: save conversations under this folder; requests "
                         "with a session_id continue and save theirs (kill -9 safe)")
-    add_session_flags(parser)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod, --mc_tree
+    add_session_flags(parser)  # --mc_infer_wc_length, --mc_infer_refocus_interval, --mc_infer_focus, --mc_infer_max_lod,
+    #                            --mc_tree
     args = parser.parse_args(argv)
     if not args.mc and (given_session_flags(args) or args.session_dir):
         die(f"{' / '.join(given_session_flags(args) + (['--session_dir'] if args.session_dir else []))} only apply "

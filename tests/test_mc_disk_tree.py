@@ -70,6 +70,7 @@ def test_a_disk_session_is_the_ram_session(tmp_path):
         disk.append_token(tok)
     torch.testing.assert_close(ram.next_logits(), disk.next_logits())
     assert os.listdir(tmp_path) == []
+    assert disk.stats()["mapped_bytes"] > 0 == ram.stats()["mapped_bytes"]
     mem = disk.memory_bytes()
     assert mem["mapped"] >= 5 * disk.num_tokens  # ids (4 B) + plan (1 B) per token, and the gists, in files
     assert mem["tree"] + mem["history"] < ram.memory_bytes()["tree"] + ram.memory_bytes()["history"]

@@ -39,9 +39,9 @@ to open two blocks from the coarsest level (mc.focus.make_room: the lowest-score
 the keymatch focus does, since a WC at budget could otherwise open nothing. A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
 question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
-Re-prefill. Let t* = the first token whose level changed (first_changed_start on the entry lists). Every entry whose span starts
-before t* is identical in both plans (a legal plan cannot change inside an aligned span it keeps), so
-with k = #{new entries with span_start < t*} the first min(k, cached) cache slots stay valid:
+Re-prefill. Let t* = the first token whose level changed (first_changed_start on the entry lists). Every
+entry whose span starts before t* is identical in both plans (a legal plan cannot change inside an aligned
+span it keeps), so with k = #{new entries with span_start < t*} the first min(k, cached) cache slots stay valid:
 KVCache.set_pos truncates to that, and next_logits() re-runs every entry from there in ONE forward.
 (Causal attention: an unchanged entry after the first changed one sat behind different keys and at
 another cache slot, so it is recomputed too.) Accounting, per refocus:
@@ -80,7 +80,8 @@ Metrics (stats(), and telemetry events through mc.ops.telemetry.emit_event, one 
 - residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
 - budget_used = entries / W (the cap); expands / collapses / forced edits; allocator iterations
 - reprefill_tokens (this refocus), reprefill_per_token = re-prefilled entries / appended tokens
-- history_tokens, wc_entries, max_kv_entries, tree_bytes (memory held by the history state)
+- history_tokens, wc_entries, max_kv_entries, tree_bytes (memory held by the history state), mapped_bytes
+  (its files with --mc_tree disk)
 Events: focus_allocator, inference_update, mc_tree_snapshot, working_context_snapshot.
 """
 
@@ -558,7 +559,8 @@ class MCSession:
             "reprefill_per_token": T["reprefill_entries"] / max(gen, 1),
             "mean_swap_rate": T["swap_rate_sum"] / max(T["refocuses"], 1),
             "mean_refocus_ms": T["refocus_ms"] / max(T["refocuses"], 1),
-            "tree_bytes": mem["tree"] + mem["history"], "kv_cache_bytes": mem["kv_cache"],
+            "tree_bytes": mem["tree"] + mem["history"], "mapped_bytes": mem["mapped"],
+            "kv_cache_bytes": mem["kv_cache"],
             "bytes_per_token": (mem["tree"] + mem["history"]) / max(self.num_tokens, 1),
             "last": dict(self.last),
         }
