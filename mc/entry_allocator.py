@@ -94,6 +94,15 @@ def marks_from_state(state: torch.Tensor | None) -> torch.Tensor | None:
     return torch.stack([starts[keep], ends[keep], kinds[keep]], 1)
 
 
+def first_changed_start(old_start, old_lod, new_start, new_lod, T: int) -> int:
+    """The first token whose level differs between two entry lists of one history (T if none): the start of
+    the first entry that differs. Both lists cover [0, T), so the entries before it are the same tokens, and
+    a list cannot be a proper prefix of the other."""
+    n = min(old_start.numel(), new_start.numel())
+    diff = (old_start[:n] != new_start[:n]) | (old_lod[:n] != new_lod[:n])
+    return int(new_start[int(diff.int().argmax())]) if bool(diff.any()) else T
+
+
 def _overlapping(qs, qe, marks, sign):
     """bool [Q]: the span overlaps a mark whose kind has this sign."""
     sel = marks[:, 2] * sign > 0

@@ -44,7 +44,7 @@ import torch
 import torch.nn.functional as F
 
 from mc.allocator import PlanDoesNotFitError, allocate
-from mc.mapped import MappedRows
+from mc.mapped import GrowableRows
 from nanochat.gpt import norm
 
 
@@ -139,9 +139,8 @@ class LayerZeroKeys:
         self.context = int(getattr(model.config, "prev_token_mix", 0) or 0)  # tokens before a key that it reads
         attn = model.transformer.h[0].attn
         self.shape = (attn.n_kv_head, attn.head_dim)
-        self.data = torch.empty(0, *self.shape, dtype=torch.bfloat16)
+        self.rows = GrowableRows(torch.bfloat16, self.shape, folder, min_rows=1024)
         self.n = 0
-        self.mapped = None if folder is None else MappedRows(folder, torch.bfloat16, self.shape)
 
     def _inputs(self, ids: torch.Tensor, a: int, b: int) -> torch.Tensor:
         """[b - a, C]: layer-0 inputs of tokens a..b-1 of the history ids (1-D), reading k tokens before a."""
@@ -156,17 +155,11 @@ class LayerZeroKeys:
         if b <= a:
             return
         keys = layer0_keys(self.model, self._inputs(ids, a, b)[None])[0].to("cpu", torch.bfloat16)
-        if b > self.data.size(0) and self.mapped is not None:  # the file grows in place
-            self.data = self.mapped.reserve(b)
-        elif b > self.data.size(0):
-            grown = torch.empty(max(2 * b, 1024), *self.shape, dtype=torch.bfloat16)
-            grown[:a] = self.data[:a]
-            self.data = grown
-        self.data[a:b] = keys
+        self.rows.reserve(b, a)[a:b] = keys
         self.n = b
 
     def view(self) -> torch.Tensor:
-        return self.data[: self.n]
+        return self.rows.data[: self.n]
 
     @torch.inference_mode()
     def query(self, ids: torch.Tensor, t: int) -> torch.Tensor:
@@ -185,14 +178,13 @@ class LayerZeroKeys:
 
     def nbytes(self) -> int:
         """Bytes in RAM (0 when the keys live in a mapped file)."""
-        return 0 if self.mapped is not None else self.data.numel() * self.data.element_size()
+        return self.rows.nbytes()
 
     def mapped_bytes(self) -> int:
-        return 0 if self.mapped is None else self.mapped.nbytes()
+        return self.rows.mapped_bytes()
 
     def release(self):
-        if self.mapped is not None:
-            self.mapped.release()
+        self.rows.release()
 
 
 KEYMATCH_MIN_Z = 3.0  # a block is "asked about" when it stands >= 3 std above the others for some head

@@ -5,6 +5,9 @@ Growable tensors in memory-mapped files: the storage of the MegaContext tree on 
     data = rows.reserve(n)          # [capacity >= n, C]; what was written before is still there
     rows.release()                  # drop the pages from this process's resident memory (they stay in the file)
 
+GrowableRows is what its users hold: the same rows in RAM (doubling, copied) or, given a folder, in a
+MappedRows file; the session's per-token buffers (mc/infer/buffer.py) and the keymatch keys (mc/keymatch.py).
+
 The file is created under `folder` and unlinked at once: the mapping keeps its blocks alive for as long as a
 tensor views them, and the kernel frees them when the last view goes, after a kill -9 too, so no stale file is
 ever left behind (and nothing else can open it). Growing extends the file (ftruncate) and maps it again; the
@@ -18,6 +21,7 @@ the kernel may drop when memory is wanted), so a session that releases after eac
 the pages it has read since: the gists of its working context, not the history.
 """
 
+import math
 import mmap
 import os
 import tempfile
@@ -34,7 +38,7 @@ class MappedRows:
         self._fd = fd
         weakref.finalize(self, os.close, fd)
         self.dtype, self.row_shape = dtype, tuple(row_shape)
-        self.row_bytes = torch.empty(0, dtype=dtype).element_size() * max(1, _prod(self.row_shape))
+        self.row_bytes = torch.empty(0, dtype=dtype).element_size() * math.prod(self.row_shape)
         self.capacity, self.data, self._map = 0, None, None
 
     def reserve(self, rows: int) -> torch.Tensor:
@@ -56,8 +60,39 @@ class MappedRows:
         return self.capacity * self.row_bytes
 
 
-def _prod(shape) -> int:
-    out = 1
-    for n in shape:
-        out *= n
-    return out
+class GrowableRows:
+    """Rows [capacity, *row_shape] with spare capacity (doubling: amortised O(1) per row), in RAM or, with a
+    folder, in a MappedRows file there (--mc_tree disk)."""
+
+    def __init__(self, dtype: torch.dtype, row_shape: tuple = (), folder: str | None = None, min_rows: int = 64):
+        self.mapped = MappedRows(folder, dtype, row_shape) if folder is not None else None
+        self.min_rows = min_rows
+        self.data = self.mapped.reserve(min_rows) if self.mapped is not None else \
+            torch.empty(min_rows, *row_shape, dtype=dtype)
+
+    def reserve(self, need: int, keep: int) -> torch.Tensor:
+        """data with room for `need` rows, its first `keep` rows kept (a mapped file grows in place)."""
+        if need > self.data.size(0):
+            if self.mapped is not None:
+                self.data = self.mapped.reserve(need)
+            else:
+                grown = torch.empty(max(2 * need, self.min_rows), *self.data.shape[1:], dtype=self.data.dtype)
+                grown[:keep] = self.data[:keep]
+                self.data = grown
+        return self.data
+
+    def shrink(self, rows: int):
+        """In RAM, drop the contents and give the memory back when `rows` need a quarter of the capacity or less."""
+        if self.mapped is None and 4 * max(rows, 16) < self.data.size(0):
+            self.data = torch.empty(max(2 * rows, self.min_rows), *self.data.shape[1:], dtype=self.data.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes in RAM (0 when the rows live in a mapped file: mapped_bytes)."""
+        return 0 if self.mapped is not None else self.data.numel() * self.data.element_size()
+
+    def mapped_bytes(self) -> int:
+        return 0 if self.mapped is None else self.mapped.nbytes()
+
+    def release(self):
+        if self.mapped is not None:
+            self.mapped.release()

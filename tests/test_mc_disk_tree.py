@@ -9,10 +9,10 @@ import torch
 
 from mc.config import MCConfig
 from mc.infer.session import MCSession
+from mc.infer.store import SessionStore
 from mc.mapped import MappedRows
 from mc.train.controller import MCController
 from mc.tree import MegaContextTree
-from mc.infer.store import SessionStore
 from tests.test_mc_session import tiny_mc_model
 from tests.test_mc_store import CKPT, same_state
 

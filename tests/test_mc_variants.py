@@ -5,8 +5,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from mc.train.variants import (annealed_wc_length, baseline_plan, hashed_uniform, priority_keys,
-                               sample_compressed_plans, sample_variants, unit_starts)
+from mc.train.variants import (
+    annealed_wc_length,
+    baseline_plan,
+    hashed_uniform,
+    priority_keys,
+    sample_compressed_plans,
+    sample_variants,
+    unit_starts,
+)
 from mc.tree import min_variant_entries, unit_counts
 from mc.working_context import build_working_context, check_invariants, check_plan, entry_counts
 

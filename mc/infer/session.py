@@ -93,7 +93,7 @@ import uuid
 import torch
 
 from mc.allocator import PlanDoesNotFitError
-from mc.entry_allocator import SpanScores, allocate_entries, marks_from_state, state_from_marks
+from mc.entry_allocator import SpanScores, allocate_entries, first_changed_start, marks_from_state, state_from_marks
 from mc.focus import first_changed_token, refocus_entries
 from mc.focus import refocus as focus_refocus
 from mc.infer.buffer import AppendBuffer
@@ -110,16 +110,6 @@ from nanochat.kv_cache import KVCache
 VANILLA_FIX = ("train with MegaContext: `python -m scripts.base_train --mc_enabled=1` "
                "(or `bash run10.sh --profile mc`), "
                "then continue mid/SFT from that checkpoint; or chat without --mc within the model's context")
-
-
-def first_changed_start(old_start, old_lod, new_start, new_lod, T: int) -> int:
-    """The first token whose level differs between two entry lists of one history (T if none): the start of
-    the first entry that differs (both lists cover [0, T), so the entries before it are the same tokens)."""
-    n = min(old_start.numel(), new_start.numel())
-    diff = (old_start[:n] != new_start[:n]) | (old_lod[:n] != new_lod[:n])
-    if bool(diff.any()):
-        return int(new_start[int(diff.int().argmax())])
-    return T if old_start.numel() == new_start.numel() else int(torch.cat([old_start, new_start])[n:].min())
 
 
 class MCSessionError(ValueError):

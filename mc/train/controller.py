@@ -74,14 +74,21 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from mc.allocator import entry_scores_to_token_map
 from mc.config import MCConfig
 from mc.keymatch import entry_match, tail_block_scores
 from mc.positions import wc_cos_sin
 from mc.train.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.train.timing import PhaseTimer, memory_snapshot
-from mc.allocator import entry_scores_to_token_map
-from mc.train.variants import (annealed_wc_length, duplicate_weights, hashed_uniform, priority_keys,
-                               sample_compressed_plans, sample_variants, unit_starts)
+from mc.train.variants import (
+    annealed_wc_length,
+    duplicate_weights,
+    hashed_uniform,
+    priority_keys,
+    sample_compressed_plans,
+    sample_variants,
+    unit_starts,
+)
 from mc.tree import MegaContextTree, min_variant_entries, unit_counts
 from mc.working_context import build_working_context, targets_for
 
