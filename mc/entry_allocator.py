@@ -12,11 +12,12 @@ most allocator_iterations x allocator_max_replacements), and this module compute
 
 - Entries: (start, lod) long [L] in order, covering [0, T). An entry at LOD l spans bs**l tokens from a
   multiple of bs**l, so it is a node of the block tree, and two nodes are nested or disjoint.
-- Scores. The allocator's per-token map is piecewise constant on segments: the entries LensNet scored, nodes
-  with a score each. Every span the allocator asks about (a gist to expand, a collapse group's parent) is a
-  node too, so it lies inside one segment (mean = max = its score) or is the union of a run of consecutive
-  segments: mean = sum(score x length) / span from a prefix sum, max from a sparse table; O(log L) per span,
-  all spans at once (SpanScores). The map never changes inside a call, as in mc/allocator.py.
+- Scores. The allocator's per-token map is piecewise constant on segments: the entries LensNet scored (a
+  score each), cut, for a LensNet with the content match, at the edges of the few blocks whose match is
+  non-zero (mc.focus.match_span_scores). Any span [qs, qe) then overlaps a run of consecutive segments:
+  its sum is F(qe) - F(qs), F the map's running sum (a prefix sum over whole segments plus the part of the one
+  segment x falls in), its max a sparse-table query over the run; O(log) per span, all spans at once
+  (SpanScores). The map never changes inside a call, as in mc/allocator.py.
 - Candidates at level l: a collapse group is bs consecutive entries at LOD l-1 whose first starts at a
   multiple of bs**l (bs such entries tile exactly that parent); an expand is an entry at LOD l. Both must end
   at or before `limit` (the raw tail starts there).
@@ -37,8 +38,8 @@ from mc.allocator import PlanDoesNotFitError, select_edits
 
 
 class SpanScores:
-    """Mean and max of a score map that is constant on each segment (tree nodes covering [0, T), in order)
-    over query spans that are tree nodes too (the module docstring says why that makes it exact)."""
+    """Mean and max of a score map that is constant on each segment (consecutive spans covering [0, T), in
+    order) over any query spans (module docstring)."""
 
     def __init__(self, seg_start: torch.Tensor, seg_end: torch.Tensor, seg_score: torch.Tensor):
         self.start, self.end = seg_start.long(), seg_end.long()
@@ -63,11 +64,16 @@ class SpanScores:
         i = torch.searchsorted(self.start, qs, right=True) - 1
         j = torch.searchsorted(self.start, qe)  # the first segment starting at or after the span's end
         inside = self.end[i] >= qe
-        mean = torch.where(inside, self.score[i], (self.cum[j] - self.cum[i]) / (qe - qs))
+        mean = torch.where(inside, self.score[i], (self._running_sum(qe) - self._running_sum(qs)) / (qe - qs))
         n = (j - i).clamp(min=1)
         k = torch.log2(n.double()).floor().long()  # exact for these small integers
         top = torch.maximum(self.table[k, i], self.table[k, (j - 2 ** k).clamp(min=0)])
         return mean.float(), torch.where(inside, self.score[i], top).float()
+
+    def _running_sum(self, x: torch.Tensor) -> torch.Tensor:
+        """F(x): the map's sum over the tokens [0, x), x in [0, T]."""
+        i = (torch.searchsorted(self.start, x, right=True) - 1).clamp(min=0)
+        return self.cum[i] + self.score[i] * (x - self.start[i])
 
 
 def state_from_marks(marks: torch.Tensor | None, T: int) -> torch.Tensor | None:
@@ -155,7 +161,24 @@ def _apply(start, lod, marks, fresh, edits, bs):
     born = es[owner] + _ranks((ee - es) // child) * child[owner]
     start, order = torch.cat([start[outside], born]).sort()
     lod = torch.cat([lod[outside], el[owner]])[order]
-    # a mark keeps its parts in the gaps between the sorted edits: gap g = [gap_start[g], gap_end[g])
+    parts, source = _trim_marks(marks, es, ee)
+    marks = torch.cat([parts, torch.stack([es, ee, ek], 1)])
+    fresh = torch.cat([fresh[source], torch.ones(e.size(0), dtype=torch.bool)])
+    return start, lod, marks, fresh
+
+
+def apply_edits(start: torch.Tensor, lod: torch.Tensor, edits, block_size: int):
+    """(start', lod'): the entries after edits (mc.allocator's (kind, score, start, span, new_level) tuples)
+    whose spans are disjoint."""
+    none = torch.zeros(0, 3, dtype=torch.long)
+    start, lod, _, _ = _apply(start, lod, none, torch.zeros(0, dtype=torch.bool), edits, block_size)
+    return start, lod
+
+
+def _trim_marks(marks: torch.Tensor, es: torch.Tensor, ee: torch.Tensor):
+    """(parts long [K, 3], source long [K]): the parts of marks [M, 3] outside the spans [es, ee) (sorted,
+    disjoint), and the mark each part comes from. A mark keeps its parts in the gaps between the spans:
+    gap g = [gap_start[g], gap_end[g])."""
     gap_start = torch.cat([torch.tensor([-1]), ee])
     gap_end = torch.cat([es, torch.tensor([2 ** 62])])
     ms, me, mk = marks.t().contiguous()
@@ -165,9 +188,15 @@ def _apply(start, lod, marks, fresh, edits, bs):
     gi = first[mi] + _ranks(count)
     lo, hi = torch.maximum(ms[mi], gap_start[gi]), torch.minimum(me[mi], gap_end[gi])
     kept = lo < hi
-    marks = torch.cat([torch.stack([lo, hi, mk[mi]], 1)[kept], torch.stack([es, ee, ek], 1)])
-    fresh = torch.cat([fresh[mi][kept], torch.ones(e.size(0), dtype=torch.bool)])
-    return start, lod, marks, fresh
+    return torch.stack([lo, hi, mk[mi]], 1)[kept], mi[kept]
+
+
+def overlay_marks(under: torch.Tensor, over: torch.Tensor) -> torch.Tensor:
+    """long [K, 3]: the marks of two calls, over's winning where both mark a token (on the per-token states:
+    torch.where(over != 0, over, under)). over's spans are disjoint, as a call's marks are."""
+    over = over[over[:, 0].argsort()]
+    parts, _ = _trim_marks(under, over[:, 0].contiguous(), over[:, 1].contiguous())
+    return torch.cat([parts, over])
 
 
 def allocate_entries(start: torch.Tensor, lod: torch.Tensor, spans: SpanScores, W: int, cfg, block_size: int,

@@ -7,8 +7,9 @@ One refocus: LensNet scores the current working context, the allocator edits the
 This is the step the inference session (mc/infer/session.py) runs at every user turn and every
 --mc_infer_refocus_interval tokens, and the step mc_eval's MC-LensNet condition runs once per probe.
 Training never calls it: there LensNet only learns (mc/train/lens_loss.py) from the random variants.
-refocus_entries is the same step on one row's entry list (mc/entry_allocator.py): the session's refocus with a
-LensNet without the content match, or fixed focus, at a cost that does not grow with the history.
+refocus_entries is the same step on one row's entry list (mc/entry_allocator.py), with the same edits: the
+session's refocus, at an allocator cost that does not grow with the history (the content match's block scores
+are made from every block's keys, mc/keymatch.py; the allocator reads only the few blocks they single out).
 
 Inputs
   lensnet   mc.lensnet.LensNet, or None for fixed focus (--lensnet_type=none): every score is 0, so
@@ -60,8 +61,8 @@ import dataclasses
 import torch
 
 from mc.allocator import PlanDoesNotFitError, allocate, entry_scores_to_token_map
-from mc.entry_allocator import SpanScores, allocate_entries
-from mc.keymatch import entry_match, token_match
+from mc.entry_allocator import SpanScores, allocate_entries, overlay_marks
+from mc.keymatch import entry_match, match_strength, token_match
 from mc.working_context import build_working_context
 
 
@@ -80,6 +81,7 @@ def make_room(plan: torch.Tensor, token_scores: torch.Tensor, W: int, room: int,
     coarsest covering leaves less (halved until it fits; 0 = nothing to do). freed: int8 [R, T], -1 on
     the tokens collapsed (the hysteresis mark); forced: long [R] collapses made."""
     hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+    room = min(room, W - 1)  # a working context keeps at least one entry
     while room > 0:
         try:
             fitted, freed, stats = allocate(plan, token_scores, W - room, hard, cfg.block_size, cfg.max_lod,
@@ -158,20 +160,62 @@ def refocus(lensnet, plan: torch.Tensor, levels, cfg, W: int, state: torch.Tenso
     return new_plan, new_state, info
 
 
+def make_room_entries(start, lod, spans: SpanScores, W: int, room: int, cfg, limit: int):
+    """make_room on an entry list (mc/entry_allocator.py): (start', lod', freed marks, edits, forced)."""
+    hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
+    room = min(room, W - 1)  # a working context keeps at least one entry
+    while room > 0:
+        try:
+            start2, lod2, freed, edits, stats = allocate_entries(start, lod, spans, W - room, hard, cfg.block_size,
+                                                                 cfg.max_lod, limit)
+            return start2, lod2, freed, edits, int(stats["forced"][0])
+        except PlanDoesNotFitError:
+            room //= 2
+    return start, lod, torch.zeros(0, 3, dtype=torch.long), [], 0
+
+
+def match_span_scores(start, lod, logits, match, match_z, gain: float, reference, block_size: int) -> SpanScores:
+    """The per-token map refocus gives the allocator for a content-matching LensNet (module docstring), as
+    segments for the entry allocator. start, lod, logits, match: one row's entries [L]; match_z [1, n_blocks];
+    reference: the row's gist reference (0-d). A token of entry e in block b carries
+    clamp(tanh(net_e + g m_b) - reference, -1, 1), net_e = logits_e - g match_e; m_b = 0 except in the few
+    blocks the question singles out, so the map is constant on the entries cut at those blocks' edges:
+    O(L + hits) segments, whatever the history's length. Same arithmetic as refocus, token for token."""
+    bs = block_size
+    T = int(start[-1] + bs ** lod[-1])
+    m = match_strength(match_z[0].float())
+    hit = m.nonzero()[:, 0]
+    cuts = torch.cat([start, hit * bs, (hit + 1) * bs]).unique()
+    cuts = cuts[cuts < T]
+    entry = torch.searchsorted(start, cuts, right=True) - 1
+    block = cuts // bs
+    own = m[block.clamp(max=m.numel() - 1)] if m.numel() else torch.zeros(cuts.shape)
+    own = torch.where(block < m.numel(), own, 0.0)
+    net = logits[entry] - gain * match[entry]
+    score = (torch.tanh(net + gain * own) - reference).clamp(-1.0, 1.0)
+    return SpanScores(cuts, torch.cat([cuts[1:], torch.tensor([T])]), score)
+
+
 @torch.no_grad()
 def refocus_entries(lensnet, wc, cfg, W: int, limit: int, marks: torch.Tensor | None = None,
-                    generator: torch.Generator | None = None):
+                    generator: torch.Generator | None = None, match_z: torch.Tensor | None = None, room: int = 0):
     """refocus for one row given as its working context (unpadded, [1, L]) instead of a per-token plan, at a
-    cost set by W, not by the history (mc/entry_allocator.py): the same edits as refocus(..., room=0) for a
-    LensNet without the content match (whose block scores span the whole history) or fixed focus (None).
-    limit: the first token of the raw tail; marks: the previous call's hysteresis (entry_allocator).
-    Returns (start', lod', marks', edits, info), info as refocus's."""
-    if getattr(lensnet, "match", False):
-        raise ValueError("refocus_entries takes no content-matching LensNet (--lensnet_match=1): use refocus")
-    scores, reference, _, _ = lens_scores(lensnet, wc, cfg)
+    cost set by W, not by the history (mc/entry_allocator.py): the same edits, hysteresis and stats as
+    refocus(..., match_z, room) with the same LensNet (or fixed focus, None). limit: the first token of the
+    raw tail; marks: the previous call's hysteresis (entry_allocator). Returns (start', lod', marks', edits in
+    the order applied, info), info as refocus's."""
+    scores, reference, logits, match = lens_scores(lensnet, wc, cfg, match_z)
     start, lod = wc.span_start[0].cpu(), wc.lod[0].cpu()
-    spans = SpanScores.of_entries(start, lod, scores[0].cpu(), cfg.block_size)
-    start2, lod2, marks2, edits, stats = allocate_entries(start, lod, spans, W, cfg, cfg.block_size, cfg.max_lod,
-                                                          limit, marks, generator, best_first=True)
-    info = dict(stats, scores=scores.detach(), gist_reference=reference.detach(), changed=torch.tensor([bool(edits)]))
-    return start2, lod2, marks2, edits, info
+    if match is not None:
+        spans = match_span_scores(start, lod, logits[0].cpu(), match[0].cpu(), match_z.cpu(),
+                                  float(lensnet.match_gain), reference[0].cpu(), cfg.block_size)
+    else:
+        spans = SpanScores.of_entries(start, lod, scores[0].cpu(), cfg.block_size)
+    start, lod, freed, made_room, forced = make_room_entries(start, lod, spans, W, room, cfg, limit)
+    # best first; what make_room collapsed may be reopened (refocus says why)
+    start, lod, marks, edits, stats = allocate_entries(start, lod, spans, W, cfg, cfg.block_size, cfg.max_lod,
+                                                       limit, marks, generator, best_first=True)
+    stats["forced"] = stats["forced"] + forced
+    info = dict(stats, scores=scores.detach(), gist_reference=reference.detach(),
+                changed=torch.tensor([bool(made_room or edits)]))
+    return start, lod, overlay_marks(freed, marks), made_room + edits, info

@@ -43,7 +43,8 @@ import dataclasses
 import torch
 import torch.nn.functional as F
 
-from mc.allocator import PlanDoesNotFitError, allocate
+from mc.allocator import PlanDoesNotFitError
+from mc.entry_allocator import SpanScores, allocate_entries, apply_edits, overlay_marks
 from mc.mapped import GrowableRows
 from nanochat.gpt import norm
 
@@ -83,10 +84,7 @@ def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int, lea
         return torch.zeros(R, 0, device=keys.device)
     if queries.ndim == 4:  # [R, Q, H, D] -> [R, H * Q, D], head-major, so index // (Q H / H_kv) is the kv head
         queries = queries.transpose(1, 2).reshape(R, -1, D)
-    # query head j reads kv head j // rep (as the attention does), without materialising repeated keys
-    q = queries.float().view(R, H_kv, -1, D)
-    s = torch.einsum("rtkd,rkjd->rtkj", keys[:, : n * block_size].float(), q).reshape(R, n * block_size, -1)
-    best, where = s.view(R, n, block_size, -1).max(2)  # [R, n, H]: the best key and its offset in the block
+    best, where = _best_keys(keys, queries, block_size)  # [R, n, H]: the best key and its offset in the block
     if leave_one_out and n > 2:  # each block against the OTHER blocks' mean and std (see tail_block_scores)
         d = best - best.mean(1, keepdim=True)  # centred first: the sums below then cancel nothing large
         mean = -d / (n - 1)  # the others' mean (the d sum to 0)
@@ -108,6 +106,30 @@ def block_scores(keys: torch.Tensor, queries: torch.Tensor, block_size: int, lea
     forward = torch.cat([ninf, torch.where(where >= block_size - CONTINUATION, carried, float("-inf"))[:, :-1]], 1)
     backward = torch.cat([torch.where(where < CONTINUATION, carried, float("-inf"))[:, 1:], ninf], 1)
     return torch.maximum(z, torch.maximum(forward, backward)).amax(2)
+
+
+SCORE_CHUNK = 4096  # keys scored per matmul: a float copy of this many keys stays in cache (7x faster at 256K)
+
+
+def _best_keys(keys: torch.Tensor, queries: torch.Tensor, block_size: int):
+    """(best, where) [R, n, H * Q]: each whole block's best q . k per query head and its offset in the block.
+    keys [R, T, H_kv, D] (any float dtype); queries [R, H * Q, D], head-major. The keys are read in chunks of
+    whole blocks: a session's history keys are bfloat16 (LayerZeroKeys), and one float copy of all of them
+    (512 MB at 1M tokens) cost more than the products."""
+    R, T, H_kv, D = keys.shape
+    n = T // block_size
+    # query head j reads kv head j // rep (as the attention does), without materialising repeated keys
+    q = queries.float().view(R, H_kv, -1, D).transpose(-1, -2)  # [R, H_kv, D, rep]
+    step = max(SCORE_CHUNK // block_size, 1) * block_size
+    best, where = [], []
+    for a in range(0, n * block_size, step):
+        b = min(a + step, n * block_size)
+        s = torch.matmul(keys[:, a:b].float().transpose(1, 2), q)  # [R, H_kv, b - a, rep]
+        s = s.transpose(1, 2).reshape(R, (b - a) // block_size, block_size, -1)
+        chunk_best, chunk_where = s.max(2)
+        best.append(chunk_best)
+        where.append(chunk_where)
+    return torch.cat(best, 1), torch.cat(where, 1)
 
 
 def expand_blocks_to_raw(plans: torch.Tensor, blocks: torch.Tensor, block_size: int, max_lod: int) -> torch.Tensor:
@@ -247,49 +269,65 @@ def token_match(z: torch.Tensor, T: int, block_size: int) -> torch.Tensor:
 KEYMATCH_MAX_BLOCKS = 2  # blocks made raw per refocus (a fact and its neighbour when it straddles a boundary)
 
 
-def keymatch_refocus(plan: torch.Tensor, z: torch.Tensor, W: int, cfg, recent_tokens: int,
-                     state: torch.Tensor | None = None):
-    """One keymatch refocus of a session's plan int8 [1, T] from block scores z [1, >= n_blocks]:
-    (new_plan, new_state, stats) as mc.allocator.allocate returns them, stats["expands"] = blocks made raw.
+def keymatch_refocus(start: torch.Tensor, lod: torch.Tensor, z: torch.Tensor, W: int, cfg, limit: int):
+    """One keymatch refocus of a session's entry list (start, lod long [L], covering the history) from block
+    scores z [1, >= n_blocks]: (start', lod', marks, edits, stats) as mc.entry_allocator.allocate_entries
+    returns them, stats["expands"] = blocks made raw; limit: the first token of the raw tail.
 
     The asked blocks are the (at most KEYMATCH_MAX_BLOCKS) best blocks before the raw tail with
-    z >= KEYMATCH_MIN_Z; those not raw yet are chosen. First the allocator's hard fit brings the plan to W
+    z >= KEYMATCH_MIN_Z; those not raw yet are chosen. First the allocator's hard fit brings the entries to W
     minus the most the chosen blocks can cost (max_lod (bs - 1) entries each), collapsing the OLDEST detail
     first (token scores rise linearly from -1 at the start of the history to 0 at its end, the asked
     blocks score +1, so a block opened by an earlier refocus for the same question stays open;
-    thresholds out of reach, so no other edit); then the chosen blocks are opened to raw (expand_blocks_to_raw), whatever level the fit left
-    them at. Room is made before the blocks open, so a fit can never close them again (opening first and
-    fitting after did: with few collapse candidates the hard fit took the chosen block too, measured on a
-    50K-token session). A history that fits W is never compressed. If even the fully collapsed covering
-    leaves no room for a chosen block, fewer blocks are opened; and a block the question asks about that is
-    already raw is never collapsed to make room for the next-best one (measured at 1M tokens, where the
-    coarsest covering leaves room for one raw block: each repeated refocus for the same question closed the
-    needle's block, opened by the previous one, to open the runner-up)."""
+    thresholds out of reach, so no other edit); then the chosen blocks are opened to raw, whatever level the
+    fit left them at (a chain of expands, the gist that holds the block down to the block). Room is made before
+    the blocks open, so a fit can never close them again (opening first and fitting after did: with few
+    collapse candidates the hard fit took the chosen block too, measured on a 50K-token session). A history
+    that fits W is never compressed. If even the fully collapsed covering leaves no room for a chosen block,
+    fewer blocks are opened; and a block the question asks about that is already raw is never collapsed to make
+    room for the next-best one (measured at 1M tokens, where the coarsest covering leaves room for one raw
+    block: each repeated refocus for the same question closed the needle's block, opened by the previous one,
+    to open the runner-up).
+
+    Cost: the entries and the asked blocks, not the history. The hard fit reads only the means of collapse
+    groups, unions of whole entries, and the mean of a linear map over a union of segments is the
+    length-weighted mean of its segments' own means: so each entry carries its mean (its midpoint's score), as
+    one segment of a SpanScores (cut at the asked blocks' edges), and the fit is the one the per-token map makes."""
     bs, max_lod = cfg.block_size, cfg.max_lod
-    T = plan.size(1)
-    n_blocks = max(T - recent_tokens, 0) // bs
-    z = z[:, :n_blocks].float().cpu()
+    T = int(start[-1] + bs ** lod[-1])
+    z = z[:, :limit // bs].float().cpu()
     asked = [int(b) for b in z.argsort(1, descending=True)[0, :KEYMATCH_MAX_BLOCKS] if z[0, b] >= KEYMATCH_MIN_Z]
-    chosen = [b for b in asked if int(plan[0, b * bs]) > 0]  # the asked blocks not raw yet
+
+    def level(s, l, t):  # the level of token t in the entry list (s, l)
+        return int(l[int(torch.searchsorted(s, torch.tensor(t), right=True)) - 1])
+
+    chosen = [b for b in asked if level(start, lod, b * bs) > 0]  # the asked blocks not raw yet
     hard = dataclasses.replace(cfg, allocator_expand_threshold=2.0, allocator_collapse_threshold=-2.0)
-    oldest_first = torch.arange(T, dtype=torch.float32)[None] / max(T, 1) - 1.0
-    for b in asked:  # what the question asks about is collapsed last (a second refocus must not close it)
-        oldest_first[:, b * bs:(b + 1) * bs] = 1.0
+    blocks = torch.tensor(asked, dtype=torch.long)
+    cuts = torch.cat([start, blocks * bs, (blocks + 1) * bs]).unique()
+    ends = torch.cat([cuts[1:], torch.tensor([T])])
+    oldest_first = ((cuts + ends - 1).double() / 2) / max(T, 1) - 1.0  # the mean of t / T - 1 over each segment
+    oldest_first[torch.isin(cuts // bs, blocks)] = 1.0  # the segments are cut at the asked blocks' edges
+    spans = SpanScores(cuts, ends, oldest_first)
     for n in range(len(chosen), -1, -1):
         reserve = n * max_lod * (bs - 1)
         if W - reserve < 1:
             continue
         try:
-            new_plan, new_state, stats = allocate(plan, oldest_first, W - reserve, hard, bs, max_lod, recent_tokens,
-                                                  state=state, scores_are_token_map=True)
+            fit_start, fit_lod, marks, edits, stats = allocate_entries(start, lod, spans, W - reserve, hard, bs,
+                                                                       max_lod, limit)
         except PlanDoesNotFitError:
             if n == 0:
                 raise
             continue
-        if n and any(int(new_plan[0, b * bs]) != 0 for b in asked if b not in chosen):
+        if n and any(level(fit_start, fit_lod, b * bs) != 0 for b in asked if b not in chosen):
             continue  # the room for n more blocks would close one the question already holds open: open fewer
         for b in chosen[:n]:
-            new_plan = expand_blocks_to_raw(new_plan, torch.tensor([b]), bs, max_lod)
-            new_state[:, b * bs:(b + 1) * bs] = 1  # just expanded: hysteresis, as an allocator expand
+            while (lv := level(fit_start, fit_lod, b * bs)) > 0:
+                span = bs ** lv
+                edit = (1, 1.0, b * bs // span * span, span, lv - 1)
+                fit_start, fit_lod = apply_edits(fit_start, fit_lod, [edit], bs)
+                edits.append(edit)
+        opened = torch.tensor([[b * bs, (b + 1) * bs, 1] for b in chosen[:n]], dtype=torch.long).view(-1, 3)
         stats["expands"] = torch.tensor([n])
-        return new_plan, new_state, stats
+        return fit_start, fit_lod, overlay_marks(marks, opened), edits, stats  # just expanded: hysteresis

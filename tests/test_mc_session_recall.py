@@ -300,7 +300,7 @@ def test_keymatch_keeps_an_open_block_rather_than_swap_it_for_the_runner_up():
     must keep the block it opened (the needle's) instead of closing it to open the second-best block."""
     from mc.config import MCConfig
     from mc.keymatch import keymatch_refocus
-    from mc.working_context import entry_counts
+    from mc.working_context import entry_counts, entry_starts
 
     bs, T, R = 4, 136, 8
     plan = torch.full((1, T), 2, dtype=torch.int8)  # 8 LOD2 gists, then the raw tail
@@ -311,9 +311,15 @@ def test_keymatch_keeps_an_open_block_rather_than_swap_it_for_the_runner_up():
     z = torch.zeros(1, T // bs)
     z[0, 2], z[0, 20] = 5.0, 4.9  # block 2 best, block 20 (inside LOD2 unit 5) a close runner-up
     cfg = MCConfig(block_size=bs, max_lod=2, recent_tokens=R)
-    new_plan, _, stats = keymatch_refocus(plan, z, W, cfg, R)
+    start = entry_starts(plan, bs, max_level=2)[0].nonzero()[:, 0]
+
+    def refocused(W):
+        s, lod, _, _, stats = keymatch_refocus(start, plan[0, start].long(), z, W, cfg, T - R)
+        return lod.repeat_interleave(bs ** lod)[None], stats
+
+    new_plan, stats = refocused(W)
     assert int(new_plan[0, 8]) == 0 and int(new_plan[0, 80]) == 2  # block 2 stays raw, block 20 stays closed
     assert int(stats["expands"][0]) == 0 and int(entry_counts(new_plan, bs)[0]) <= W
     # with room for two, the runner-up opens too
-    new_plan, _, stats = keymatch_refocus(plan, z, W + 6, cfg, R)
+    new_plan, stats = refocused(W + 6)
     assert int(new_plan[0, 8]) == 0 and int(new_plan[0, 80]) == 0 and int(stats["expands"][0]) == 1

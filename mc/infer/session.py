@@ -25,9 +25,9 @@ State (batch 1):
   Invariant: the cache holds a prefix of the current entry list.
 
 Refocus (refocus(); automatically every refocus_interval ingested/appended tokens, and at once when
-the WC would pass W entries; the engine also calls it at every user turn): mc.focus.refocus = LensNet
+the WC would pass W entries; the engine also calls it at every user turn): mc.focus.refocus_entries = LensNet
 scores the current WC (lensnet None = fixed focus: every score 0, only forced collapses) and the
-allocator edits the plan under the refocus budget (see Budget; step 0, the hard fit, collapses the
+allocator edits the entry list under the refocus budget (see Budget; step 0, the hard fit, collapses the
 lowest-scored groups until entries fit it). When a long ingest left more than W entries, a score-free
 hard fit to W runs first so LensNet never sees more entries than the model does. With
 --mc_infer_focus=keymatch the GPT's own layer-0 attention chooses instead of LensNet
@@ -35,7 +35,7 @@ hard fit to W runs first so LensNet never sees more entries than the model does.
 made raw and the oldest detail is collapsed to make room (layer-0 keys cached per token). A LensNet
 with the content match (--lensnet_match=1) reads the same cached keys, with the history's last token as
 the query (mc/keymatch.py); when the question singles out a block (z >= 3), the refocus first frees room
-to open two blocks from the coarsest level (mc.focus.make_room: the lowest-scored groups collapse), as
+to open two blocks from the coarsest level (mc.focus.make_room_entries: the lowest-scored groups collapse), as
 the keymatch focus does, since a WC at budget could otherwise open nothing. A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
 question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
@@ -57,10 +57,11 @@ after at most refocus_interval tokens, or at once when an ingest would pass W, s
 times and refocuses stay amortised. Default W = min(mc_config.wc_length(sequence_len) + refocus_interval,
 sequence_len): a refocus then leaves at most the training W entries, the most the checkpoint's variants
 held. W - refocus_interval must exceed recent_tokens (the raw tail). A decode step costs the same at
-any history length, and so does a refocus with LensNet or fixed focus: the allocator works on the entry list
-(mc/entry_allocator.py, O(W)) and the per-token plan is only written where an edit lands. The keymatch focus
-and a LensNet with the content match score every block of the history (O(T / bs) keys per refocus), so
-they refocus on the per-token plan (mc.focus.refocus). Largest history: its most
+any history length, and so does the allocator: every focus policy edits the entry list (mc/entry_allocator.py,
+O(W); mc.focus.refocus_entries, mc.keymatch.keymatch_refocus) and the per-token plan is only written where an
+edit lands. The keymatch focus and a LensNet with the content match also score the history's keys for the
+question (an exact search over every block, H_kv x D multiply-adds per history token: ~46 ns per token on
+one CPU core, lab notebook 2026-12-07 session 5). Largest history: its most
 compressed covering must fit the refocus budget (about (W - refocus_interval - recent_tokens -
 max_lod * (bs - 1)) * bs**max_lod tokens). A longer history grows the tree a level (LOD3, LOD4, ...: the
 same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to --mc_infer_max_lod
@@ -94,8 +95,7 @@ import torch
 
 from mc.allocator import PlanDoesNotFitError
 from mc.entry_allocator import SpanScores, allocate_entries, first_changed_start, marks_from_state, state_from_marks
-from mc.focus import first_changed_token, refocus_entries
-from mc.focus import refocus as focus_refocus
+from mc.focus import refocus_entries
 from mc.infer.buffer import AppendBuffer
 from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, block_scores, keymatch_refocus
 from mc.ops.telemetry import NoOpTelemetryProvider, emit_event
@@ -467,21 +467,15 @@ class MCSession:
         budget = self.W if self.num_tokens <= self.W else self.fit_budget
         if block_scores is not None or (self.keys is not None and not self.match):
             z = self._keymatch_scores() if block_scores is None else block_scores
-            new_plan, self.state, info = self._allocate(keymatch_refocus, self.plan, z, budget, self.cfg,
-                                                        self.cfg.recent_tokens, state=self.state)
-            self._set_plan(new_plan, int(first_changed_token(self.plan, new_plan)[0]))
-        elif self.match:  # the block scores read the whole history: the per-token refocus
-            z = self.keys.tail_scores(self.token_ids(), self._limit(), self.bs)
-            # a question that singles out a block gets room to open it (and its neighbour) from the coarsest level
-            room = KEYMATCH_MAX_BLOCKS * self.max_lod * (self.bs - 1) if bool((z >= KEYMATCH_MIN_Z).any()) else 0
-            new_plan, self.state, info = self._allocate(focus_refocus, self.lensnet, self.plan, None, self.cfg, budget,
-                                                        state=self.state, generator=self.generator,
-                                                        wc=self.working_context(), match_z=z, room=room)
-            self._set_plan(new_plan, int(first_changed_token(self.plan, new_plan)[0]))
+            start, lod, self.marks, edits, info = self._allocate(keymatch_refocus, *self.entries(), z, budget,
+                                                                 self.cfg, self._limit())
+            self._set_entries(start, lod, edits)
         else:  # on the entry list: O(W), whatever the history's length (mc/entry_allocator.py)
+            z, room = self._lens_match() if self.match else (None, 0)
             wc = self.working_context() if self.lensnet is not None else self._score_free_wc()
             start, lod, self.marks, edits, info = self._allocate(refocus_entries, self.lensnet, wc, self.cfg, budget,
-                                                                 self._limit(), self.marks, self.generator)
+                                                                 self._limit(), self.marks, self.generator,
+                                                                 match_z=z, room=room)
             self._set_entries(start, lod, edits)
         # KV: entries starting before the first changed token are unchanged (module docstring)
         starts, lods = self.entries()
@@ -516,6 +510,14 @@ class MCSession:
         self._emit(last)
         self.release()
         return dict(last)
+
+    def _lens_match(self):
+        """(match_z [1, n_blocks], room): the content match a LensNet with --lensnet_match=1 reads, and the
+        entries to free first: a question that singles out a block gets room to open it (and its neighbour)
+        from the coarsest level."""
+        z = self.keys.tail_scores(self.token_ids(), self._limit(), self.bs)
+        room = KEYMATCH_MAX_BLOCKS * self.max_lod * (self.bs - 1) if bool((z >= KEYMATCH_MIN_Z).any()) else 0
+        return z, room
 
     def _keymatch_scores(self) -> torch.Tensor:
         """[1, n_blocks] block scores for the history's last token as the query (mc/keymatch.py)."""
