@@ -67,6 +67,13 @@ class MCConfig:
                                   "random", lo=0)
     priority_temperature: float = knob(0.25, "--mc_priority_temperature", "LensNet-proposed variants: a unit's weight "
                                        "is exp(score / temperature)", lo=0.0, lo_open=True)
+    dynamic_variants: bool = knob(False, "--mc_dynamic_variants", "variants per sample follow the measured ΔNLL "
+                                  "spread: ceil(N x spread / its peak so far), N = --mc_num_random_variants the most "
+                                  "(mc/train/variant_budget.py)")
+    min_variants: int = knob(2, "--mc_min_variants", "the fewest variants per sample --mc_dynamic_variants or "
+                             "--mc_positions_budget may leave (2 = one preference pair)", lo=2)
+    positions_budget: float = knob(0.0, "--mc_positions_budget", "the step-time budget: at most (T + (1 + N) W) / T GPT "
+                                   "positions per training token, fewer variants when W is wide (0 = none)", lo=0.0)
     recent_tokens: int = knob(128, "--allocator_recent_tokens", "last R tokens always stay raw (variants and "
                               "allocator): the shared horizon of ΔNLL", lo=1)
     positional_type: str = knob("gaussian", "--positional_type", "simple | gaussian (RoPE for gists, mc/positions.py)",
@@ -127,6 +134,15 @@ class MCConfig:
         if self.priority_variants > self.num_random_variants:
             raise ValueError(f"--mc_priority_variants={self.priority_variants} exceeds --mc_num_random_variants="
                              f"{self.num_random_variants}: the LensNet-proposed variants are some of those")
+        if self.dynamic_variants and self.min_variants > self.num_random_variants:
+            raise ValueError(f"--mc_min_variants={self.min_variants} exceeds --mc_num_random_variants="
+                             f"{self.num_random_variants}, the most a sample gets with --mc_dynamic_variants=1")
+        if self.dynamic_variants and self.lensnet_type == "none":
+            raise ValueError("--mc_dynamic_variants spends variants on LensNet's preference pairs; --lensnet_type=none "
+                             "has no LensNet: drop the flag")
+        if 0 < self.positions_budget <= 1:
+            raise ValueError(f"--mc_positions_budget={self.positions_budget:g} must exceed 1: the base forward alone "
+                             f"runs T positions per T training tokens (0 = no budget)")
         if self.priority_variants and self.lensnet_type == "none":
             raise ValueError("--mc_priority_variants needs a LensNet to propose them (--lensnet_type=none has none)")
 

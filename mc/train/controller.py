@@ -9,7 +9,7 @@ For x, y [B, T] (y = x shifted by one; x_full = x with y's last token appended, 
   tree    E = wte(x) is LOD0; GistNet gists every block of every sample, one call per level
           (mc/tree.py), with gradients into GistNet and wte.
   sample  W_t = annealed_wc_length(step) (mc/train/variants.py). Per sample the recency baseline (last W_t raw
-          tokens) and N compressed variants, all as plans, their random keys hashed from the global row
+          tokens) and N = N_t compressed variants (mc/train/variant_budget.py), all as plans, their random keys hashed from the global row
           id (split-independent: any micro-batch/process split draws the same variants for a row).
           build_working_context gathers the entries of all R = B(1+N) rows at once, right-aligned and
           padded to L slots (L = W_t rounded up to a multiple of pad_quantum, so a compiled GPT sees
@@ -48,7 +48,8 @@ Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert the
   mc/adv_delta_mean|p95|std   statistics of ΔNLL over the B*N compressed variants
   train/loss_lod0   the recency baselines' mean loss;  mc/token_loss  variant_loss;  mc/lm_loss
   mc/gist_penalty, mc/total_loss, mc/wc_length (W_t), mc/variants_total (B*N compressed variants),
-  mc/variants_per_sample (1+N), mc/priority_variants (of the N, LensNet's proposals),
+  mc/variants_per_sample (1+N_t: N_t = --mc_num_random_variants, or fewer with --mc_dynamic_variants or
+  --mc_positions_budget, mc/train/variant_budget.py), mc/priority_variants (of the N_t, LensNet's proposals),
   mc/effective_batch_size (R rows in the packed forward),
   mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
   with LensNet: mc/lens_loss, mc/lens_pairs, mc/preference_corr_mean|max, mc/pref_span_corr,
@@ -80,6 +81,7 @@ from mc.keymatch import entry_match, tail_block_scores
 from mc.positions import wc_cos_sin
 from mc.train.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
 from mc.train.timing import PhaseTimer, memory_snapshot
+from mc.train.variant_budget import VariantBudget
 from mc.train.variants import (
     annealed_wc_length,
     duplicate_weights,
@@ -182,6 +184,8 @@ class MCController:
         self.lensnet = getattr(mc_modules, "lensnet", None)
         self.adv_normalizer = AdvantageNormalizer(mc_config.lens_adv_norm_beta)
         self.budget_smoother = BudgetSmoother(mc_config.lens_budget_smooth_beta)
+        self.variant_budget = VariantBudget(mc_config)  # N_t, the variants per sample of a step
+        self._budget_checked = set()  # sequence lengths whose positions budget was checked
 
     # ------------------------------------------------------------------ LensNet's step-level state
     def commit_step(self, all_reduce=None):
@@ -189,16 +193,19 @@ class MCController:
         sums a tensor over ranks in place (None in one process)."""
         self.adv_normalizer.commit(all_reduce)
         self.budget_smoother.commit(all_reduce)
+        self.variant_budget.commit(all_reduce)
 
     def lens_state_dict(self) -> dict:
         """JSON-serialisable EMA state (syncs with the device: checkpoint time only)."""
-        return {"adv_scale": self.adv_normalizer.state_dict(), "budget_mean": self.budget_smoother.state_dict()}
+        return {"adv_scale": self.adv_normalizer.state_dict(), "budget_mean": self.budget_smoother.state_dict(),
+                "variants": self.variant_budget.state_dict()}
 
     def load_lens_state(self, state: dict | None):
         device = self.model.get_device()
         if state:
             self.adv_normalizer.load_state_dict(state["adv_scale"], device)
             self.budget_smoother.load_state_dict(state["budget_mean"], device)
+            self.variant_budget.load_state_dict(state.get("variants"), device)  # absent before the budget existed
 
     # ------------------------------------------------------------------ helpers
     def _to_model_dtype(self, t: torch.Tensor) -> torch.Tensor:
@@ -228,6 +235,13 @@ class MCController:
         """W_t, the working-context budget at this step (annealed, see mc/train/variants.py)."""
         steps = self.cfg.wc_anneal_steps or self.total_steps
         return annealed_wc_length(step, steps, self.cfg.wc_anneal_start_frac, self.target_wc_length(T), T)
+
+    def num_variants(self, step: int, T: int) -> int:
+        """N_t, the compressed variants per sample at this step (mc/train/variant_budget.py)."""
+        if T not in self._budget_checked:
+            self.variant_budget.check(self.wc_length(0, T), T)  # the anneal starts at the widest W
+            self._budget_checked.add(T)
+        return self.variant_budget.variants(step, self.wc_length(step, T), T)
 
     @contextmanager
     def _phase(self, timer, name, step, memory):
@@ -264,14 +278,15 @@ class MCController:
                                                      cfg.block_size, cfg.max_lod, cfg.cache_lod0)
                     levels = [E] + tree.levels[1:]
                 with self._phase(timer, "sample", step, memory):
-                    N, V, H = cfg.num_random_variants, 1 + cfg.num_random_variants, max(cfg.recent_tokens, 1)
+                    N = self.num_variants(step, T)
+                    V, H, P = 1 + N, max(cfg.recent_tokens, 1), min(cfg.priority_variants, N)
                     L = padded_length(W, T, self.pad_quantum)
                     if row_ids is None:
                         row_ids = step * B + torch.arange(B, device=x.device)
                     units = sum(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens))
                     keys = hashed_uniform(row_ids.to(x.device), step, self.seed, N, units)
-                    if cfg.priority_variants and units:
-                        keys = self._proposed_keys(keys, levels, E, T, N, aux_ctx)
+                    if P and units:
+                        keys = self._proposed_keys(keys, levels, E, T, N, P, aux_ctx)
                     vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens,
                                          device=x.device, dedup=False, keys=keys)
                     wc = build_working_context(vp.plan, levels, cfg.block_size, vp.sample_idx, length=L,
@@ -295,6 +310,7 @@ class MCController:
                 variant_loss = ((row_loss.view(B, V) * weight).sum(1) / weight.sum(1)).mean()
                 horizon = nll[:, L - H:].mean(1).view(B, V)  # the shared raw tail, same targets in every row
                 delta = horizon[:, 1:] - horizon[:, :1]
+                self.variant_budget.observe(delta)
                 loss = lm_loss + variant_loss
                 penalty = F.relu(horizon[:, 1:] - horizon[:, :1].detach()).mean()
                 if cfg.gist_delta_weight > 0:
@@ -315,7 +331,7 @@ class MCController:
                         loss = loss + cfg.lens_loss_weight * lens.loss
                     lens_metrics = lens.metrics
             with self._phase(timer, "metrics", step, None):
-                metrics = self._metrics(nll.detach(), has, wc, vp.variant_idx, delta.detach(), B, T, V, L, W, H)
+                metrics = self._metrics(nll.detach(), has, wc, vp.variant_idx, delta.detach(), B, T, V, L, W, H, P)
                 metrics.update({"mc/lm_loss": lm_loss.detach(), "mc/token_loss": variant_loss.detach(),
                                 "train/loss_lod0": row_loss.detach().view(B, V)[:, 0].mean(),
                                 "mc/gist_penalty": penalty.detach(), "mc/total_loss": loss.detach()})
@@ -328,8 +344,9 @@ class MCController:
                         extras={"wc": wc, "targets": targets})
 
     @torch.no_grad()
-    def _proposed_keys(self, keys: torch.Tensor, levels, E: torch.Tensor, T: int, N: int, aux_ctx) -> torch.Tensor:
-        """keys [B * N, units] with the first --mc_priority_variants variants of each sample LensNet's proposals
+    def _proposed_keys(self, keys: torch.Tensor, levels, E: torch.Tensor, T: int, N: int, P: int,
+                       aux_ctx) -> torch.Tensor:
+        """keys [B * N, units] with the first P (--mc_priority_variants, at most N) variants of each sample LensNet's proposals
         (mc/train/variants.py): LensNet scores each sample's coarsest covering (no gradient), and every unit takes
         the score of the entry that holds it."""
         cfg, B, units = self.cfg, E.size(0), keys.size(1)
@@ -344,8 +361,7 @@ class MCController:
         token_map = entry_scores_to_token_map(coarse, scores, cfg.block_size, cfg.max_lod, check=False)
         unit_scores = token_map[:, unit_starts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens, E.device)]
         keys = keys.view(B, N, units).clone()
-        keys[:, : cfg.priority_variants] = priority_keys(keys[:, : cfg.priority_variants], unit_scores[:, None],
-                                                        cfg.priority_temperature)
+        keys[:, :P] = priority_keys(keys[:, :P], unit_scores[:, None], cfg.priority_temperature)
         return keys.view(B * N, units)
 
     def _lens_match(self, E: torch.Tensor, wc, T: int, V: int) -> torch.Tensor:
@@ -358,7 +374,7 @@ class MCController:
         z = tail_block_scores(self.model, E, ends, cfg.recent_tokens, limit, cfg.block_size).repeat_interleave(V, 0)
         return entry_match(z, wc.span_start, wc.lod, wc.valid, cfg.block_size, cfg.max_lod)
 
-    def _metrics(self, nll, has, wc, variant_idx, delta, B, T, V, L, W, H) -> dict:
+    def _metrics(self, nll, has, wc, variant_idx, delta, B, T, V, L, W, H, P) -> dict:
         cfg = self.cfg
         lod = wc.lod
         # the baseline's NLL for target token p sits in its slot L - T + p - 1 (raw token p - 1)
@@ -384,7 +400,7 @@ class MCController:
         m["mc/wc_length"] = W
         m["mc/variants_total"] = B * (V - 1)
         m["mc/variants_per_sample"] = V
-        m["mc/priority_variants"] = cfg.priority_variants
+        m["mc/priority_variants"] = P
         m["mc/effective_batch_size"] = B * V
         m["mc/horizon_tokens"] = B * V * H
         return m

@@ -52,7 +52,9 @@ class MCTrainStep:
                  "mc/preference_corr_mean", "mc/lens_loss")
         if device_type == "cuda":  # the 200 ms latency band is a GPU figure; tiny CPU runs always exceed it
             bands += ("mc/time_controller_ms",)
-        self.alerts = BandMonitor(device_type, controller.cfg.num_random_variants, B, warmup_steps=100,
+        cfg = controller.cfg
+        fixed = not (cfg.dynamic_variants or cfg.positions_budget)  # else N_t varies: the band only checks for 0
+        self.alerts = BandMonitor(device_type, cfg.num_random_variants if fixed else None, B, warmup_steps=100,
                                   telemetry=telemetry, only=bands)
 
     def state_dict(self) -> dict:
@@ -112,7 +114,7 @@ class MCTrainStep:
         lods = " ".join(f"L{k.rsplit('/', 1)[1]} {v:.3f}" for k, v in sorted(m.items()) if k.startswith("mc/lod_loss/"))
         line = (f"  mc | tok {m.get('mc/token_loss', nan):.4f} | base {m.get('train/loss_lod0', nan):.4f} | {lods}"
                 f" | Δ {m.get('mc/adv_delta_mean', nan):+.3f} (p95 {m.get('mc/adv_delta_p95', nan):+.3f})"
-                f" | W {m.get('mc/wc_length', 0):.0f} | ctl {m.get('mc/time_controller_ms', 0):.0f}ms×{grad_accum_steps}"
+                f" | W {m.get('mc/wc_length', 0):.0f} | N {m.get('mc/variants_per_sample', 1) - 1:.3g} | ctl {m.get('mc/time_controller_ms', 0):.0f}ms×{grad_accum_steps}"
                 f" = {100 * m['mc/controller_share']:.0f}% of step (build {100 * m['mc/build_share']:.0f}%)")
         if bad:
             line += f"\n  mc | non-finite {', '.join(bad)} in this log interval (steps skipped by --nonfinite=skip)"
@@ -127,7 +129,10 @@ class MCTrainStep:
 def describe(cfg: MCConfig, plan, T: int, n_params: int) -> str:
     """The trainer's start-up lines about MC (plan: mc.train.auto_batch.BatchPlan)."""
     text = (f"megacontext: W={cfg.wc_length(T)} entries (anneal from {cfg.wc_anneal_start_frac:g}×T), "
-            f"{cfg.num_random_variants} variants + recency baseline per row, block {cfg.block_size}, max LOD "
+            f"{cfg.num_random_variants} variants + recency baseline per row"
+            f"{' (fewer as the ΔNLL spread falls, at least ' + str(cfg.min_variants) + ')' if cfg.dynamic_variants else ''}"
+            f"{f' (within {cfg.positions_budget:g} GPT positions per token)' if cfg.positions_budget else ''}"
+            f", block {cfg.block_size}, max LOD "
             f"{cfg.max_lod}, GistNet {cfg.gistnet_type} ({n_params:,} params); auto-batch "
             f"{'on' if cfg.auto_batch else 'off'}: {plan.device_batch_size} rows × {plan.grad_accum_steps} accum "
             f"(row cost ≈{plan.multiplier:.2f}× vanilla, divisor {plan.divisor})")
