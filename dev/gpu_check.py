@@ -13,6 +13,7 @@ still leaves the figures of the others):
   base         base_train, vanilla, d12 @ 2048, 40 steps x 256K tokens: tok/s, MFU, peak memory
   base_mc      the same with MegaContext (4 variants, W = 0.2 T): tok/s, MFU, peak memory
   bench        scripts.mc_bench_train at d12 @ 2048: vanilla vs MC tokens/s in one process, the controller's share
+  bench_async  the same with --mc_async=1 (the next batch's variants laid out on a side CUDA stream)
   mid, sft, rl a few steps of each chat stage from the vanilla base checkpoint (bf16, the offline mixtures)
 Figures are read from each stage's summary line / last log line / JSON (tok/s, "mfu X%", "Peak memory
 (MiB)=N"). --dry_run shrinks every size (d2 @ 128 on the CPU, no compile) so the test suite can run the
@@ -78,6 +79,8 @@ def stages(s: dict, out_dir: str) -> list:
         ("base", py + ["scripts.base_train", *s["base"], "--model_tag=gc"]),
         ("base_mc", py + ["scripts.base_train", *s["base"], "--model_tag=gc_mc", "--mc_enabled=1", *s["mc"]]),
         ("bench", py + ["scripts.mc_bench_train", *s["bench"], f"--out={os.path.join(out_dir, 'bench.json')}"]),
+        ("bench_async", py + ["scripts.mc_bench_train", *s["bench"], "--mc_async=1",
+                              f"--out={os.path.join(out_dir, 'bench_async.json')}"]),
         ("mid", py + ["scripts.mid_train", "--source_tag=gc", *s["chat"]]),
         ("sft", py + ["scripts.chat_sft", "--source_tag=gc", *s["chat"]]),
         ("rl", py + ["scripts.chat_rl", "--source_tag=gc", *s["rl"]]),
@@ -95,8 +98,8 @@ def figures(name: str, output: str, out_dir: str) -> dict:
     peak = re.search(r"Peak memory \(MiB\)=(\d+)", output)
     if peak:
         got["peak_memory_mib"] = int(peak.group(1))
-    if name == "bench" and os.path.isfile(os.path.join(out_dir, "bench.json")):
-        with open(os.path.join(out_dir, "bench.json")) as f:
+    if name.startswith("bench") and os.path.isfile(os.path.join(out_dir, f"{name}.json")):
+        with open(os.path.join(out_dir, f"{name}.json")) as f:
             got["bench"] = json.load(f)
     if name.startswith("memory") and os.path.isfile(os.path.join(out_dir, f"{name}.json")):
         with open(os.path.join(out_dir, f"{name}.json")) as f:

@@ -124,6 +124,9 @@ class MCConfig:
     aux_dtype: str = knob("auto", "--mc_aux_dtype", "auto | fp32 | bf16 for GistNet/LensNet (auto: bf16 on CUDA, "
                           "else fp32)", choices=("auto", "fp32", "bf16"))
     auto_batch: bool = knob(True, "--mc_auto_batch", "scale the micro-batch for the variants (tokens/step unchanged)")
+    async_prepare: bool = knob(False, "--mc_async", "build the next micro-batch's variants, layout, targets and rotary "
+                               "tables while the GPT runs this one (a worker thread; a side CUDA stream on GPU; the "
+                               "same losses, mc/train/prepare.py)")
 
     def __post_init__(self):
         for f in fields(self):

@@ -22,6 +22,7 @@ Targets: an entry spanning [s, s+n) predicts the token right after it, tokens[s+
 [s, s+32) predicts x[s+32], a raw token at t predicts x[t+1]), -1 when s+n is past the end.
 """
 
+import dataclasses
 from dataclasses import dataclass
 from functools import reduce
 
@@ -97,21 +98,30 @@ def check_plan(plan: torch.Tensor, block_size: int, max_lod: int | None = None):
 def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_idx: torch.Tensor | None = None,
                           length: int | None = None, align: str = "right", check: bool = True,
                           dtype: torch.dtype | None = None) -> WorkingContext:
-    """WorkingContext for each plan row.
+    """WorkingContext for each plan row: wc_layout (which entry sits in which slot) + gather_embeddings.
 
     levels: [lod0 [B, T, C], lod1 [B, n1, C], lod2 [B, n2, C], ...]; an entry may be None when the
       plan never uses that level (e.g. LOD0 dropped by cache_lod0=False: pass the token embeddings).
     sample_idx: long [R], the batch row of `levels` each plan row reads (default: row r reads r).
     length: pad to this many slots (default: the longest row); align: "right" (pad first) | "left".
       With length given and check=False nothing here waits on the device (no .item()/int() of a tensor).
-    One gather over all levels at once: entry (sample b, level l, unit j) reads row
-    offset_l + b * n_l + j of the levels concatenated flat, so gradients reach every level.
     """
+    shapes = [None if x is None else tuple(x.shape[:2]) for x in levels]
+    wc, flat = wc_layout(plan, shapes, block_size, sample_idx, length, align, check)
+    return gather_embeddings(wc, flat, levels, dtype)
+
+
+def wc_layout(plan: torch.Tensor, level_shapes, block_size: int, sample_idx: torch.Tensor | None = None,
+              length: int | None = None, align: str = "right", check: bool = True):
+    """(WorkingContext without embeddings, flat long [R, L]): the slots of every plan's entries, from the levels'
+    shapes alone (level_shapes: (B, n_l) per level, None for a level not given), so it can be built before the
+    tree (training's --mc_async prepares it while the GPT runs the previous micro-batch). flat: each entry's row
+    in the levels concatenated flat (entry (sample b, level l, unit j) reads row offset_l + b * n_l + j)."""
     if align not in ("right", "left"):
         raise ValueError(f"align must be 'right' or 'left', got {align!r}")
     R, T = plan.shape
     device = plan.device
-    top = len(levels) - 1
+    top = len(level_shapes) - 1
     if check:
         check_plan(plan, block_size, max_lod=top)
     if sample_idx is None:
@@ -139,38 +149,44 @@ def build_working_context(plan: torch.Tensor, levels, block_size: int, sample_id
     span_start = torch.where(valid, span_start, 0)
     positions = torch.where(valid, span_start + span_len - 1, 0).float()
 
-    # embeddings: one flat table [sum_l B * n_l, C], one index per entry
-    present = [x for x in levels if x is not None]
-    if not present:
+    if all(shape is None for shape in level_shapes):
         raise ValueError("build_working_context needs at least one level tensor")
-    C = present[0].size(-1)
-    dtype = dtype or reduce(torch.promote_types, [x.dtype for x in present])
-    tables, offsets, off = [], [], 0
-    for level, x in enumerate(levels):
+    offsets, off = [], 0
+    for level, shape in enumerate(level_shapes):
         offsets.append(off)
-        if x is None:
+        if shape is None:
             if (lod == level).any():
                 what = "LOD0 (token embeddings; dropped by --mc_cache_lod0=0, pass them in)" if level == 0 else f"LOD{level}"
                 raise ValueError(f"the plan uses {what} but levels[{level}] is None")
             continue
-        if level == 0 and x.size(1) < T:
-            raise ValueError(f"levels[0] has {x.size(1)} tokens but the plan covers T={T}")
-        tables.append(x.reshape(-1, C).to(dtype))
-        off += x.size(0) * x.size(1)
-    table = torch.cat(tables, 0) if len(tables) > 1 else tables[0]
+        if level == 0 and shape[1] < T:
+            raise ValueError(f"levels[0] has {shape[1]} tokens but the plan covers T={T}")
+        off += shape[0] * shape[1]
     # Each level's row offset in the table and entries per sample, picked per entry with Python scalars
     # (kernel arguments) instead of index tensors copied from the host, which block the step on CUDA.
     lod_c = lod.clamp(min=0)
     base, per_sample = torch.zeros_like(lod_c), torch.zeros_like(lod_c)
-    for level, x in enumerate(levels):
-        if x is not None:
+    for level, shape in enumerate(level_shapes):
+        if shape is not None:
             here = lod_c == level
             base = torch.where(here, offsets[level], base)
-            per_sample = torch.where(here, x.size(1), per_sample)
+            per_sample = torch.where(here, shape[1], per_sample)
     flat = base + sample_idx[:, None] * per_sample + span_start // spans[lod_c]
     flat = torch.where(valid, flat, 0)
-    emb = table[flat.reshape(-1)].view(R, L, C) * valid[..., None].to(dtype)
-    return WorkingContext(emb, positions, lod, span_start, span_len, valid, sample_idx)
+    return WorkingContext(None, positions, lod, span_start, span_len, valid, sample_idx), flat
+
+
+def gather_embeddings(wc: WorkingContext, flat: torch.Tensor, levels, dtype: torch.dtype | None = None) -> WorkingContext:
+    """wc with its embeddings [R, L, C]: one gather from the levels concatenated flat (wc_layout's flat), so
+    gradients reach every level."""
+    present = [x for x in levels if x is not None]
+    dtype = dtype or reduce(torch.promote_types, [x.dtype for x in present])
+    C = present[0].size(-1)
+    tables = [x.reshape(-1, C).to(dtype) for x in present]
+    table = torch.cat(tables, 0) if len(tables) > 1 else tables[0]
+    R, L = flat.shape
+    emb = table[flat.reshape(-1)].view(R, L, C) * wc.valid[..., None].to(dtype)
+    return dataclasses.replace(wc, embeddings=emb)
 
 
 def targets_for(wc: WorkingContext, tokens: torch.Tensor) -> torch.Tensor:

@@ -479,9 +479,11 @@ def main(argv=None):
             loss = guard.poison(loss, step + 1, micro)
             guard.watch(micro, loss, loss_parts(mc_step.last_result.metrics) if mc_enabled else None)
             step_loss += lm_loss
-            (loss / grad_accum_steps).backward()
             loader_state_in_hand = train_loader.state_dict()
             x, y = train_loader.next_batch()  # prefetch while the GPU works
+            if mc_enabled:  # --mc_async: the next micro-batch's variants are laid out during this backward
+                mc_step.prefetch(x, y, *((step, micro + 1) if micro + 1 < grad_accum_steps else (step + 1, 0)))
+            (loss / grad_accum_steps).backward()
         if ddp:
             # Average gradients across processes *before* clipping, so the clip sees the true global
             # gradient and every process applies the same update as a single big-batch process would.
@@ -536,7 +538,8 @@ def main(argv=None):
                 curve_row.update(mc_token_loss=mc_metrics.get("mc/token_loss"), mc_loss_lod0=mc_metrics.get("train/loss_lod0"))
                 curve_row.update({k: v for k, v in mc_metrics.items()  # for the report's LOD-mix and ΔNLL plots
                                   if k.startswith(("mc/lod_loss/", "mc/lod_frac/", "mc/adv_delta_", "mc/lens_loss",
-                                                   "mc/preference_corr_mean"))})
+                                                   "mc/preference_corr_mean", "mc/variants_per_sample",
+                                                   "mc/prepared_ahead"))})
             if master:
                 tqdm.write(line)
             wandb_run.log(metrics)
@@ -544,6 +547,8 @@ def main(argv=None):
             loss_sum.zero_()
             loss_count, interval_tokens, interval_time, interval_steps = 0, 0, 0.0, 0
     progress.close()
+    if mc_enabled:
+        mc_step.close()
 
     # ----------------------------------------------------------------------------------------------
     timed_steps = max(num_iterations - start_step - 2, 1)

@@ -19,7 +19,8 @@ while CPU seconds (summed over this process's threads) measure the work itself.
 Printed: tokens/s of each path and their ratio; per MC step the controller's phases (tree = wte +
 GistNet, sample = variant plans + working contexts + positions, base_forward = the full-sequence LM
 forward, variant = the packed forward, metrics), backward and optimizer time, and the controller's
-share of the step. The W anneal is frozen at the target W (--mc_wc_anneal_steps is ignored), so the
+share of the step. --mc_async=1: each MC step's backward overlaps the next batch's variants and layout
+(mc/train/prepare.py), as in training. The W anneal is frozen at the target W (--mc_wc_anneal_steps is ignored), so the
 numbers describe the end-of-run (hardest, shortest) working contexts unless --anneal_progress < 1.
 """
 
@@ -33,6 +34,7 @@ import torch
 from mc.config import MCConfig, add_mc_flags
 from mc.modules import MCModules
 from mc.train.controller import MCController, MCControllerError
+from mc.train.prepare import PrepareWorker
 from mc.train.timing import PhaseTimer
 from nanochat import cli_checks as ck
 from nanochat.common import autocast_ctx, compute_init, die, print0, synchronize
@@ -94,9 +96,11 @@ def main(argv=None):
     mc_step = round(min(max(args.anneal_progress, 0.0), 1.0) * total)
     gen = torch.Generator().manual_seed(args.seed)
     batches = [torch.randint(0, args.vocab_size, (B, T + 1), generator=gen).to(device) for _ in range(args.steps)]
+    batches = [(b[:, :-1], b[:, 1:]) for b in batches]
+    worker = PrepareWorker(controller) if mc_config.async_prepare else None  # --mc_async: the next batch's layout
     params_m = list(mc_model.parameters()) + list(mods.parameters())
 
-    def step_vanilla(x, y):
+    def step_vanilla(x, y, i):
         with autocast_ctx(device.type):
             loss = vanilla(x, y)
         loss.backward()
@@ -106,10 +110,14 @@ def main(argv=None):
             o.zero_grad(set_to_none=True)
         return {}
 
-    def step_mc(x, y):
+    def step_mc(x, y, i):
         timer = PhaseTimer(device)
+        prepared = worker.take(i, x) if worker is not None else None
         with autocast_ctx(device.type):
-            result = controller.process_batch(x, y, mc_step)
+            result = controller.process_batch(x, y, mc_step, prepared=prepared)
+        if worker is not None:  # built during this step's backward, as the trainer does
+            j = (i + 1) % len(batches)
+            worker.submit(j, *batches[j], mc_step, None)
         with timer("backward"):
             result.loss.backward()
         with timer("optimizer"):
@@ -127,11 +135,11 @@ def main(argv=None):
     for r in range(args.rounds):
         for name, fn in (("vanilla", step_vanilla), ("mc", step_mc)):
             for i in range(args.steps):
-                x, y = batches[i][:, :-1], batches[i][:, 1:]
+                x, y = batches[i]
                 synchronize(device.type)
                 t0, c0 = time.perf_counter(), time.process_time()
                 try:
-                    ph = fn(x, y)
+                    ph = fn(x, y, i)
                 except MCControllerError as e:
                     die(str(e))
                 synchronize(device.type)
@@ -158,7 +166,9 @@ def main(argv=None):
            "cpu_s_per_step_vanilla": statistics.median(cpu_times["vanilla"]),
            "cpu_s_per_step_mc": statistics.median(cpu_times["mc"]),
            "phases_ms": ph, "controller_share": ph["controller"] / step_ms,
-           "overhead_share": ph["build"] / step_ms}
+           "overhead_share": ph["build"] / step_ms, "mc_async": mc_config.async_prepare}
+    if worker is not None:
+        worker.close()
     print0(f"\nconfig: depth={args.depth} width={n_embd} T={T} B={B} | MC: N={mc_config.num_random_variants} "
            f"W={W} block={mc_config.block_size} GistNet={out['gistnet']} | {device}, {out['threads']} threads")
     print0(f"vanilla: {tok_v:10,.0f} tok/s  ({out['vanilla_step_ms']:.0f} ms/step)")

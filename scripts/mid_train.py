@@ -433,6 +433,9 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
                     # weight it by this micro-batch's share of the step's supervised tokens
                     n_k = int((y >= 0).sum())
                     mc_loss, lm_loss = mc_step(x, y, step, k, step_first_row=state_before_step["rows"])
+                    if k + 1 < len(batches) and batches[k + 1][0].size(1) > wc_len:  # --mc_async: lay out the
+                        mc_step.prefetch(*batches[k + 1], step, k + 1,  # next one during this backward
+                                         step_first_row=state_before_step["rows"])
                     loss = mc_loss * (n_k * world_size / n_global)
                     token_loss_sum = lm_loss * n_k
                     mc_rows, parts = mc_rows + x.size(0), loss_parts(mc_step.last_result.metrics)
@@ -492,6 +495,8 @@ def run_stage(stage: str, make_task, argv=None, add_mixture_flags=None):
             target_sum.zero_()
             interval_tokens, interval_time = 0, 0.0
     progress.close()
+    if mc_step is not None:
+        mc_step.close()
 
     # ----------------------------------------------------------------------------------------------
     timed_steps = max(step - start_step - 2, 1)

@@ -20,10 +20,12 @@ def test_dry_run_runs_every_stage(tmp_path):
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     data = json.loads(out.read_text())
     assert data["ok"] and data["dry_run"]
-    assert list(data["stages"]) == ["tokenizer", "memory", "memory_mc", "base", "base_mc", "bench", "mid", "sft", "rl"]
+    assert list(data["stages"]) == ["tokenizer", "memory", "memory_mc", "base", "base_mc", "bench", "bench_async", "mid",
+                                    "sft", "rl"]
     assert all(s["rc"] == 0 for s in data["stages"].values())
     assert data["stages"]["base"]["tokens_per_s"] > 0 and data["mc_vs_vanilla_tokens_per_s"] > 0
     assert "vanilla" in json.dumps(data["stages"]["bench"]["bench"])
+    assert data["stages"]["bench_async"]["bench"]["mc_async"] is True
     assert data["stages"]["memory_mc"]["estimate_bytes"]["total"] > data["stages"]["memory"]["estimate_bytes"]["weights"]
     assert data["memory_estimate_vs_peak"] == {}  # a CPU run has no CUDA peak to set the estimate against
 

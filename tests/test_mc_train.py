@@ -125,6 +125,23 @@ def test_auto_batch_changes_only_the_split(env, capsys):
             assert split[step][key] == pytest.approx(plain[step][key], rel=1e-5), (step, key)
 
 
+@pytest.mark.parametrize("extra", [[], ["--mc_priority_variants=1", "--mc_num_random_variants=3",
+                                         "--mc_dynamic_variants=1"]], ids=["random", "proposed+dynamic"])
+def test_async_prepare_gives_the_same_losses(env, extra):
+    """--mc_async builds micro-batch k+1's variants, layout, targets and rotary tables in a worker thread during
+    k's backward; every loss is the same to the bit, and the worker really did the work."""
+    common = [*MC, *extra, "--device_batch_size=2", "--num_iterations=3", "--mc_auto_batch=0"]  # 4 micro-batches
+    train(*common, "--mc_async=0", "--model_tag=async0")
+    plain = curve(env)
+    train(*common, "--mc_async=1", "--model_tag=async1")
+    ahead = curve(env)
+    for step in (1, 2, 3):
+        for key in ("train_loss", "mc_token_loss", "mc/lens_loss", "mc/adv_delta_mean", "mc/variants_per_sample"):
+            assert ahead[step][key] == plain[step][key], (step, key)
+        assert plain[step]["mc/prepared_ahead"] == 0
+        assert ahead[step]["mc/prepared_ahead"] == (0.75 if step == 1 else 1.0)  # the run's first is built in line
+
+
 def test_controller_error_stops_training(env, monkeypatch, capsys):
     def broken(*a, **k):
         raise RuntimeError("sampler exploded")

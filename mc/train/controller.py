@@ -50,7 +50,8 @@ Metrics (0-d tensors, never synced here; MetricMeter/float_metrics() convert the
   mc/gist_penalty, mc/total_loss, mc/wc_length (W_t), mc/variants_total (B*N compressed variants),
   mc/variants_per_sample (1+N_t: N_t = --mc_num_random_variants, or fewer with --mc_dynamic_variants or
   --mc_positions_budget, mc/train/variant_budget.py), mc/priority_variants (of the N_t, LensNet's proposals),
-  mc/effective_batch_size (R rows in the packed forward),
+  mc/effective_batch_size (R rows in the packed forward), mc/prepared_ahead (1 when --mc_async built this
+  micro-batch's variants ahead, mc/train/prepare.py; the run's first micro-batch is always built in line),
   mc/horizon_tokens (B*(1+N)*H NLL terms behind the ΔNLL numbers)
   with LensNet: mc/lens_loss, mc/lens_pairs, mc/preference_corr_mean|max, mc/pref_span_corr,
   mc/policy_score_abs_mean, mc/policy_score_std_mean (definitions in mc/train/lens_loss.py)
@@ -80,6 +81,7 @@ from mc.config import MCConfig
 from mc.keymatch import entry_match, tail_block_scores
 from mc.positions import wc_cos_sin
 from mc.train.lens_loss import AdvantageNormalizer, BudgetSmoother, lens_preference_loss
+from mc.train.prepare import Prepared
 from mc.train.timing import PhaseTimer, memory_snapshot
 from mc.train.variant_budget import VariantBudget
 from mc.train.variants import (
@@ -92,7 +94,7 @@ from mc.train.variants import (
     unit_starts,
 )
 from mc.tree import MegaContextTree, min_variant_entries, unit_counts
-from mc.working_context import build_working_context, targets_for
+from mc.working_context import build_working_context, gather_embeddings, targets_for, wc_layout
 
 
 class MCControllerError(RuntimeError):
@@ -258,9 +260,10 @@ class MCController:
 
     # ------------------------------------------------------------------ the step
     def process_batch(self, x: torch.Tensor, y: torch.Tensor, step: int, row_ids: torch.Tensor | None = None,
-                      memory_log: str | None = None) -> MCResult:
+                      memory_log: str | None = None, prepared: Prepared | None = None) -> MCResult:
         """x, y: [B, T] long. row_ids: long [B], the global data-row index of each row (default
-        step * B + arange(B)). memory_log: a file path to write per-phase memory snapshots to."""
+        step * B + arange(B)). memory_log: a file path to write per-phase memory snapshots to. prepared: this
+        micro-batch's prepare(x, y, step, row_ids), built ahead (--mc_async); default: built here."""
         cfg = self.cfg
         timer = PhaseTimer(x.device)
         memory = [] if memory_log else None
@@ -277,25 +280,21 @@ class MCController:
                         tree = MegaContextTree.build(E.to(aux_dtype) if aux_dtype else E, self.mc_modules.gistnet,
                                                      cfg.block_size, cfg.max_lod, cfg.cache_lod0)
                     levels = [E] + tree.levels[1:]
+                    if [tuple(t.shape[:2]) for t in levels] != self._level_shapes(B, T):  # the layout's assumption
+                        raise ValueError(f"the tree's levels {[tuple(t.shape[:2]) for t in levels]} are not the "
+                                         f"shapes the layout assumes, {self._level_shapes(B, T)}")
                 with self._phase(timer, "sample", step, memory):
-                    N = self.num_variants(step, T)
+                    ahead = prepared is not None
+                    prepared = prepared.ready() if ahead else self.prepare(x, y, step, row_ids)
+                    N, L, W = prepared.N, prepared.L, prepared.W
                     V, H, P = 1 + N, max(cfg.recent_tokens, 1), min(cfg.priority_variants, N)
-                    L = padded_length(W, T, self.pad_quantum)
-                    if row_ids is None:
-                        row_ids = step * B + torch.arange(B, device=x.device)
-                    units = sum(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens))
-                    keys = hashed_uniform(row_ids.to(x.device), step, self.seed, N, units)
-                    if P and units:
-                        keys = self._proposed_keys(keys, levels, E, T, N, P, aux_ctx)
-                    vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens,
-                                         device=x.device, dedup=False, keys=keys)
-                    wc = build_working_context(vp.plan, levels, cfg.block_size, vp.sample_idx, length=L,
-                                               align="right", check=False)
-                    x_full = torch.cat([x, y[:, -1:]], dim=1)  # [B, T+1]: every entry gets a target
-                    targets = targets_for(wc, x_full)
-                    cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type,
-                                          rope_fraction=self.model.config.rope_fraction)
-                    emb, cos, sin = self._to_model_dtype(wc.embeddings), self._to_model_dtype(cos), self._to_model_dtype(sin)
+                    if prepared.plans is None:  # LensNet proposes some variants: drawn from this step's tree
+                        keys = self._proposed_keys(prepared.keys, levels, E, T, N, P, aux_ctx)
+                        self._lay_out(prepared, x, y, keys)
+                    vp = prepared.plans
+                    wc = gather_embeddings(prepared.wc, prepared.flat, levels)
+                    targets, cos, sin = prepared.targets, prepared.cos, prepared.sin
+                    emb = self._to_model_dtype(wc.embeddings)
             with self._phase(timer, "base_forward", step, memory):
                 lm_loss = self.forward_model(x, y)
             with self._phase(timer, "variant", step, memory):
@@ -336,12 +335,58 @@ class MCController:
                                 "train/loss_lod0": row_loss.detach().view(B, V)[:, 0].mean(),
                                 "mc/gist_penalty": penalty.detach(), "mc/total_loss": loss.detach()})
                 metrics.update(lens_metrics)
+                metrics["mc/prepared_ahead"] = float(ahead)
         if memory is not None:
             with open(memory_log, "w") as f:
                 f.write("".join(memory))
         caches = PositionalCaches(cos, sin, step, B, V)
         return MCResult(loss, lm_loss.detach(), metrics, timer, caches, horizon.detach(), vp.plan,
                         extras={"wc": wc, "targets": targets})
+
+    @torch.no_grad()
+    def prepare(self, x: torch.Tensor, y: torch.Tensor, step: int, row_ids: torch.Tensor | None = None,
+                stream=None, after=None) -> Prepared:
+        """The step's weight-independent part (mc/train/prepare.py): N_t, the keys and, unless LensNet proposes
+        variants, the plans, layout, targets and rotary tables. stream / after (CUDA, --mc_async): run on this
+        side stream once it has waited for the stream `after` (the batch's copy to the device)."""
+        if x.ndim != 2 or x.shape != y.shape:
+            raise ValueError(f"x and y must both be [B, T], got {tuple(x.shape)} and {tuple(y.shape)}")
+        if stream is not None:
+            stream.wait_stream(after)
+        # no autocast here (the layout's float work is cos/sin, which the trainer's autocast would leave alone
+        # anyway): the same arithmetic in the worker thread, which has no autocast, and in line
+        no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()
+        with torch.cuda.stream(stream) if stream is not None else nullcontext(), no_autocast:
+            cfg = self.cfg
+            B, T = x.shape
+            W, N = self.wc_length(step, T), self.num_variants(step, T)
+            if row_ids is None:
+                row_ids = step * B + torch.arange(B, device=x.device)
+            units = sum(unit_counts(T, cfg.block_size, cfg.max_lod, cfg.recent_tokens))
+            prepared = Prepared(step, W, N, padded_length(W, T, self.pad_quantum), row_ids,
+                                hashed_uniform(row_ids.to(x.device), step, self.seed, N, units))
+            if not (min(cfg.priority_variants, N) and units):
+                self._lay_out(prepared, x, y, prepared.keys)
+            if stream is not None:
+                prepared.event = torch.cuda.Event()
+                prepared.event.record(stream)
+        return prepared
+
+    def _level_shapes(self, B: int, T: int) -> list[tuple[int, int]]:
+        """(rows, units) of every level of a micro-batch's tree: T tokens, then T // bs**l gists."""
+        return [(B, T)] + [(B, n) for n in unit_counts(T, self.cfg.block_size, self.cfg.max_lod, 0)]
+
+    def _lay_out(self, prepared: Prepared, x, y, keys):
+        """Fill in the plans, the layout, the targets and the rotary tables of prepared from the variants' keys."""
+        cfg, (B, T), W, N, L = self.cfg, x.shape, prepared.W, prepared.N, prepared.L
+        vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens, device=x.device,
+                             dedup=False, keys=keys)
+        wc, flat = wc_layout(vp.plan, self._level_shapes(B, T), cfg.block_size, vp.sample_idx, length=L, align="right", check=False)
+        x_full = torch.cat([x, y[:, -1:]], dim=1)  # [B, T+1]: every entry gets a target
+        cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type, rope_fraction=self.model.config.rope_fraction)
+        prepared.plans, prepared.wc, prepared.flat = vp, wc, flat
+        prepared.targets = targets_for(wc, x_full)
+        prepared.cos, prepared.sin = self._to_model_dtype(cos), self._to_model_dtype(sin)
 
     @torch.no_grad()
     def _proposed_keys(self, keys: torch.Tensor, levels, E: torch.Tensor, T: int, N: int, P: int,

@@ -24,6 +24,7 @@ import torch
 from mc.config import MCConfig
 from mc.ops.telemetry import emit_training_metrics
 from mc.train.controller import MCController, MCControllerError
+from mc.train.prepare import PrepareWorker
 from mc.train.timing import MetricMeter
 from nanochat.common import autocast_ctx
 from nanochat.training import all_reduce_sum
@@ -45,6 +46,7 @@ class MCTrainStep:
         self.meter = MetricMeter()
         self.grad_accum_steps = rows_per_step // (B * world_size)
         self.last_result = None  # the last MCResult (the trainer's NonFiniteGuard names its loss parts)
+        self.worker = PrepareWorker(controller) if controller.cfg.async_prepare else None  # --mc_async
         from mc.ops.alerts import BandMonitor  # the seed-003 telemetry bands (train/mfu is the trainer's)
 
         device_type = controller.model.get_device().type
@@ -73,8 +75,7 @@ class MCTrainStep:
         """(loss, lm_loss) of micro-batch `micro` of optimizer step `step`. step_first_row: the global index of
         the step's first row when the loader counts rows itself (the chat stages' ChatLoader); default
         step * rows_per_step (the pretraining loader's contract)."""
-        first = step * self.rows_per_step if step_first_row is None else step_first_row
-        row0 = first + (micro * self.world_size + self.rank) * self.B
+        row0 = self._first_row(step, micro, step_first_row)
         row_ids = torch.arange(row0, row0 + x.size(0), device=x.device)
         memory_log = None
         if self.memory_debug and log_step and micro == 0:
@@ -82,8 +83,10 @@ class MCTrainStep:
             suffix = f"_rank{self.rank}" if self.rank else ""
             memory_log = os.path.join(self.report_dir, f"mc_memory_step{step + 1}{suffix}.txt")
         try:
+            prepared = self._take(step, micro, row0, x)
             with autocast_ctx(x.device.type):  # the trainer's autocast (bf16 on CUDA), as for the vanilla forward
-                result = self.controller.process_batch(x, y, step, row_ids=row_ids, memory_log=memory_log)
+                result = self.controller.process_batch(x, y, step, row_ids=row_ids, memory_log=memory_log,
+                                                       prepared=prepared)
         except MCControllerError as e:
             self._failed(e, "training stopped: the MegaContext step failed (no fallback to the vanilla loss)")
         if micro == self.grad_accum_steps - 1:
@@ -93,6 +96,35 @@ class MCTrainStep:
         self.meter.add(result.metrics)
         self.meter.add_timer(result.timer, prefix="mc/time_")
         return result.loss, result.lm_loss
+
+    def _first_row(self, step: int, micro: int, step_first_row: int | None) -> int:
+        first = step * self.rows_per_step if step_first_row is None else step_first_row
+        return first + (micro * self.world_size + self.rank) * self.B
+
+    def prefetch(self, x, y, step: int, micro: int, step_first_row: int | None = None):
+        """--mc_async: start building micro-batch `micro` of step `step` (the next one the trainer will pass to
+        __call__) in the worker thread, so it is ready when its turn comes (mc/train/prepare.py). Call it after
+        the current micro-batch's __call__ (which commits a finished step's EMAs first). No-op without --mc_async."""
+        if self.worker is None:
+            return
+        row0 = self._first_row(step, micro, step_first_row)
+        self.worker.submit((step, micro, row0), x, y, step, torch.arange(row0, row0 + x.size(0), device=x.device))
+
+    def _take(self, step: int, micro: int, row0: int, x):
+        """The worker's Prepared for this micro-batch (None without --mc_async or when none was submitted for it);
+        a failure in the worker surfaces here, named."""
+        if self.worker is None:
+            return None
+        try:
+            return self.worker.take((step, micro, row0), x)
+        except Exception as e:
+            raise MCControllerError(f"MegaContext controller failed preparing micro-batch {micro} of step {step} in "
+                                    f"the --mc_async worker: {type(e).__name__}: {e}") from e
+
+    def close(self):
+        """Stop the --mc_async worker (at the end of training)."""
+        if self.worker is not None:
+            self.worker.close()
 
     def log(self, step: int, step_ms: float, grad_accum_steps: int):
         """(metrics for W&B, one stdout line) averaged since the last call. Non-finite MC losses are named
