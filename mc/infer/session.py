@@ -39,14 +39,9 @@ to open two blocks from the coarsest level (mc.focus.make_room_entries: the lowe
 the keymatch focus does, since a WC at budget could otherwise open nothing. A refocus runs max(allocator_iterations, max_lod) allocator iterations, so a
 question can take the coarsest gist it asks about down to raw before the answer (as mc_eval's MC-LensNet).
 
-Re-prefill. Let t* = the first token whose level changed (first_changed_start on the entry lists). Every
-entry whose span starts before t* is identical in both plans (a legal plan cannot change inside an aligned
-span it keeps), so with k = #{new entries with span_start < t*} the first min(k, cached) cache slots stay valid:
-KVCache.set_pos truncates to that, and next_logits() re-runs every entry from there in ONE forward.
-(Causal attention: an unchanged entry after the first changed one sat behind different keys and at
-another cache slot, so it is recomputed too.) Accounting, per refocus:
-    reprefill = #{new entries with span_start < end of the history the cache covered} - kept
-i.e. the entries recomputed only because of the refocus (not the new tokens every decoder must feed).
+Re-prefill. After a refocus the KV cache keeps the slots of the entries before the first changed one and
+next_logits() re-runs every entry from there in ONE forward (mc/infer/session_metrics.py: why that is exact,
+and the re-prefill accounting).
 
 Budget. W is a hard cap: the WC (and so the KV cache) never holds more than W <= sequence_len entries,
 decoded tokens included. A history of at most W tokens is never compressed: every token stays raw and
@@ -76,14 +71,7 @@ and each refocus ends by dropping their pages from resident memory (release), so
 working context, the KV cache and the pages read since: bounded, whatever the history's length. The entry
 list, the allocator's marks and the KV cache are O(W) and stay in RAM.
 
-Metrics (stats(), and telemetry events through mc.ops.telemetry.emit_event, one set per refocus):
-- swap_rate = fraction of the new WC's entries that were not in the old WC (new span or level)
-- residency = fraction of the old WC's entries still in the new WC  (both as in Telemetry.md)
-- budget_used = entries / W (the cap); expands / collapses / forced edits; allocator iterations
-- reprefill_tokens (this refocus), reprefill_per_token = re-prefilled entries / appended tokens
-- history_tokens, wc_entries, max_kv_entries, tree_bytes (memory held by the history state), mapped_bytes
-  (its files with --mc_tree disk)
-Events: focus_allocator, inference_update, mc_tree_snapshot, working_context_snapshot.
+Metrics: stats() and one set of telemetry events per refocus (mc/infer/session_metrics.py says what each means).
 """
 
 import dataclasses
@@ -94,11 +82,12 @@ import uuid
 import torch
 
 from mc.allocator import PlanDoesNotFitError
-from mc.entry_allocator import SpanScores, allocate_entries, first_changed_start, marks_from_state, state_from_marks
+from mc.entry_allocator import SpanScores, allocate_entries, marks_from_state, state_from_marks
 from mc.focus import refocus_entries
 from mc.infer.buffer import AppendBuffer
+from mc.infer.session_metrics import add_refocus, emit_refocus_events, refocus_moves, session_stats
 from mc.keymatch import KEYMATCH_MAX_BLOCKS, KEYMATCH_MIN_Z, LayerZeroKeys, block_scores, keymatch_refocus
-from mc.ops.telemetry import NoOpTelemetryProvider, emit_event
+from mc.ops.telemetry import NoOpTelemetryProvider
 from mc.positions import rope_cos_sin
 from mc.tree import MegaContextTree, min_variant_entries
 from mc.working_context import WorkingContext, entry_starts
@@ -479,32 +468,18 @@ class MCSession:
             self._set_entries(start, lod, edits)
         # KV: entries starting before the first changed token are unchanged (module docstring)
         starts, lods = self.entries()
-        t_star = first_changed_start(old_starts, old_lods, starts, lods, self.num_tokens)
-        k = int((starts < t_star).sum())
-        keep = min(k, cached)
-        self.kv.set_pos(keep)
-        if keep < cached:
+        moved = refocus_moves(old_starts, old_lods, starts, lods, cached, self.num_tokens, self.bs, self.max_lod)
+        self.kv.set_pos(moved["kept"])
+        if moved["kept"] < cached:
             self._logits = None
-        cached_end = int(old_starts[cached - 1] + self.bs ** int(old_lods[cached - 1])) if cached else 0
-        reprefill = max(int((starts < cached_end).sum()) - keep, 0)
-        # swap rate / residency: entries identified by (span_start, lod)
-        key = lambda s, l: s * (self.max_lod + 1) + l  # noqa: E731
-        new_keys, old_keys = key(starts, lods), key(old_starts, old_lods)
-        swap = float((~torch.isin(new_keys, old_keys)).float().mean()) if len(new_keys) else 0.0
-        residency = float(torch.isin(old_keys, new_keys).float().mean()) if len(old_keys) else 1.0
         n = self.num_entries
-        last = dict(swap_rate=swap, residency=residency, reprefill_entries=reprefill, first_changed_entry=k,
+        last = dict(swap_rate=moved["swap_rate"], residency=moved["residency"],
+                    reprefill_entries=moved["reprefill_entries"], first_changed_entry=moved["first_changed_entry"],
                     expands=int(info["expands"][0]), collapses=int(info["collapses"][0]),
                     forced=forced + int(info["forced"][0]), iterations=int(info["iterations"]),
                     budget_used=n / self.W, wc_entries=n, history_tokens=self.num_tokens,
                     refocus_ms=1000 * (time.perf_counter() - t0))
-        T = self.totals
-        T["refocuses"] += 1
-        for name in ("expands", "collapses", "forced"):
-            T[name] += last[name]
-        T["reprefill_entries"] += reprefill
-        T["swap_rate_sum"] += swap
-        T["refocus_ms"] += last["refocus_ms"]
+        add_refocus(self.totals, last)
         self.last = last
         self._since_refocus = 0
         self._emit(last)
@@ -533,50 +508,10 @@ class MCSession:
         return WorkingContext(torch.zeros(1, L, 0), (starts + span - 1).float(), lods, starts, span,
                               torch.ones(1, L, dtype=torch.bool), torch.zeros(1, dtype=torch.long))
 
-    # ------------------------------------------------------------------ metrics
+    # ------------------------------------------------------------------ metrics (mc/infer/session_metrics.py)
     def stats(self) -> dict:
-        T = self.totals
-        mem = self.memory_bytes()
-        gen = T["generated_tokens"]
-        lods = self._lods.view()
-        return {
-            "history_tokens": self.num_tokens, "wc_entries": self.num_entries, "W": self.W,
-            "refocus_interval": self.refocus_interval, "kv_entries": self.kv.get_pos(),
-            "max_kv_entries": T["max_kv_entries"],
-            "lod_histogram": torch.bincount(lods, minlength=self.max_lod + 1).tolist(),
-            "budget_used": self.num_entries / self.W, "refocuses": T["refocuses"],
-            "expands": T["expands"], "collapses": T["collapses"], "forced": T["forced"],
-            "generated_tokens": gen, "ingested_tokens": T["ingested_tokens"],
-            "reprefill_entries": T["reprefill_entries"], "forward_entries": T["forward_entries"],
-            "reprefill_per_token": T["reprefill_entries"] / max(gen, 1),
-            "mean_swap_rate": T["swap_rate_sum"] / max(T["refocuses"], 1),
-            "mean_refocus_ms": T["refocus_ms"] / max(T["refocuses"], 1),
-            "tree_bytes": mem["tree"] + mem["history"], "mapped_bytes": mem["mapped"],
-            "kv_cache_bytes": mem["kv_cache"],
-            "bytes_per_token": (mem["tree"] + mem["history"]) / max(self.num_tokens, 1),
-            "last": dict(self.last),
-        }
+        """Counters since the session started, its memory and the last refocus's metrics (session_metrics.stats)."""
+        return session_stats(self)
 
     def _emit(self, last: dict):
-        sid, step = self.session_id, self.totals["refocuses"]
-        w, self._window = self._window, dict(generated=0, busy_s=0.0)
-        emit_event(self.telemetry, "focus_allocator", {
-            "session_id": sid, "expands": last["expands"], "collapses": last["collapses"], "forced": last["forced"],
-            "iterations": last["iterations"], "budget_used": float(last["budget_used"])})
-        emit_event(self.telemetry, "inference_update", {
-            "session_id": sid, "tokens_ingested": self.num_tokens, "wc_length": self.num_entries,
-            "swap_rate": last["swap_rate"], "residency": last["residency"],
-            "reprefill_tokens": last["reprefill_entries"], "generated_tokens": w["generated"],
-            "decode_ms_per_token": 1000 * w["busy_s"] / max(w["generated"], 1),
-            "reprefill_per_token": self.totals["reprefill_entries"] / max(self.totals["generated_tokens"], 1)})
-        hist = torch.bincount(self._lods.view(), minlength=self.max_lod + 1).tolist()
-        lod_rows = [self.num_tokens] + [self.tree.num_entries(level) for level in range(1, self.max_lod + 1)]
-        mem = self.memory_bytes()
-        emit_event(self.telemetry, "mc_tree_snapshot", {
-            "session_id": sid, "step": step, "lod0_entries": lod_rows[0], "lod1_entries": lod_rows[1],
-            "lod2_entries": lod_rows[2] if self.max_lod >= 2 else 0, "memory_bytes": mem["tree"] + mem["history"]})
-        coarse = (self._lods.view() != 0).flip(0)  # the raw tail: trailing lod-0 entries (one token each)
-        raw_tail = int(coarse.int().argmax()) if bool(coarse.any()) else self.num_tokens
-        emit_event(self.telemetry, "working_context_snapshot", {
-            "session_id": sid, "step": step, "wc_length": self.num_entries, "max_length": self.W,
-            "lod_histogram": hist, "covered_tokens": self.num_tokens, "recent_raw_tokens": raw_tail})
+        emit_refocus_events(self, last)
