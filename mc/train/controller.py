@@ -273,7 +273,6 @@ class MCController:
                     if x.ndim != 2 or x.shape != y.shape:
                         raise ValueError(f"x and y must both be [B, T], got {tuple(x.shape)} and {tuple(y.shape)}")
                     B, T = x.shape
-                    W = self.wc_length(step, T)
                     E = self.model.transformer.wte(x)  # LOD0 [B, T, C], with grad
                     aux_ctx, aux_dtype = self._aux(x.device.type)
                     with aux_ctx:
@@ -381,7 +380,8 @@ class MCController:
         cfg, (B, T), W, N, L = self.cfg, x.shape, prepared.W, prepared.N, prepared.L
         vp = sample_variants(B, T, W, N, cfg.block_size, cfg.max_lod, cfg.recent_tokens, device=x.device,
                              dedup=False, keys=keys)
-        wc, flat = wc_layout(vp.plan, self._level_shapes(B, T), cfg.block_size, vp.sample_idx, length=L, align="right", check=False)
+        wc, flat = wc_layout(vp.plan, self._level_shapes(B, T), cfg.block_size, vp.sample_idx, length=L, align="right",
+                             check=False)
         x_full = torch.cat([x, y[:, -1:]], dim=1)  # [B, T+1]: every entry gets a target
         cos, sin = wc_cos_sin(wc, self.head_dim, cfg.positional_type, rope_fraction=self.model.config.rope_fraction)
         prepared.plans, prepared.wc, prepared.flat = vp, wc, flat
