@@ -347,11 +347,11 @@ class MCController:
                 stream=None, after=None) -> Prepared:
         """The step's weight-independent part (mc/train/prepare.py): N_t, the keys and, unless LensNet proposes
         variants, the plans, layout, targets and rotary tables. stream / after (CUDA, --mc_async): run on this
-        side stream once it has waited for the stream `after` (the batch's copy to the device)."""
+        side stream once the event `after` has happened (recorded on the main stream after the batch's copy)."""
         if x.ndim != 2 or x.shape != y.shape:
             raise ValueError(f"x and y must both be [B, T], got {tuple(x.shape)} and {tuple(y.shape)}")
         if stream is not None:
-            stream.wait_stream(after)
+            stream.wait_event(after)
         # no autocast here (the layout's float work is cos/sin, which the trainer's autocast would leave alone
         # anyway): the same arithmetic in the worker thread, which has no autocast, and in line
         no_autocast = torch.autocast(x.device.type, enabled=False) if x.device.type in ("cpu", "cuda") else nullcontext()

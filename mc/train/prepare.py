@@ -9,7 +9,8 @@ Prepared holds the variants' plans, the working contexts' layout (which entry si
 mc.working_context.wc_layout), the targets and the rotary tables of one micro-batch. MCController.process_batch
 builds it in line when it is not given. With --mc_async the trainer (MCTrainStep.prefetch) submits micro-batch
 k+1 to a worker thread right after micro-batch k's forward, so it is built while the GPT runs k's backward
-(on CUDA on a side stream, which first waits for the main stream's work so far: the batch's copy to the device).
+(on CUDA on a side stream, which first waits for the main stream's work queued at submission: the batch's copy
+to the device and its row ids).
 What is left in the step is the tree (GistNet, with gradients) and one gather of the entries' embeddings.
 
 Why the result is the same with and without --mc_async: Prepared is a function of (x, y, step, row ids) and of
@@ -76,10 +77,11 @@ class PrepareWorker:
     def submit(self, key, x, y, step: int, row_ids: torch.Tensor):
         """Start building micro-batch `key`'s Prepared (key: any value the trainer takes it back with)."""
         after = None
-        if x.is_cuda:
-            if self.stream is None:
+        if x.is_cuda:  # the side stream starts after what the main stream has queued NOW (the batch, its row ids),
+            if self.stream is None:  # not after the backward queued next, or nothing would overlap
                 self.stream = torch.cuda.Stream(device=x.device)
-            after = torch.cuda.current_stream(x.device)
+            after = torch.cuda.Event()
+            after.record(torch.cuda.current_stream(x.device))
         self.pending = (key, x, self.pool.submit(self.controller.prepare, x, y, step, row_ids, stream=self.stream,
                                                  after=after))
 
