@@ -206,7 +206,7 @@ class MCSession:
     @property
     def state(self) -> torch.Tensor | None:
         """The allocator's hysteresis as mc/allocator.py's per-token state, int8 [1, T] (CPU; None before the
-        first refocus). O(T): the paths that read the whole history and the saved session use it."""
+        first refocus). O(T): for the saved session (mc/infer/store.py) and the tests, not the refocus."""
         return state_from_marks(self.marks, self.num_tokens)
 
     @state.setter
