@@ -189,8 +189,7 @@ def match_span_scores(start, lod, logits, match, match_z, gain: float, reference
     cuts = cuts[cuts < T]
     entry = torch.searchsorted(start, cuts, right=True) - 1
     block = cuts // bs
-    own = m[block.clamp(max=m.numel() - 1)] if m.numel() else torch.zeros(cuts.shape)
-    own = torch.where(block < m.numel(), own, 0.0)
+    own = torch.cat([m, m.new_zeros(1)])[block.clamp(max=m.numel())]  # 0 past the scored blocks
     net = logits[entry] - gain * match[entry]
     score = (torch.tanh(net + gain * own) - reference).clamp(-1.0, 1.0)
     return SpanScores(cuts, torch.cat([cuts[1:], torch.tensor([T])]), score)

@@ -55,8 +55,8 @@ held. W - refocus_interval must exceed recent_tokens (the raw tail). A decode st
 any history length, and so does the allocator: every focus policy edits the entry list (mc/entry_allocator.py,
 O(W); mc.focus.refocus_entries, mc.keymatch.keymatch_refocus) and the per-token plan is only written where an
 edit lands. The keymatch focus and a LensNet with the content match also score the history's keys for the
-question (an exact search over every block, H_kv x D multiply-adds per history token: ~46 ns per token on
-one CPU core, lab notebook 2026-12-07 session 5). Largest history: its most
+question (an exact search over every block, H_kv x D multiply-adds per history token: ~65 ns per token on
+one CPU core at 1M, lab notebook 2026-12-07 session 5). Largest history: its most
 compressed covering must fit the refocus budget (about (W - refocus_interval - recent_tokens -
 max_lod * (bs - 1)) * bs**max_lod tokens). A longer history grows the tree a level (LOD3, LOD4, ...: the
 same GistNet over groups of bs gists of the level below, mc/tree.py grow), up to --mc_infer_max_lod

@@ -72,7 +72,7 @@ class PrepareWorker:
         self.controller = controller
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mc-prepare")
         self.stream = None
-        self.pending = None  # (step, x, row_ids, future)
+        self.pending = None  # (key, x, future)
 
     def submit(self, key, x, y, step: int, row_ids: torch.Tensor):
         """Start building micro-batch `key`'s Prepared (key: any value the trainer takes it back with)."""

@@ -2,7 +2,7 @@
 The variant budget: how many compressed variants every sample gets at an optimizer step (issue 18, phase 3).
 
     budget = VariantBudget(cfg)
-    N_t = budget.variants(W_t, T)       # once per optimizer step: the same for every micro-batch and rank
+    N_t = budget.variants(step, W_t, T) # once per optimizer step: the same for every micro-batch and rank
     budget.observe(delta)               # each micro-batch, ΔNLL [B, N_t] of the compressed variants
     budget.commit(all_reduce)           # after the step's last micro-batch (MCController.commit_step)
 
@@ -36,7 +36,7 @@ import math
 
 import torch
 
-from mc.train.lens_loss import _StepEMA
+from mc.train.lens_loss import AdvantageNormalizer, _StepEMA
 
 SPREAD_BETA = 0.9  # the spread EMA's memory, ~10 optimizer steps: N_t follows W_t's anneal and the gists' progress
 
@@ -82,8 +82,9 @@ class VariantBudget:
         if not self.cfg.dynamic_variants or n < 2:
             return
         d = delta.detach().float()
-        spread = (d - d.mean(1, keepdim=True)).abs().mean(1) / math.sqrt((n - 1) / n)
-        self.spread.observe(spread.sum(), torch.tensor(float(spread.numel()), device=spread.device))
+        spread, _ = AdvantageNormalizer.spread(d, torch.ones_like(d, dtype=torch.bool))
+        spread = spread / math.sqrt((n - 1) / n)
+        self.spread.observe(spread.sum(), torch.full((), spread.numel(), device=spread.device))  # no host copy
 
     def commit(self, all_reduce=None):
         self.spread.commit(all_reduce)
